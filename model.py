@@ -1,0 +1,440 @@
+"""
+The whole transformer in one file: a GPT with the modern options behind flags.
+
+    pos:   'rope' (rotary, Su et al. 2021) | 'learned' (GPT-2 absolute positions)
+    norm:  'rmsnorm' | 'layernorm'
+    mlp:   'swiglu' (Shazeer 2020) | 'gelu' (GPT-2)
+    attn:  multi-head, grouped-query (n_kv_head < n_head) or multi-query (n_kv_head == 1)
+    moe:   token-choice top-k mixture of experts with optional shared experts (n_experts > 0)
+
+A preallocated KVCache makes generation cost O(T) per token; `generate()` is the plain decode
+loop the later stages build on (sample.py has the full-featured one).
+"""
+
+import math
+from dataclasses import dataclass, asdict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50304
+    block_size: int = 1024
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int = 0            # 0 -> n_head (MHA); 1 -> MQA; in between -> GQA
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = False            # bias in Linears and LayerNorms
+    norm: str = 'rmsnorm'         # 'rmsnorm' | 'layernorm'
+    pos: str = 'rope'             # 'rope' | 'learned'
+    rope_theta: float = 10000.0
+    mlp: str = 'swiglu'           # 'swiglu' | 'gelu'
+    mlp_hidden: int = 0           # 0 -> 4*n_embd for gelu, ~8/3*n_embd (multiple of 64) for swiglu
+    qk_norm: bool = False         # normalise q and k per head before attention (stabilises training)
+    tie_embeddings: bool = True   # share the token embedding with the output head
+    n_experts: int = 0            # 0 = dense MLP in every block
+    n_experts_active: int = 2     # top-k experts per token
+    n_shared_experts: int = 0     # experts every token always goes through
+    moe_aux_loss_coef: float = 0.01
+    moe_capacity_factor: float = 1.25  # training only; eval is dropless
+    grad_checkpoint: bool = False  # recompute activations in backward: less memory, ~30% more time
+
+    def __post_init__(self):
+        if self.n_kv_head == 0:
+            self.n_kv_head = self.n_head
+        if self.mlp_hidden == 0:
+            self.mlp_hidden = 4 * self.n_embd if self.mlp == 'gelu' else 64 * math.ceil(8 * self.n_embd / 3 / 64)
+        assert self.n_embd % self.n_head == 0, "n_embd must be divisible by n_head"
+        assert self.n_head % self.n_kv_head == 0, "n_head must be divisible by n_kv_head"
+        assert self.norm in ('rmsnorm', 'layernorm') and self.pos in ('rope', 'learned')
+        assert self.mlp in ('swiglu', 'gelu')
+        assert self.n_experts == 0 or 1 <= self.n_experts_active <= self.n_experts
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def Norm(config, dim=None):
+    dim = dim or config.n_embd
+    if config.norm == 'rmsnorm':
+        return nn.RMSNorm(dim, eps=1e-6)
+    return nn.LayerNorm(dim, bias=config.bias)
+
+
+# ----------------------------------------------------------------------------- rotary embeddings
+
+def rope_cache(seq_len, head_dim, theta):
+    """cos/sin tables, (seq_len, head_dim/2) each: position p rotates pair i by p * theta^(-2i/d)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """x: (B, nh, T, hs); cos/sin: (T, hs/2) or (B, T, hs/2). Rotates the two halves of each head."""
+    if cos.dim() == 3:  # per-sequence positions: add the head axis
+        cos, sin = cos[:, None], sin[:, None]
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return out.type_as(x)
+
+
+# ----------------------------------------------------------------------------- KV cache
+
+class KVCache:
+    """Preallocated keys/values for every layer: (n_layer, B, n_kv_head, max_len, head_dim).
+    `pos` is how many positions are filled; GPT.forward writes at [pos, pos+T) and advances it."""
+
+    def __init__(self, config, batch_size, max_len, device, dtype):
+        hs = config.n_embd // config.n_head
+        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, hs)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0
+
+    def update(self, layer, k, v):
+        """Store this step's k, v (B, nkv, T, hs) for `layer`; return all keys/values so far."""
+        T = k.size(2)
+        self.k[layer, :, :, self.pos:self.pos + T] = k
+        self.v[layer, :, :, self.pos:self.pos + T] = v
+        return self.k[layer, :, :, :self.pos + T], self.v[layer, :, :, :self.pos + T]
+
+    def reorder(self, index):
+        """Keep/duplicate batch rows (beam search)."""
+        self.k, self.v = self.k[:, index], self.v[:, index]
+
+
+# ----------------------------------------------------------------------------- attention
+
+class Attention(nn.Module):
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
+        self.head_dim = config.n_embd // config.n_head
+        self.q_proj = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=config.bias)
+        self.kv_proj = nn.Linear(config.n_embd, 2 * self.n_kv_head * self.head_dim, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.residual_proj = True
+        self.q_norm = Norm(config, self.head_dim) if config.qk_norm else None
+        self.k_norm = Norm(config, self.head_dim) if config.qk_norm else None
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, rope, attn_mask, kv_cache):
+        B, T, C = x.size()
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k, v = self.kv_proj(x).view(B, T, 2 * self.n_kv_head, self.head_dim).transpose(1, 2).chunk(2, dim=1)  # (B, nkv, T, hs)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nkv, S, hs), S = cached + T
+        # With no explicit mask, causal attention over a square T x T; the cache/packing paths pass one.
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_head != self.n_head)  # GQA without repeat_interleave copies
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+# ----------------------------------------------------------------------------- feed-forward
+
+class MLP(nn.Module):
+
+    def __init__(self, config, hidden=None):
+        super().__init__()
+        hidden = hidden or config.mlp_hidden
+        self.swiglu = config.mlp == 'swiglu'
+        self.c_fc = nn.Linear(config.n_embd, (2 if self.swiglu else 1) * hidden, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.c_proj.residual_proj = True
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        h = self.c_fc(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h)
+        return self.dropout(self.c_proj(h))
+
+
+class MoE(nn.Module):
+    """Token-choice top-k mixture of experts (Switch/Mixtral style), batched over experts.
+
+    Each token picks its top-k experts from a softmax router; the k gate weights are renormalised
+    to sum to 1. Tokens are scattered into a fixed (n_experts, capacity, C) buffer so that all
+    experts run as one batched matmul: static shapes (torch.compile friendly) and every expert's
+    parameters are used every step (DDP needs no find_unused_parameters). In training, tokens past
+    an expert's capacity are dropped (they still pass through the residual); in eval capacity is
+    the token count, so nothing is dropped and cached decoding is exact.
+
+    Load-balancing loss (Switch Transformer, Fedus et al. 2021): E * sum_e f_e * P_e, where f_e is
+    the fraction of routing slots sent to expert e and P_e the mean router probability of e.
+    It is 1 when routing is uniform and grows as routing collapses onto few experts.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        E, C, H = config.n_experts, config.n_embd, config.mlp_hidden
+        self.n_experts, self.top_k = E, config.n_experts_active
+        self.capacity_factor = config.moe_capacity_factor
+        self.swiglu = config.mlp == 'swiglu'
+        self.router = nn.Linear(C, E, bias=False)
+        self.w_in = nn.Parameter(torch.empty(E, C, (2 if self.swiglu else 1) * H))
+        self.w_out = nn.Parameter(torch.empty(E, H, C))
+        self.w_out.residual_proj = True
+        self.shared = MLP(config, config.n_shared_experts * H) if config.n_shared_experts else None
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        B, T, C = x.size()
+        x_flat = x.view(-1, C)  # (N, C)
+        N, E, k = x_flat.size(0), self.n_experts, self.top_k
+        probs = F.softmax(self.router(x_flat).float(), dim=-1)  # (N, E)
+        gate, expert = probs.topk(k, dim=-1)  # (N, k)
+        gate = gate / gate.sum(dim=-1, keepdim=True)
+
+        # load-balancing loss
+        slots = F.one_hot(expert.view(-1), E).float()  # (N*k, E)
+        aux_loss = E * (slots.mean(0) * probs.mean(0)).sum()
+
+        # position of each (token, expert) pair in its expert's queue; earlier tokens first
+        capacity = N if not self.training else min(N, math.ceil(self.capacity_factor * N * k / E))
+        rank = (slots.cumsum(0) * slots).sum(-1).long() - 1  # (N*k,)
+        keep = rank < capacity
+        # dropped pairs go to one spare row at the end, which is discarded
+        slot = torch.where(keep, expert.view(-1) * capacity + rank, E * capacity)
+        token = torch.arange(N, device=x.device).repeat_interleave(k)
+        buf = x_flat.new_zeros(E * capacity + 1, C).index_put((slot,), x_flat[token])
+        h = buf[:-1].view(E, capacity, C)
+
+        h = torch.bmm(h, self.w_in.to(h.dtype))  # (E, cap, H or 2H)
+        if self.swiglu:
+            g, u = h.chunk(2, dim=-1)
+            h = F.silu(g) * u
+        else:
+            h = F.gelu(h)
+        y = torch.bmm(h, self.w_out.to(h.dtype)).view(E * capacity, C)  # (E*cap, C)
+        y = torch.cat([y, y.new_zeros(1, C)])  # the spare row reads as zero
+
+        weight = (gate.view(-1) * keep).to(y.dtype)  # (N*k,)
+        out = (y[slot] * weight[:, None]).view(N, k, C).sum(1)  # (N, C)
+        out = self.dropout(out.view(B, T, C))
+        if self.shared is not None:
+            out = out + self.shared(x)
+        return out, aux_loss
+
+
+class Block(nn.Module):
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.ln_1 = Norm(config)
+        self.attn = Attention(config, layer_idx)
+        self.ln_2 = Norm(config)
+        self.moe = config.n_experts > 0
+        self.mlp = MoE(config) if self.moe else MLP(config)
+
+    def forward(self, x, rope, attn_mask, kv_cache):
+        x = x + self.attn(self.ln_1(x), rope, attn_mask, kv_cache)
+        if self.moe:
+            h, aux = self.mlp(self.ln_2(x))
+        else:
+            h, aux = self.mlp(self.ln_2(x)), x.new_zeros((), dtype=torch.float32)
+        return x + h, aux
+
+
+# ----------------------------------------------------------------------------- the model
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd) if config.pos == 'learned' else None,
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            ln_f=Norm(config),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        if config.pos == 'rope':
+            # persistent=False: derived from the config, so not stored in checkpoints
+            cos, sin = rope_cache(config.block_size, config.n_embd // config.n_head, config.rope_theta)
+            self.register_buffer('rope_cos', cos, persistent=False)
+            self.register_buffer('rope_sin', sin, persistent=False)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        # GPT-2 init: N(0, 0.02); projections into the residual stream scaled by 1/sqrt(2 * n_layer)
+        # so the residual's variance does not grow with depth.
+        resid_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        if isinstance(module, nn.Linear):
+            std = resid_std if getattr(module, 'residual_proj', False) else 0.02
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        elif isinstance(module, MoE):
+            nn.init.normal_(module.w_in, mean=0.0, std=0.02)
+            nn.init.normal_(module.w_out, mean=0.0, std=resid_std)
+
+    # --------------------------------------------------------------------- sizes
+
+    def get_num_params(self, non_embedding=True):
+        """Parameters; with non_embedding the position table (and an untied token table) are left
+        out, as is usual when quoting model size, since lookups cost no FLOPs."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            if self.transformer.wpe is not None:
+                n -= self.transformer.wpe.weight.numel()
+            if not self.config.tie_embeddings:
+                n -= self.transformer.wte.weight.numel()
+        return n
+
+    def get_num_active_params(self):
+        """Non-embedding parameters one token goes through (MoE: only its top-k experts)."""
+        n = self.get_num_params()
+        cfg = self.config
+        if cfg.n_experts:
+            per_expert = sum(b.mlp.w_in[0].numel() + b.mlp.w_out[0].numel() for b in self.transformer.h)
+            n -= (cfg.n_experts - cfg.n_experts_active) * per_expert
+        return n
+
+    def estimate_mfu(self, tokens_per_iter, dt, peak_flops):
+        """Model FLOPs utilisation: achieved FLOP/s over `peak_flops`. Training costs 6 FLOPs per
+        parameter per token plus attention's 12 * L * H * hs * T (PaLM paper, appendix B)."""
+        cfg = self.config
+        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
+        flops_per_token = 6 * self.get_num_active_params() + 12 * L * H * Q * T
+        return flops_per_token * tokens_per_iter / dt / peak_flops
+
+    def crop_block_size(self, block_size):
+        """Shrink the context (e.g. to fine-tune a checkpoint at a shorter length)."""
+        assert block_size <= self.config.block_size
+        self.config.block_size = block_size
+        if self.transformer.wpe is not None:
+            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+        else:
+            self.rope_cos, self.rope_sin = self.rope_cos[:block_size], self.rope_sin[:block_size]
+
+    # --------------------------------------------------------------------- forward
+
+    def hidden_states(self, idx, positions=None, attn_mask=None, kv_cache=None):
+        """Final normalised hidden states (B, T, C) and the summed MoE aux loss.
+
+        positions: (T,) or (B, T) token positions; default: consecutive from the cache position.
+        attn_mask: bool (B or 1, 1, T, S), True = may attend; default: causal.
+            Packed or left-padded batches pass their own.
+        kv_cache:  a KVCache; this call's keys/values are appended to it."""
+        B, T = idx.size()
+        start = kv_cache.pos if kv_cache is not None else 0
+        if positions is None:
+            positions = torch.arange(start, start + T, device=idx.device)
+        if attn_mask is None and kv_cache is not None and start > 0 and T > 1:
+            # a chunk after a cached prefix: query i (at start+i) sees keys 0..start+i
+            keys = torch.arange(start + T, device=idx.device)
+            attn_mask = keys[None, :] <= positions[:, None]  # (T, S)
+        assert start + T <= self.config.block_size or self.config.pos == 'rope', \
+            f"sequence of length {start + T} exceeds block_size {self.config.block_size}"
+
+        x = self.transformer.wte(idx)  # (B, T, C)
+        rope = None
+        if self.config.pos == 'learned':
+            x = x + self.transformer.wpe(positions)
+        else:
+            rope = (self.rope_cos[positions], self.rope_sin[positions])  # (T, hs/2) or (B, T, hs/2)
+        x = self.transformer.drop(x)
+        aux_loss = x.new_zeros((), dtype=torch.float32)
+        for block in self.transformer.h:
+            if self.config.grad_checkpoint and self.training and torch.is_grad_enabled():
+                x, aux = checkpoint(block, x, rope, attn_mask, kv_cache, use_reentrant=False)
+            else:
+                x, aux = block(x, rope, attn_mask, kv_cache)
+            aux_loss = aux_loss + aux
+        if kv_cache is not None:
+            kv_cache.pos += T
+        return self.transformer.ln_f(x), aux_loss
+
+    def forward(self, idx, targets=None, positions=None, attn_mask=None, kv_cache=None,
+                last_only=False, return_aux=False):
+        """Logits (B, T, vocab) and, with targets (-1 = ignored), the mean cross-entropy plus the
+        weighted MoE load-balancing loss. last_only computes logits for the last position only
+        (generation). return_aux adds the unweighted aux loss as a third value, for logging."""
+        x, aux_loss = self.hidden_states(idx, positions, attn_mask, kv_cache)
+        if last_only:
+            x = x[:, [-1], :]
+        logits = self.lm_head(x)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+            if self.config.n_experts:
+                loss = loss + self.config.moe_aux_loss_coef * aux_loss
+        return (logits, loss, aux_loss) if return_aux else (logits, loss)
+
+    # --------------------------------------------------------------------- training helpers
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW with weight decay on matrices (Linear weights, embeddings, expert weights) and
+        none on vectors (biases, norm gains), as in GPT-2/nanoGPT."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{'params': decay, 'weight_decay': weight_decay},
+                  {'params': no_decay, 'weight_decay': 0.0}]
+        fused = device_type == 'cuda'  # the fused kernel: one launch for all parameters
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+
+    # --------------------------------------------------------------------- generation
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, stop_token=None, use_cache=True):
+        """Sample max_new_tokens after idx (B, T). With use_cache the prompt is run once (prefill)
+        and then one token per step against the KV cache; without it the whole sequence is
+        recomputed every step (the reference the cache is tested against). temperature=0 is greedy.
+        Rows that emit stop_token keep emitting it; the loop ends when all rows have."""
+        B, T = idx.size()
+        max_len = T + max_new_tokens
+        assert max_len <= self.config.block_size, f"prompt + new tokens ({max_len}) exceed block_size"
+        cache = None
+        if use_cache:
+            cache = KVCache(self.config, B, max_len, idx.device, self.lm_head.weight.dtype)
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        step_input = idx
+        for _ in range(max_new_tokens):
+            logits, _ = self(step_input if use_cache else idx, kv_cache=cache, last_only=True)
+            next_token = sample_next(logits[:, -1, :], temperature, top_k)  # (B,)
+            if stop_token is not None:
+                next_token = torch.where(done, stop_token, next_token)
+                done |= next_token == stop_token
+            idx = torch.cat([idx, next_token[:, None]], dim=1)
+            step_input = next_token[:, None]
+            if stop_token is not None and bool(done.all()):
+                break
+        return idx
+
+
+def sample_next(logits, temperature=1.0, top_k=None):
+    """logits (B, V) -> token ids (B,). temperature 0 is argmax."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits = logits.masked_fill(logits < v[:, [-1]], float('-inf'))
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1).squeeze(-1)
