@@ -1,0 +1,58 @@
+"""Shared test helpers: run a stage script as a user would, and a tiny prepared dataset."""
+
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+
+def run_script(script, *args, env=None, check=True, timeout=600):
+    """Run `python script args...` from the repo root (scripts exec configurator.py from there)."""
+    full_env = dict(os.environ, OMP_NUM_THREADS=os.environ.get('OMP_NUM_THREADS', '2'), **(env or {}))
+    proc = subprocess.run([sys.executable, script, *args], cwd=REPO, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def write_token_dataset(path, tokenizer, train_docs, val_docs):
+    """The prepare.py output format: {train,val}.bin (eot-prefixed docs), tokenizer.json, meta.json."""
+    os.makedirs(path, exist_ok=True)
+    dtype = np.uint16 if tokenizer.n_vocab < 2 ** 16 else np.uint32
+    counts = {}
+    for split, docs in (('train', train_docs), ('val', val_docs)):
+        ids = []
+        for doc in docs:
+            ids += [tokenizer.eot_id] + tokenizer.encode(doc)
+        np.array(ids, dtype=dtype).tofile(os.path.join(path, f'{split}.bin'))
+        counts[split] = len(ids)
+    tokenizer.save(os.path.join(path, 'tokenizer.json'))
+    meta = {'dataset': os.path.basename(path), 'tokenizer': 'tokenizer.json', 'tokenizer_kind': tokenizer.kind,
+            'tokenizer_identity': tokenizer.identity, 'vocab_size': tokenizer.n_vocab, 'dtype': np.dtype(dtype).name,
+            'train_tokens': counts['train'], 'val_tokens': counts['val'],
+            'val_bytes': sum(len(d.encode('utf-8')) for d in val_docs)}
+    with open(os.path.join(path, 'meta.json'), 'w') as f:
+        json.dump(meta, f)
+    return meta
+
+
+@pytest.fixture(scope='session')
+def tiny_data_dir(tmp_path_factory):
+    """data/<name> with ~300 KB of standard-library source and a 512-token BPE: (data_dir, dataset)."""
+    from tokenizer import train_bpe
+    stdlib = sysconfig.get_paths()['stdlib']
+    names = ['textwrap.py', 'string.py', 'bisect.py', 'heapq.py', 'fnmatch.py', 'colorsys.py', 'shlex.py',
+             'functools.py', 'dataclasses.py', 'argparse.py']
+    docs = [open(os.path.join(stdlib, n), encoding='utf-8').read() for n in names]
+    tok = train_bpe(docs, 512)
+    root = tmp_path_factory.mktemp('data')
+    write_token_dataset(str(root / 'tiny'), tok, docs[:-1], docs[-1:])
+    return str(root), 'tiny'
