@@ -382,7 +382,7 @@ class GPT(nn.Module):
         logits = self.lm_head(x)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
             if self.config.n_experts:
                 loss = loss + self.config.moe_aux_loss_coef * aux_loss
         return (logits, loss, aux_loss) if return_aux else (logits, loss)

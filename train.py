@@ -310,7 +310,7 @@ while True:
         t_last = time.time()
         if master:
             if peak_flops and iter_num - iter_start >= 2 * log_interval:  # skip the compile/warm-up steps
-                mfu = raw_model.estimate_mfu(tokens_per_iter, dt, peak_flops)
+                mfu = raw_model.estimate_mfu(tokens_per_iter // world_size, dt, peak_flops)  # per rank
                 running_mfu = mfu if running_mfu < 0 else 0.9 * running_mfu + 0.1 * mfu
             eta = common.format_eta((max_iters - iter_num) * dt)
             moe = f", aux {aux_sum.item():.3f}" if n_experts else ''
@@ -326,7 +326,7 @@ while True:
         break
 
 if master:
-    print(f"done: {iter_num} steps in {common.format_eta(time.time() - t_start)}, best val loss {best_val_loss:.4f}")
+    print(f"done: {iter_num} steps in {time.time() - t_start:.1f} s, best val loss {best_val_loss:.4f}")
     if wandb_run:
         wandb_run.finish()
 common.cleanup_distributed(ddp)

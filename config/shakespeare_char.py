@@ -1,0 +1,28 @@
+# The classic nanoGPT CPU recipe: a character-level model of Shakespeare.
+#   python prepare.py --dataset=shakespeare_char --input=PATH/input.txt --tokenizer=char
+#   python train.py config/shakespeare_char.py
+# (nanoGPT reports val loss 1.88 for this shape on CPU; ours uses RoPE/RMSNorm/SwiGLU.)
+out_dir = 'out-shakespeare-char'
+dataset = 'shakespeare_char'
+eval_interval = 250
+eval_iters = 20
+log_interval = 10
+always_save_checkpoint = False
+wandb_run_name = 'shakespeare-char'
+
+block_size = 64
+batch_size = 12
+gradient_accumulation_steps = 1
+n_layer = 4
+n_head = 4
+n_embd = 128
+dropout = 0.0
+
+learning_rate = 1e-3  # small models tolerate a higher rate
+max_iters = 2000
+lr_decay_iters = 2000
+min_lr = 1e-4
+beta2 = 0.99  # few tokens per step: a shorter second-moment memory
+warmup_iters = 100
+device = 'cpu'
+compile = False
