@@ -17,6 +17,7 @@ Afterwards `config` holds the effective configuration (a dict), for printing and
 """
 
 import ast
+import builtins
 import difflib
 import sys
 
@@ -77,7 +78,7 @@ def _apply_config_file(path, g, known):
         source = f.read()
     print(f"Overriding config with {path}:\n{source}")
     namespace = {k: g[k] for k in known}
-    exec(compile(source, path, 'exec'), namespace)
+    exec(builtins.compile(source, path, "exec"), namespace)  # `compile` may be a config key
     # where each name was assigned, so an error can name the line
     lines = {}
     for node in ast.walk(ast.parse(source)):

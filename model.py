@@ -191,8 +191,8 @@ class MoE(nn.Module):
         self.capacity_factor = config.moe_capacity_factor
         self.swiglu = config.mlp == 'swiglu'
         self.router = nn.Linear(C, E, bias=False)
-        self.w_in = nn.Parameter(torch.empty(E, C, (2 if self.swiglu else 1) * H))
-        self.w_out = nn.Parameter(torch.empty(E, H, C))
+        self.w_in = nn.Parameter(torch.randn(E, C, (2 if self.swiglu else 1) * H) * 0.02)
+        self.w_out = nn.Parameter(torch.randn(E, H, C) * 0.02)  # GPT re-initialises both
         self.w_out.residual_proj = True
         self.shared = MLP(config, config.n_shared_experts * H) if config.n_shared_experts else None
         self.dropout = nn.Dropout(config.dropout)

@@ -1,0 +1,193 @@
+"""model.py: every architecture option trains, the KV cache is exact, GQA and MoE do what they claim."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from model import GPT, GPTConfig, KVCache, MoE
+
+
+def tiny_config(**kw):
+    base = dict(vocab_size=64, block_size=32, n_layer=2, n_head=4, n_embd=32)
+    return GPTConfig(**{**base, **kw})
+
+
+ARCHS = list(itertools.product(['rope', 'learned'], ['rmsnorm', 'layernorm'], ['swiglu', 'gelu'],
+                               [0, 4], [4, 2, 1]))
+
+
+@pytest.mark.parametrize('pos,norm,mlp,n_experts,n_kv_head', ARCHS)
+def test_every_architecture_overfits_a_fixed_batch(pos, norm, mlp, n_experts, n_kv_head):
+    torch.manual_seed(0)
+    model = GPT(tiny_config(pos=pos, norm=norm, mlp=mlp, n_experts=n_experts, n_kv_head=n_kv_head,
+                            n_shared_experts=1 if n_experts else 0))
+    x, y = torch.randint(0, 64, (4, 16)), torch.randint(0, 64, (4, 16))
+    opt = model.configure_optimizers(0.0, 1e-2, (0.9, 0.95), 'cpu')
+    losses = []
+    for _ in range(60):
+        _, loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(math.log(64), rel=0.1)  # starts near uniform
+    assert losses[-1] < losses[0] / 8, f"loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+
+
+@pytest.mark.parametrize('kw', [{}, dict(pos='learned', norm='layernorm', mlp='gelu', bias=True),
+                                dict(n_kv_head=1, qk_norm=True), dict(n_experts=4, n_shared_experts=1)])
+def test_cached_decode_matches_full_forward(kw):
+    torch.manual_seed(0)
+    model = GPT(tiny_config(**kw)).eval()
+    x = torch.randint(0, 64, (3, 20))
+    full, _ = model(x)
+    cache = KVCache(model.config, 3, 32, 'cpu', torch.float32)
+    # a prefill, a chunk after a cached prefix, then one token at a time
+    pieces = [model(x[:, :7], kv_cache=cache)[0], model(x[:, 7:12], kv_cache=cache)[0]]
+    pieces += [model(x[:, t:t + 1], kv_cache=cache)[0] for t in range(12, 20)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_generate_with_cache_equals_without():
+    torch.manual_seed(0)
+    model = GPT(tiny_config(n_kv_head=2)).eval()
+    prompt = torch.randint(0, 64, (2, 5))
+    fast = model.generate(prompt, 20, temperature=0)
+    slow = model.generate(prompt, 20, temperature=0, use_cache=False)
+    assert torch.equal(fast, slow)
+
+
+def test_gqa_equals_mha_with_repeated_kv_heads():
+    torch.manual_seed(0)
+    gqa = GPT(tiny_config(n_kv_head=2)).eval()
+    mha = GPT(tiny_config(n_kv_head=4)).eval()
+    state = gqa.state_dict()
+    hs, rep = 32 // 4, 2
+    for i in range(2):
+        w = state[f'transformer.h.{i}.attn.kv_proj.weight']  # (2 * nkv * hs, C): k heads then v heads
+        k, v = w.view(2, 2, hs, -1)  # (nkv, hs, C) each
+        state[f'transformer.h.{i}.attn.kv_proj.weight'] = torch.cat(
+            [k.repeat_interleave(rep, 0).reshape(-1, 32), v.repeat_interleave(rep, 0).reshape(-1, 32)])
+    mha.load_state_dict(state)
+    x = torch.randint(0, 64, (2, 16))
+    torch.testing.assert_close(gqa(x)[0], mha(x)[0])
+
+
+def test_moe_aux_loss_is_one_for_a_uniform_router_and_larger_when_skewed():
+    torch.manual_seed(0)
+    moe = MoE(tiny_config(n_experts=4, n_experts_active=2))
+    x = torch.randn(2, 16, 32)
+    torch.nn.init.zeros_(moe.router.weight)  # every expert equally likely
+    _, aux = moe(x)
+    assert aux.item() == pytest.approx(1.0, abs=1e-6)
+    with torch.no_grad():
+        moe.router.weight[0] = 0
+        moe.router.weight[0, 0] = 50.0  # a router that favours expert 0 for most tokens
+    _, aux = moe(x.abs())
+    assert aux.item() > 1.3
+
+
+def test_moe_gates_are_renormalised_and_dropless_in_eval():
+    """In eval, the MoE output equals the explicit per-token sum over its top-k experts."""
+    torch.manual_seed(0)
+    cfg = tiny_config(n_experts=4, n_experts_active=2, mlp='gelu')
+    moe = MoE(cfg).eval()
+    x = torch.randn(1, 10, 32)
+    out, _ = moe(x)
+    probs = torch.softmax(moe.router(x[0]), -1)
+    gate, expert = probs.topk(2, -1)
+    gate = gate / gate.sum(-1, keepdim=True)
+    ref = torch.stack([sum(g * (torch.nn.functional.gelu(x[0, t] @ moe.w_in[e]) @ moe.w_out[e])
+                           for g, e in zip(gate[t], expert[t])) for t in range(10)])
+    torch.testing.assert_close(out[0], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_moe_capacity_drops_overflow_tokens_only_in_training():
+    torch.manual_seed(0)
+    cfg = tiny_config(n_experts=4, n_experts_active=1, moe_capacity_factor=0.5)
+    moe = MoE(cfg)
+    torch.nn.init.zeros_(moe.router.weight)  # all tokens pick expert 0 (ties): 16 tokens, capacity 2
+    x = torch.randn(1, 16, 32)
+    out_train, _ = moe.train()(x)
+    out_eval, _ = moe.eval()(x)
+    dropped = (out_train.abs().sum(-1) == 0).sum().item()
+    assert dropped == 16 - 2 and (out_eval.abs().sum(-1) > 0).all()
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    a = GPT(tiny_config())
+    b = GPT(tiny_config(grad_checkpoint=True))
+    b.load_state_dict(a.state_dict())
+    x, y = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
+    a(x, y)[1].backward()
+    b(x, y)[1].backward()
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, msg=name)
+
+
+def test_packed_attention_mask_isolates_documents():
+    """A block-diagonal mask with per-document positions gives each document the logits it has alone."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config()).eval()
+    a, b = torch.randint(0, 64, (1, 6)), torch.randint(0, 64, (1, 10))
+    packed = torch.cat([a, b], 1)
+    doc = torch.tensor([0] * 6 + [1] * 10)
+    positions = torch.cat([torch.arange(6), torch.arange(10)])
+    causal = torch.ones(16, 16, dtype=torch.bool).tril()
+    mask = (causal & (doc[:, None] == doc[None, :]))[None, None]
+    logits, _ = model(packed, positions=positions, attn_mask=mask)
+    torch.testing.assert_close(logits[:, :6], model(a)[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits[:, 6:], model(b)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_init_scales_residual_projections():
+    model = GPT(tiny_config(n_layer=8))
+    std = model.transformer.h[0].attn.c_proj.weight.std().item()
+    assert std == pytest.approx(0.02 / math.sqrt(16), rel=0.15)
+    assert model.transformer.h[0].attn.q_proj.weight.std().item() == pytest.approx(0.02, rel=0.15)
+
+
+def test_optimizer_decays_matrices_only():
+    model = GPT(tiny_config(bias=True, norm='layernorm'))
+    decay, no_decay = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu').param_groups
+    assert decay['weight_decay'] == 0.1 and all(p.dim() >= 2 for p in decay['params'])
+    assert no_decay['weight_decay'] == 0.0 and all(p.dim() < 2 for p in no_decay['params'])
+    assert len(decay['params']) + len(no_decay['params']) == len(list(model.parameters()))
+
+
+def test_param_counts_and_mfu():
+    dense = GPT(tiny_config(pos='learned', tie_embeddings=False))
+    total = sum(p.numel() for p in dense.parameters())
+    assert dense.get_num_params(non_embedding=False) == total
+    assert dense.get_num_params() == total - 32 * 32 - 64 * 32  # minus wpe and the untied wte
+    moe = GPT(tiny_config(n_experts=8, n_experts_active=2))
+    per_expert = moe.transformer.h[0].mlp.w_in[0].numel() + moe.transformer.h[0].mlp.w_out[0].numel()
+    assert moe.get_num_params() - moe.get_num_active_params() == 6 * per_expert * 2
+    flops_per_token = 6 * dense.get_num_active_params() + 12 * 2 * 4 * 8 * 32
+    assert dense.estimate_mfu(1000, 1.0, 1e9) == pytest.approx(flops_per_token * 1000 / 1e9)
+
+
+def test_crop_block_size_keeps_logits_for_short_inputs():
+    torch.manual_seed(0)
+    for pos in ('rope', 'learned'):
+        model = GPT(tiny_config(pos=pos)).eval()
+        x = torch.randint(0, 64, (1, 12))
+        before = model(x)[0]
+        model.crop_block_size(16)
+        assert model.config.block_size == 16
+        torch.testing.assert_close(model(x)[0], before)
+
+
+@pytest.mark.slow
+def test_moe_model_compiles_and_matches_eager():
+    torch.manual_seed(0)
+    model = GPT(tiny_config(n_experts=4, n_shared_experts=1))
+    x, y = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
+    eager_loss = model(x, y)[1]
+    compiled_loss = torch.compile(model)(x, y)[1]
+    compiled_loss.backward()
+    torch.testing.assert_close(compiled_loss, eager_loss, atol=1e-5, rtol=1e-5)
+    assert all(p.grad is not None for p in model.parameters())
