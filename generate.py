@@ -1,0 +1,460 @@
+"""
+Text generation for every stage: sampling, beam search, streaming and chat, on a preallocated KV cache.
+
+    prefill:  the (left-padded) prompts run once, filling the cache
+    decode:   one token per step for all rows; a row that emits a stop token or completes a stop
+              string is finished (it then emits pad, masked out) and the loop ends when all are
+
+Three levels, each built on the one below:
+    sample_token, top_k_filter, top_p_filter, min_p_filter, apply_penalties   pure (B, V) functions
+    generate_ids(model, prompt_ids, config, stop_ids, pad_id) -> Generation      ids in, ids out (PPO/GRPO)
+    TextGenerator(model, tokenizer).generate / stream / chat                     text in, text out
+
+Ragged prompts are left-padded so every row's last prompt token sits in the same column; each row
+gets its own positions (its first real token is position 0) and a key mask that hides its pads.
+Both are built once per call and sliced per step.
+"""
+
+import codecs
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from model import KVCache
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 256
+    temperature: float = 1.0        # 0 = greedy (argmax)
+    top_k: int = 0                  # keep the k most likely tokens; 0 = off
+    top_p: float = 1.0              # nucleus: keep the smallest set with this much mass; 1 = off
+    min_p: float = 0.0              # drop tokens less likely than min_p * p(most likely); 0 = off
+    repetition_penalty: float = 1.0  # CTRL-style, on prompt and output tokens; 1 = off
+    presence_penalty: float = 0.0   # OpenAI-style, on output tokens
+    frequency_penalty: float = 0.0
+    num_beams: int = 1              # > 1: deterministic beam search (sampling options are ignored)
+    length_penalty: float = 1.0     # beam score = sum log p / length ** length_penalty
+    early_stopping: bool = True     # beams: stop a prompt once num_beams hypotheses have finished
+    stop_token_ids: Optional[tuple] = None  # None = the tokenizer's <|endoftext|> and <|im_end|>
+    stop_strings: tuple = ()        # generation ends right after the token that completes one
+    seed: Optional[int] = None      # None = torch's global RNG
+
+    def __post_init__(self):
+        checks = [(self.max_new_tokens >= 0, "max_new_tokens must be >= 0"),
+                  (self.temperature >= 0, "temperature must be >= 0 (0 = greedy)"),
+                  (self.top_k >= 0, "top_k must be >= 0 (0 = off)"),
+                  (0 < self.top_p <= 1, "top_p must be in (0, 1] (1 = off)"),
+                  (0 <= self.min_p < 1, "min_p must be in [0, 1) (0 = off)"),
+                  (self.repetition_penalty > 0, "repetition_penalty must be > 0 (1 = off)"),
+                  (self.num_beams >= 1, "num_beams must be >= 1 (1 = no beam search)")]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"GenerationConfig: {message}")
+        self.stop_strings = tuple(self.stop_strings)
+
+    @property
+    def has_penalties(self):
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+@dataclass
+class Generation:
+    """Responses to a batch of prompts, padded on the right to a common length T."""
+    tokens: torch.Tensor    # (B, T) response ids; pad_id after a row's end
+    mask: torch.Tensor      # (B, T) bool, True on generated tokens (the stop token included)
+    logprobs: torch.Tensor  # (B, T) log p(token) under the model's own distribution; 0 where masked
+    stopped: torch.Tensor   # (B,) bool, True if the row ended on a stop token/string, not max_new_tokens
+    scores: Optional[torch.Tensor] = None  # (B,) beam search: the best hypothesis' length-normalised score
+
+    def rows(self):
+        """Each row's generated ids as a list."""
+        return [t[m].tolist() for t, m in zip(self.tokens, self.mask)]
+
+
+# ----------------------------------------------------------------------------- sampling (pure)
+
+def apply_penalties(logits, seen, counts, repetition=1.0, presence=0.0, frequency=0.0):
+    """Discourage repeats. logits, counts: (B, V) float; seen: (B, V) bool.
+    CTRL repetition penalty (Keskar et al. 2019), on every token seen in prompt or output: a positive
+    logit is divided by r, a negative one multiplied by r, so the token gets less likely either way.
+    OpenAI presence/frequency penalties, on output counts: logit -= presence * [count > 0] + frequency * count."""
+    if repetition != 1.0:
+        logits = torch.where(seen, torch.where(logits > 0, logits / repetition, logits * repetition), logits)
+    if presence or frequency:
+        logits = logits - presence * (counts > 0) - frequency * counts
+    return logits
+
+
+def top_k_filter(logits, k):
+    """Keep the k largest logits per row, -inf elsewhere."""
+    kth = logits.topk(min(k, logits.size(-1)), dim=-1).values[:, [-1]]  # (B, 1)
+    return logits.masked_fill(logits < kth, float('-inf'))
+
+
+def top_p_filter(logits, p):
+    """Nucleus filtering (Holtzman et al. 2019): keep the smallest set of most likely tokens whose
+    probability mass reaches p. A token is dropped when the mass before it already reaches p, so the
+    most likely token is always kept."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = F.softmax(sorted_logits, dim=-1)
+    drop = probs.cumsum(dim=-1) - probs >= p
+    return logits.scatter(-1, order, sorted_logits.masked_fill(drop, float('-inf')))
+
+
+def min_p_filter(logits, min_p):
+    """Min-p (Nguyen et al. 2024): drop tokens with p < min_p * p(most likely token)."""
+    probs = F.softmax(logits, dim=-1)
+    return logits.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, float('-inf'))
+
+
+def sample_token(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, generator=None):
+    """(B, V) logits -> (B,) token ids: argmax at temperature 0, else a draw from the softmax of
+    logits / temperature after the top-k, top-p and min-p filters (in that order, as in HF)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k:
+        logits = top_k_filter(logits, top_k)
+    if top_p < 1.0:
+        logits = top_p_filter(logits, top_p)
+    if min_p > 0.0:
+        logits = min_p_filter(logits, min_p)
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator).squeeze(-1)
+
+
+def token_logprobs(logits, tokens):
+    """log p(tokens) under the unmodified model, (B, V), (B,) -> (B,): what a PPO ratio compares against."""
+    return F.log_softmax(logits.float(), dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------- ragged prompts
+
+def pad_prompts(prompts, pad_id, device):
+    """Prompts (lists or 1-D tensors of ids, any lengths) -> left-padded ids (B, T) and each row's
+    pad count (B,)."""
+    rows = [p.tolist() if torch.is_tensor(p) else list(p) for p in prompts]
+    if not rows or any(len(r) == 0 for r in rows):
+        raise ValueError("every prompt needs at least one token (start an empty one with tokenizer.eot_id)")
+    T = max(len(r) for r in rows)
+    idx = torch.tensor([[pad_id] * (T - len(r)) + r for r in rows], dtype=torch.long, device=device)
+    pad = torch.tensor([T - len(r) for r in rows], dtype=torch.long, device=device)
+    return idx, pad
+
+
+def ragged_inputs(pad, T, max_len):
+    """Positions and masks for left-padded prompts, built once per call and sliced per step.
+    Returns positions (B, max_len), the prefill mask (B, 1, T, T) and the key mask (B, 1, 1, max_len);
+    when no row is padded: positions (max_len,) and no masks (plain causal attention, the fast path)."""
+    steps = torch.arange(max_len, device=pad.device)
+    if not bool(pad.any()):
+        return steps, None, None
+    positions = (steps[None, :] - pad[:, None]).clamp(min=0)  # (B, max_len): a row's first real token is 0
+    key_mask = (steps[None, :] >= pad[:, None])[:, None, None, :]  # (B, 1, 1, max_len): pads are never keys
+    causal = torch.ones(T, T, dtype=torch.bool, device=pad.device).tril()
+    # a pad query attends to itself: a query with no key at all would give NaN, and NaN keys/values
+    # in the cache poison every row through 0 * NaN in the attention sum
+    eye = torch.eye(T, dtype=torch.bool, device=pad.device)
+    prefill_mask = (causal & key_mask[..., :T]) | eye  # (B, 1, T, T)
+    return positions, prefill_mask, key_mask
+
+
+def check_fits(model, prompt_len, max_new_tokens):
+    block_size = model.config.block_size
+    if prompt_len + max_new_tokens > block_size:
+        raise ValueError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceed the model's "
+                         f"block_size ({block_size}): shorten the prompt or lower max_new_tokens")
+
+
+def penalty_state(idx, pad, V):
+    """What the penalties look at: seen (B, V) bool, the prompt's tokens (pads excluded), and
+    counts (B, V) float of output tokens, zero so far."""
+    real = (torch.arange(idx.size(1), device=idx.device) >= pad[:, None]).float()  # (B, T)
+    seen = torch.zeros(idx.size(0), V, device=idx.device).scatter_add_(1, idx, real) > 0
+    return seen, torch.zeros(idx.size(0), V, device=idx.device)
+
+
+def completes_stop_string(ids, stop_bytes, decode_bytes):
+    """True if the last token of `ids` completes one of the stop strings (as UTF-8 bytes). Each token
+    is at least one byte, so a string of n bytes that ends in the last token lies in the last n tokens."""
+    return any(s in decode_bytes(ids[-len(s):]) for s in stop_bytes)
+
+
+# ----------------------------------------------------------------------------- decoding
+
+@torch.inference_mode()
+def decode_steps(model, prompts, config, stop_ids=(), pad_id=0, tokenizer=None, step_fn=None):
+    """The sampling loop, one yield per new token: (token, logprob, live, done), each (B,).
+    live: the row was still generating (token is real); done: the row has ended (after this token).
+    The model should be in eval mode. tokenizer is needed only for stop strings; step_fn replaces
+    the model's forward for decode steps (a compiled one)."""
+    cfg, step_fn = config, step_fn or model
+    device = model.lm_head.weight.device
+    idx, pad = pad_prompts(prompts, pad_id, device)  # (B, T)
+    B, T = idx.shape
+    check_fits(model, T, cfg.max_new_tokens)
+    max_len = T + cfg.max_new_tokens
+    positions, prefill_mask, key_mask = ragged_inputs(pad, T, max_len)
+    cache = KVCache(model.config, B, max_len, device, model.lm_head.weight.dtype)
+    generator = torch.Generator(device).manual_seed(cfg.seed) if cfg.seed is not None else None
+    stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
+    stop_bytes = [s.encode('utf-8') for s in cfg.stop_strings if s]
+    assert not stop_bytes or tokenizer is not None, "stop strings need the tokenizer"
+    history = [[] for _ in range(B)] if stop_bytes else None  # generated ids, for stop strings
+    can_stop = len(stop_ids) > 0 or bool(stop_bytes)
+
+    logits, _ = model(idx, positions=positions[..., :T], attn_mask=prefill_mask, kv_cache=cache, last_only=True)
+    if cfg.has_penalties:
+        seen, counts = penalty_state(idx, pad, logits.size(-1))
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    for t in range(cfg.max_new_tokens):
+        logits = logits[:, -1].float()  # (B, V)
+        processed = logits
+        if cfg.has_penalties:
+            processed = apply_penalties(logits, seen, counts, cfg.repetition_penalty,
+                                        cfg.presence_penalty, cfg.frequency_penalty)
+        token = sample_token(processed, cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p, generator)  # (B,)
+        logprob = token_logprobs(logits, token)
+        live = ~done
+        token = token.masked_fill(done, pad_id)
+        done = done | torch.isin(token, stops)
+        if history is not None:
+            ended = []
+            for b, tok in enumerate(token.tolist()):
+                if live[b]:
+                    history[b].append(tok)
+                    if completes_stop_string(history[b], stop_bytes, tokenizer.decode_bytes):
+                        ended.append(b)
+            done[ended] = True
+        yield token, logprob, live, done
+        if t == cfg.max_new_tokens - 1 or (can_stop and bool(done.all())):
+            return
+        if cfg.has_penalties:
+            seen.scatter_(1, token[:, None], True)
+            counts.scatter_add_(1, token[:, None], torch.ones_like(logprob)[:, None])
+        i = T + t  # cache slot of this token
+        logits, _ = step_fn(token[:, None], positions=positions[..., i:i + 1],
+                            attn_mask=None if key_mask is None else key_mask[..., :i + 1], kv_cache=cache)
+
+
+def generate_ids(model, prompts, config=None, stop_ids=(), pad_id=0, tokenizer=None, step_fn=None):
+    """Prompt ids (ragged) -> Generation(tokens, mask, logprobs, stopped): the batched entry point for
+    rollouts and evals. Sampling or greedy per `config`; beam search when config.num_beams > 1."""
+    cfg = config or GenerationConfig()
+    if cfg.num_beams > 1:
+        return beam_search(model, prompts, cfg, stop_ids, pad_id, tokenizer)
+    steps = list(decode_steps(model, prompts, cfg, stop_ids, pad_id, tokenizer, step_fn))
+    if not steps:
+        empty = torch.zeros(len(prompts), 0, dtype=torch.long, device=model.lm_head.weight.device)
+        return Generation(empty, empty.bool(), empty.float(), empty.new_zeros(len(prompts), dtype=torch.bool))
+    tokens, logprobs, mask, done = (torch.stack(x, dim=1) for x in zip(*steps))  # (B, T) each
+    return Generation(tokens, mask, logprobs.masked_fill(~mask, 0.0), done[:, -1])
+
+
+@torch.inference_mode()
+def beam_search(model, prompts, config, stop_ids=(), pad_id=0, tokenizer=None):
+    """Keep the num_beams best partial responses per prompt, ranked by summed log-probability. A beam
+    that emits a stop token (or completes a stop string) becomes a finished hypothesis with score
+    sum log p / length ** length_penalty (length counts the stop token). A prompt is done when it
+    has num_beams hypotheses (early_stopping) or, without early stopping, when no running beam can
+    beat the worst of them at its current length (the HF heuristic). At max_new_tokens the running
+    beams join the hypotheses; each prompt returns its best. Penalties apply; sampling options don't."""
+    cfg, W = config, config.num_beams
+    device = model.lm_head.weight.device
+    idx, pad = pad_prompts(prompts, pad_id, device)
+    B, T = idx.shape
+    check_fits(model, T, cfg.max_new_tokens)
+    idx, pad = idx.repeat_interleave(W, dim=0), pad.repeat_interleave(W, dim=0)  # (B*W, T): beams of prompt b are rows b*W..
+    max_len = T + cfg.max_new_tokens
+    positions, prefill_mask, key_mask = ragged_inputs(pad, T, max_len)  # beams only move within a prompt: no reorder
+    cache = KVCache(model.config, B * W, max_len, device, model.lm_head.weight.dtype)
+    stop_set = set(stop_ids)
+    stop_bytes = [s.encode('utf-8') for s in cfg.stop_strings if s]
+    beam_scores = torch.full((B, W), float('-inf'), device=device)
+    beam_scores[:, 0] = 0.0  # all beams start identical: expand only the first
+    beam_tokens = torch.zeros(B * W, 0, dtype=torch.long, device=device)
+    beam_logprobs = torch.zeros(B * W, 0, device=device)
+    hyps = [[] for _ in range(B)]  # per prompt: (score, tokens, logprobs, stopped), best first
+    done = [False] * B
+    if cfg.has_penalties:
+        seen, counts = penalty_state(idx, pad, model.config.vocab_size)
+
+    def add_hyp(b, score_sum, tokens, logprobs, length, stopped):
+        hyps[b].append((score_sum / length ** cfg.length_penalty, tokens, logprobs, stopped))
+        hyps[b].sort(key=lambda h: -h[0])
+        del hyps[b][W:]
+
+    logits, _ = model(idx, positions=positions[..., :T], attn_mask=prefill_mask, kv_cache=cache, last_only=True)
+    for t in range(cfg.max_new_tokens):
+        raw = logits[:, -1].float()  # (B*W, V)
+        V = raw.size(-1)
+        logp_raw = F.log_softmax(raw, dim=-1)
+        logp = logp_raw
+        if cfg.has_penalties:
+            logp = F.log_softmax(apply_penalties(raw, seen, counts, cfg.repetition_penalty,
+                                                 cfg.presence_penalty, cfg.frequency_penalty), dim=-1)
+        # 1 + n_stop candidates per beam: even if stops take some, W beams can continue
+        k = min((1 + len(stop_set) + len(stop_bytes)) * W, W * V)
+        cand_scores, cand = (beam_scores.view(-1, 1) + logp).view(B, W * V).topk(k, dim=-1)  # (B, k)
+        cand_src = (cand // V + torch.arange(B, device=device)[:, None] * W).tolist()  # flat source row
+        cand_tok, cand_scores = (cand % V).tolist(), cand_scores.tolist()
+        history = beam_tokens.tolist() if stop_bytes else None
+        next_src, next_tok, next_scores = [], [], []
+        for b in range(B):
+            chosen = []
+            for rank, (score, src, tok) in enumerate(zip(cand_scores[b], cand_src[b], cand_tok[b])):
+                if done[b] or len(chosen) == W or score == float('-inf'):
+                    break
+                stops = tok in stop_set or (history is not None and
+                                            completes_stop_string(history[src] + [tok], stop_bytes, tokenizer.decode_bytes))
+                if not stops:
+                    chosen.append((src, tok, score))
+                elif rank < W:  # a finished beam counts only if it ranks among the W best
+                    tokens = beam_tokens[src].tolist() + [tok]
+                    logprobs = beam_logprobs[src].tolist() + [logp_raw[src, tok].item()]
+                    add_hyp(b, score, tokens, logprobs, t + 1, True)
+            if not done[b] and len(hyps[b]) == W:
+                best_running = chosen[0][2] if chosen else float('-inf')
+                done[b] = cfg.early_stopping or hyps[b][-1][0] >= best_running / (t + 1) ** cfg.length_penalty
+            chosen += [(b * W, pad_id, float('-inf'))] * (W - len(chosen))  # finished prompts / no candidates
+            for src, tok, score in chosen:
+                next_src.append(src), next_tok.append(tok), next_scores.append(score)
+        src = torch.tensor(next_src, device=device)
+        token = torch.tensor(next_tok, device=device)  # (B*W,)
+        beam_scores = torch.tensor(next_scores, device=device).view(B, W)
+        beam_tokens = torch.cat([beam_tokens[src], token[:, None]], dim=1)
+        beam_logprobs = torch.cat([beam_logprobs[src], logp_raw[src, token][:, None]], dim=1)
+        if all(done) or t == cfg.max_new_tokens - 1:
+            break
+        cache.reorder(src)
+        if cfg.has_penalties:
+            seen, counts = seen[src].scatter_(1, token[:, None], True), counts[src]
+            counts.scatter_add_(1, token[:, None], torch.ones_like(counts[:, :1]))
+        i = T + t
+        logits, _ = model(token[:, None], positions=positions[..., i:i + 1],
+                          attn_mask=None if key_mask is None else key_mask[..., :i + 1], kv_cache=cache)
+
+    # prompts still running at max_new_tokens: their beams become hypotheses, unstopped
+    L = beam_tokens.size(1)
+    for b in range(B):
+        if not done[b]:
+            for w in range(W):
+                score = beam_scores[b, w].item()
+                if score > float('-inf'):
+                    add_hyp(b, score, beam_tokens[b * W + w].tolist(), beam_logprobs[b * W + w].tolist(), L, False)
+    best = [h[0] for h in hyps]
+    T_out = max(len(h[1]) for h in best)
+    tokens = torch.full((B, T_out), pad_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros(B, T_out, device=device)
+    mask = torch.zeros(B, T_out, dtype=torch.bool, device=device)
+    for b, (_, toks, lps, _) in enumerate(best):
+        tokens[b, :len(toks)] = torch.tensor(toks, dtype=torch.long)
+        logprobs[b, :len(toks)] = torch.tensor(lps)
+        mask[b, :len(toks)] = True
+    stopped = torch.tensor([h[3] for h in best], device=device)
+    scores = torch.tensor([h[0] for h in best], device=device)
+    return Generation(tokens, mask, logprobs, stopped, scores)
+
+
+# ----------------------------------------------------------------------------- text level
+
+class TextGenerator:
+    """Text in, text out, for a model and its tokenizer. Options come from a GenerationConfig, and
+    keyword overrides of its fields on each call:  gen.generate(["Once", "Hi"], temperature=0)."""
+
+    def __init__(self, model, tokenizer, compile=False):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        # compile the decode step only: its shapes barely change (prefill's change with every prompt)
+        self.step_fn = torch.compile(model, dynamic=True) if compile else None
+
+    def config(self, config=None, **overrides):
+        return replace(config or GenerationConfig(), **overrides)
+
+    def stop_ids(self, cfg):
+        if cfg.stop_token_ids is not None:
+            return tuple(cfg.stop_token_ids)
+        return (self.tokenizer.eot_id, self.tokenizer.im_end_id)
+
+    def encode(self, prompt):
+        """Text (special-token strings allowed) or ids -> ids; empty text starts a fresh document."""
+        if not isinstance(prompt, str):
+            return list(prompt)
+        return self.tokenizer.encode(prompt, allow_special=True) if prompt else [self.tokenizer.eot_id]
+
+    def generate_ids(self, prompts, config=None, **overrides):
+        cfg = self.config(config, **overrides)
+        return generate_ids(self.model, [self.encode(p) for p in prompts], cfg, self.stop_ids(cfg),
+                            self.tokenizer.pad_id, self.tokenizer, self.step_fn)
+
+    def generate(self, prompts, config=None, **overrides):
+        """One prompt (str) -> its completion; a list of prompts (str or ids) -> a list of completions."""
+        single = isinstance(prompts, str)
+        cfg = self.config(config, **overrides)
+        out = self.generate_ids([prompts] if single else prompts, cfg)
+        texts = [self.text(ids, cfg) for ids in out.rows()]
+        return texts[0] if single else texts
+
+    def text(self, ids, cfg):
+        """Generated ids -> text, without the stop token and cut where a stop string begins."""
+        if ids and ids[-1] in self.stop_ids(cfg):
+            ids = ids[:-1]
+        text = self.tokenizer.decode(ids)
+        cuts = [text.find(s) for s in cfg.stop_strings if s and s in text]
+        return text[:min(cuts)] if cuts else text
+
+    def stream(self, prompt, config=None, **overrides):
+        """Yield the completion of one prompt piece by piece as tokens arrive; the pieces join to
+        exactly what generate() returns. Bytes go through an incremental UTF-8 decoder, so a
+        character split over tokens appears whole once its last byte arrives; text that might be the
+        start of a stop string is held back until it is known not to be."""
+        cfg = self.config(config, **overrides)
+        assert cfg.num_beams == 1, "stream() samples one sequence; beam search needs generate()"
+        stop_ids = self.stop_ids(cfg)
+        stop_strings = [s for s in cfg.stop_strings if s]
+        decoder = codecs.getincrementaldecoder('utf-8')(errors='replace')
+        held = ''
+        for token, _, live, _ in decode_steps(self.model, [self.encode(prompt)], cfg, stop_ids,
+                                              self.tokenizer.pad_id, self.tokenizer, self.step_fn):
+            tok = token.item()
+            if not live[0] or tok in stop_ids:
+                break
+            held += decoder.decode(self.tokenizer.decode_bytes([tok]))
+            cuts = [held.find(s) for s in stop_strings if s in held]
+            if cuts:
+                yield held[:min(cuts)]
+                return
+            keep = max([n for s in stop_strings for n in range(1, len(s)) if held.endswith(s[:n])], default=0)
+            if len(held) > keep:
+                yield held[:len(held) - keep]
+                held = held[len(held) - keep:]
+        held += decoder.decode(b'', final=True)
+        if held:
+            yield held
+
+    def chat_prompt(self, messages, system=None, max_new_tokens=256, max_turns=None):
+        """ChatML prompt ids for a conversation ending in a user message: the system prompt (always
+        kept), then the newest turns that fit in block_size - max_new_tokens, at most max_turns of
+        them (a turn starts at a user message). Raises if the last user message alone does not fit."""
+        head = [{'role': 'system', 'content': system}] if system else []
+        turn_starts = [i for i, m in enumerate(messages) if m['role'] == 'user']
+        if not turn_starts:
+            raise ValueError("chat needs at least one user message")
+        if max_turns:
+            turn_starts = turn_starts[-max_turns:]
+        budget = self.model.config.block_size - max_new_tokens
+        for start in turn_starts:  # oldest first: the first that fits keeps the most history
+            ids = self.tokenizer.render_prompt(head + list(messages[start:]))
+            if len(ids) <= budget:
+                return ids
+        raise ValueError(f"the last message ({len(ids)} tokens with the system prompt) does not fit the "
+                         f"{budget} tokens left for the prompt (block_size {self.model.config.block_size} - "
+                         f"max_new_tokens {max_new_tokens}): shorten it or lower max_new_tokens")
+
+    def chat(self, messages, system=None, config=None, max_turns=None, **overrides):
+        """The assistant's reply to a conversation [{'role', 'content'}, ...] ending in a user message."""
+        cfg = self.config(config, **overrides)
+        ids = self.chat_prompt(messages, system, cfg.max_new_tokens, max_turns)
+        return self.generate([ids], cfg)[0]

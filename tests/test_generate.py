@@ -1,0 +1,275 @@
+"""generate.py: the cached, batched, ragged decode loop is exact; each sampling option does what it says."""
+
+import math
+
+import pytest
+import torch
+
+from generate import (GenerationConfig, TextGenerator, beam_search, generate_ids, min_p_filter, sample_token,
+                      top_k_filter, top_p_filter)
+from model import GPT, GPTConfig
+from tokenizer import char_tokenizer, train_bpe
+
+CHARS = 'abcdefghijklmnopqrstuvwxyz .,\n'
+GREEDY = GenerationConfig(temperature=0.0, max_new_tokens=24)
+
+
+def random_model(vocab_size, seed=0, **kw):
+    torch.manual_seed(seed)
+    base = dict(vocab_size=vocab_size, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)
+    return GPT(GPTConfig(**{**base, **kw})).eval()
+
+
+def bigram_model(tok, table):
+    """A GPT whose next token depends only on the current one: p(next | cur) = table[cur][next].
+    Its block's output projections are zero, so the residual stream is the token embedding; the
+    embeddings are one-hot (RMS-normalised to sqrt(C)) and lm_head's column for token i holds
+    log p(. | i) / sqrt(C). Unlisted next tokens get log p = -20. Tokens are ids or one-token strings."""
+    C = tok.n_vocab + tok.n_vocab % 2
+    model = GPT(GPTConfig(vocab_size=tok.n_vocab, block_size=64, n_layer=1, n_head=1, n_embd=C,
+                          tie_embeddings=False))
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.attn.c_proj.weight.zero_()
+            block.mlp.c_proj.weight.zero_()
+        model.transformer.wte.weight.copy_(torch.eye(tok.n_vocab, C))
+        head = torch.full((tok.n_vocab, C), -20.0)
+        for cur, nexts in table.items():
+            for nxt, p in nexts.items():
+                head[token_id(tok, nxt), token_id(tok, cur)] = math.log(p)
+        model.lm_head.weight.copy_(head / math.sqrt(C))
+    return model.eval()
+
+
+def token_id(tok, token):
+    if isinstance(token, int):
+        return token
+    (i,) = tok.encode(token, allow_special=True)
+    return i
+
+
+def ids(tok, text):
+    return tok.encode(text)
+
+
+# ----------------------------------------------------------------------------- exactness
+
+@pytest.mark.parametrize('pos', ['rope', 'learned'])
+def test_cached_greedy_matches_uncached_greedy(pos):
+    model = random_model(48, pos=pos)
+    prompt = torch.randint(0, 48, (1, 7))
+    out = generate_ids(model, prompt, GREEDY)
+    reference = model.generate(prompt, GREEDY.max_new_tokens, temperature=0, use_cache=False)
+    assert out.rows()[0] == reference[0, 7:].tolist()
+
+
+@pytest.mark.parametrize('pos', ['rope', 'learned'])
+@pytest.mark.parametrize('extra', [{}, dict(repetition_penalty=1.5, presence_penalty=0.3)])
+def test_batched_generation_equals_one_by_one_with_ragged_prompts(pos, extra):
+    model = random_model(48, pos=pos)
+    prompts = [[5], [1, 2, 3, 4, 5, 6, 7, 8, 9], [40, 41, 42, 43]]
+    cfg = GenerationConfig(temperature=0.0, max_new_tokens=20, **extra)
+    first = generate_ids(model, [prompts[0]], cfg).rows()[0]
+    stop_id = first[4]  # a token row 0 emits mid-way: rows finish at different steps
+    batched = generate_ids(model, prompts, cfg, stop_ids=(stop_id,), pad_id=0)
+    for row, prompt in enumerate(prompts):
+        alone = generate_ids(model, [prompt], cfg, stop_ids=(stop_id,))
+        assert batched.rows()[row] == alone.rows()[0]
+        n = len(alone.rows()[0])
+        torch.testing.assert_close(batched.logprobs[row, :n], alone.logprobs[0, :n], atol=1e-4, rtol=1e-4)
+    assert batched.stopped[0] and batched.rows()[0][-1] == stop_id
+
+
+def test_rollout_logprobs_match_a_full_forward_and_mask_marks_generated_tokens():
+    model = random_model(48)
+    prompts = [[3, 4], [7, 8, 9, 10, 11]]
+    out = generate_ids(model, prompts, GenerationConfig(max_new_tokens=12, seed=0), stop_ids=(5,), pad_id=0)
+    assert out.tokens.shape == out.mask.shape == out.logprobs.shape and out.stopped.shape == (2,)
+    for row, prompt in enumerate(prompts):
+        response = out.rows()[row]
+        assert out.mask[row].sum() == len(response) and out.mask[row, :len(response)].all()
+        assert bool(out.stopped[row]) == (response[-1] == 5)
+        full = torch.tensor([prompt + response])
+        logits, _ = model(full)
+        logp = torch.log_softmax(logits[0, len(prompt) - 1:-1], dim=-1).gather(-1, full[0, len(prompt):, None])[:, 0]
+        torch.testing.assert_close(out.logprobs[row, :len(response)], logp, atol=1e-4, rtol=1e-4)
+        assert (out.logprobs[row, len(response):] == 0).all()
+
+
+def test_generation_past_block_size_is_a_clear_error():
+    model = random_model(48)
+    with pytest.raises(ValueError, match='block_size'):
+        generate_ids(model, [[1] * 60], GenerationConfig(max_new_tokens=10))
+
+
+# ----------------------------------------------------------------------------- sampling options
+
+def test_top_k_1_equals_greedy():
+    model = random_model(48)
+    prompts = [[1, 2, 3], [9]]
+    greedy = generate_ids(model, prompts, GREEDY).rows()
+    assert generate_ids(model, prompts, GenerationConfig(temperature=1.5, top_k=1, max_new_tokens=24, seed=1)).rows() == greedy
+
+
+def test_very_small_top_p_equals_greedy():
+    model = random_model(48)
+    prompts = [[1, 2, 3], [9]]
+    greedy = generate_ids(model, prompts, GREEDY).rows()
+    assert generate_ids(model, prompts, GenerationConfig(temperature=1.5, top_p=1e-6, max_new_tokens=24, seed=1)).rows() == greedy
+
+
+def test_min_p_near_one_equals_greedy():
+    model = random_model(48)
+    greedy = generate_ids(model, [[4, 5]], GREEDY).rows()
+    assert generate_ids(model, [[4, 5]], GenerationConfig(min_p=0.999, max_new_tokens=24, seed=1)).rows() == greedy
+
+
+def test_filters_keep_exactly_the_tokens_they_promise():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = lambda x: torch.isfinite(x)[0].tolist()
+    assert kept(top_k_filter(logits, 2)) == [True, True, False, False]
+    assert kept(top_p_filter(logits, 0.5)) == [True, False, False, False]   # 0.5 reaches 0.5
+    assert kept(top_p_filter(logits, 0.7)) == [True, True, False, False]    # 0.5 + 0.3 reaches 0.7
+    assert kept(top_p_filter(logits, 0.9)) == [True, True, True, False]
+    assert kept(min_p_filter(logits, 0.25)) == [True, True, True, False]    # 0.05 < 0.25 * 0.5
+    assert sample_token(logits, temperature=0).tolist() == [0]
+
+
+def test_same_seed_same_sample_and_different_seed_different_sample():
+    model = random_model(48)
+    cfg = lambda seed: GenerationConfig(max_new_tokens=24, seed=seed)
+    a, b, c = (generate_ids(model, [[1, 2]], cfg(s)).rows() for s in (7, 7, 8))
+    assert a == b and a != c
+
+
+def test_repetition_penalty_lowers_repeats():
+    tok = char_tokenizer(CHARS)
+    letters = 'abcdefghijklmnopqrstuvwxyz'
+    # every letter prefers itself (0.6), then the next letter (0.3)
+    table = {c: {c: 0.6, letters[(i + 1) % 26]: 0.3, letters[(i + 2) % 26]: 0.1} for i, c in enumerate(letters)}
+    model = bigram_model(tok, table)
+    repeats = lambda out: sum(a == b for a, b in zip(out, out[1:]))
+    plain = generate_ids(model, [ids(tok, 'a')], GenerationConfig(temperature=0, max_new_tokens=16)).rows()[0]
+    assert tok.decode(plain) == 'a' * 16
+    # CTRL's penalty covers the prompt too; presence/frequency count output tokens only, so each
+    # letter is emitted twice before its penalty applies
+    for penalty, at_most in ((dict(repetition_penalty=3.0), 0), (dict(frequency_penalty=1.0), 8),
+                             (dict(presence_penalty=1.0), 8)):
+        out = generate_ids(model, [ids(tok, 'a')], GenerationConfig(temperature=0, max_new_tokens=16, **penalty)).rows()[0]
+        assert repeats(out) <= at_most < repeats(plain), (penalty, tok.decode(out))
+
+
+# ----------------------------------------------------------------------------- beam search
+
+def test_beam_width_1_equals_greedy():
+    model = random_model(48)
+    prompts = [[1, 2, 3], [9], [20, 21, 22, 23, 24]]
+    free = generate_ids(model, prompts, GREEDY).rows()
+    stop_id = free[0][3]  # make at least one row stop early
+    greedy = generate_ids(model, prompts, GREEDY, stop_ids=(stop_id,))
+    beam = beam_search(model, prompts, GenerationConfig(num_beams=1, max_new_tokens=24), stop_ids=(stop_id,))
+    assert beam.rows() == greedy.rows()
+    assert beam.stopped.tolist() == greedy.stopped.tolist()
+
+
+def test_beam_search_finds_a_more_likely_sequence_than_greedy():
+    tok = char_tokenizer(CHARS)
+    # greedy takes 'a' (0.5) and then faces a 5-way split (0.2): p = 0.1;
+    # 'b' (0.4) is followed by 'h' almost surely (0.95): p = 0.38
+    table = {'x': {'a': 0.5, 'b': 0.4, 'c': 0.1},
+             'a': {c: 0.2 for c in 'cdefg'},
+             'b': {'h': 0.95, 'c': 0.05}}
+    model = bigram_model(tok, table)
+    greedy = generate_ids(model, [ids(tok, 'x')], GenerationConfig(temperature=0, max_new_tokens=2))
+    beam = generate_ids(model, [ids(tok, 'x')], GenerationConfig(num_beams=3, max_new_tokens=2))
+    assert tok.decode(greedy.rows()[0])[0] == 'a' and tok.decode(beam.rows()[0]) == 'bh'
+    assert beam.logprobs.sum() > greedy.logprobs.sum() + 1.0
+    assert beam.logprobs.sum().item() == pytest.approx(math.log(0.4 * 0.95), abs=1e-3)
+
+
+def test_batched_beam_search_equals_one_by_one_with_ragged_prompts():
+    model = random_model(48)
+    prompts = [[5], [1, 2, 3, 4, 5, 6, 7], [30, 31, 32]]
+    cfg = GenerationConfig(num_beams=3, max_new_tokens=10, length_penalty=0.8)
+    batched = generate_ids(model, prompts, cfg, stop_ids=(7, 11))
+    for row, prompt in enumerate(prompts):
+        alone = generate_ids(model, [prompt], cfg, stop_ids=(7, 11))
+        assert batched.rows()[row] == alone.rows()[0]
+        assert batched.scores[row].item() == pytest.approx(alone.scores[0].item(), abs=1e-4)
+
+
+# ----------------------------------------------------------------------------- stopping
+
+def chain_model():
+    """x -> a -> b -> c -> d -> e -> ... deterministically."""
+    tok = char_tokenizer(CHARS)
+    chain = 'xabcdefghijklmnop'
+    return tok, bigram_model(tok, {c: {n: 0.99} for c, n in zip(chain, chain[1:])})
+
+
+def test_stop_token_ends_generation_exactly():
+    tok, model = chain_model()
+    out = generate_ids(model, [ids(tok, 'x')], GenerationConfig(temperature=0, max_new_tokens=20),
+                       stop_ids=tuple(ids(tok, 'd')))
+    assert tok.decode(out.rows()[0]) == 'abcd' and out.mask.sum() == 4 and out.stopped.all()
+    gen = TextGenerator(model, tok)
+    assert gen.generate('x', temperature=0, max_new_tokens=20, stop_token_ids=tuple(ids(tok, 'd'))) == 'abc'
+    # without a stop, it runs to max_new_tokens and says so
+    out = generate_ids(model, [ids(tok, 'x')], GenerationConfig(temperature=0, max_new_tokens=5))
+    assert tok.decode(out.rows()[0]) == 'abcde' and not out.stopped.any()
+
+
+def test_stop_string_ends_generation_exactly():
+    tok, model = chain_model()
+    gen = TextGenerator(model, tok)
+    cfg = GenerationConfig(temperature=0, max_new_tokens=20, stop_strings=('def', 'zz'))
+    out = gen.generate_ids(['x', 'b'], cfg)
+    assert [tok.decode(r) for r in out.rows()] == ['abcdef', 'cdef']  # ends on the token completing it
+    assert out.stopped.all()
+    assert gen.generate(['x', 'b'], cfg) == ['abc', 'c']                # the text stops before it
+    assert ''.join(gen.stream('x', cfg)) == 'abc'
+    beam = gen.generate_ids(['x'], cfg, num_beams=2)
+    assert tok.decode(beam.rows()[0]) == 'abcdef' and beam.stopped.all()
+
+
+# ----------------------------------------------------------------------------- streaming and chat
+
+def test_streaming_text_equals_final_text():
+    tok = train_bpe(['héllo wörld, 日本語 and émojis 🙂 ' * 20, 'plain ascii text ' * 20], 300)
+    model = random_model(tok.n_vocab)
+    gen = TextGenerator(model, tok)
+    for seed in range(4):
+        cfg = GenerationConfig(max_new_tokens=40, seed=seed, stop_strings=('ll',))
+        assert ''.join(gen.stream('h', cfg)) == gen.generate('h', cfg)
+
+
+def test_streaming_shows_a_multibyte_character_whole_once_its_last_byte_arrives():
+    tok = train_bpe(['abc ' * 50], 300)  # no merges involving é: its two bytes are two tokens
+    c3, a9 = tok.encode('é')  # each lone byte is its own token
+    model = bigram_model(tok, {'x': {c3: 0.99}, c3: {a9: 0.99}, a9: {'<|endoftext|>': 0.99}})
+    gen = TextGenerator(model, tok)
+    pieces = list(gen.stream('x', temperature=0, max_new_tokens=10))
+    assert pieces == ['é'], pieces
+
+
+def test_chat_history_truncation_keeps_the_newest_turns():
+    tok = char_tokenizer(CHARS)
+    model = random_model(tok.n_vocab, block_size=160)
+    gen = TextGenerator(model, tok)
+    messages = []
+    for i in range(6):
+        messages += [{'role': 'user', 'content': f'question {"abcdef"[i]}'},
+                     {'role': 'assistant', 'content': f'answer {"abcdef"[i]}'}]
+    messages = messages[:-1]  # ends with the user's question f
+    prompt = tok.decode(gen.chat_prompt(messages, system='be brief', max_new_tokens=20))
+    assert len(tok.encode(prompt, allow_special=True)) <= 160 - 20
+    assert prompt.startswith('<|im_start|>system\nbe brief')
+    assert 'question f' in prompt and 'answer e' in prompt and 'question a' not in prompt
+    kept = [c for c in 'abcdef' if f'question {c}' in prompt]
+    assert kept == list('abcdef'[-len(kept):])  # a contiguous run of the newest turns
+    one = tok.decode(gen.chat_prompt(messages, max_new_tokens=20, max_turns=1))
+    assert 'question f' in one and 'question e' not in one
+    with pytest.raises(ValueError, match='does not fit'):
+        gen.chat_prompt(messages, max_new_tokens=150)
+    reply = gen.chat(messages, system='be brief', max_new_tokens=8, temperature=0)
+    assert isinstance(reply, str)
