@@ -242,7 +242,7 @@ if master and peak_flops == 0.0:
 
 # the training loop
 t_start = t_last = time.time()
-iter_start, running_mfu = iter_num, -1.0
+iter_start, running_mfu, saved = iter_num, -1.0, False
 history_path = os.path.join(out_dir, 'history.jsonl')
 while True:
     lr = lr_at(iter_num)
@@ -267,8 +267,11 @@ while True:
         improved = losses['val'] < best_val_loss
         best_val_loss = min(best_val_loss, losses['val'])
         evals_without_improvement = 0 if improved else evals_without_improvement + 1
-        if master and iter_num > iter_start and (improved or always_save_checkpoint):
-            save('val loss improved' if improved else 'always_save_checkpoint')
+        # save when val improves; always at the last step if this run has saved nothing yet
+        last_eval = iter_num >= max_iters or 0 < early_stop_patience <= evals_without_improvement
+        if master and iter_num > iter_start and (improved or always_save_checkpoint or (last_eval and not saved)):
+            save('val loss improved' if improved else 'always_save_checkpoint' if always_save_checkpoint else 'final')
+            saved = True
         if early_stop_patience and evals_without_improvement >= early_stop_patience:
             if master:
                 print(f"early stop: val loss has not improved for {early_stop_patience} evals")

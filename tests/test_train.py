@@ -1,0 +1,157 @@
+"""train.py end to end on a tiny dataset: it learns, resumes exactly, DDP equals one process,
+and it stops safely on Ctrl-C and on NaN."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import REPO, run_script
+
+TINY = ['--n_layer=2', '--n_head=2', '--n_embd=64', '--block_size=64', '--batch_size=4', '--eval_iters=4',
+        '--log_interval=5', '--warmup_iters=5', '--learning_rate=3e-3', '--peak_flops=1e12']
+
+
+def train(data, out_dir, *args, **kw):
+    data_dir, dataset = data
+    return run_script('train.py', f'--data_dir={data_dir}', f'--dataset={dataset}', f'--out_dir={out_dir}', *TINY, *args, **kw)
+
+
+def history(out_dir):
+    with open(os.path.join(out_dir, 'history.jsonl')) as f:
+        return {row['iter']: row for row in map(json.loads, f)}
+
+
+def test_pretraining_lowers_val_loss_and_reports_bpb(tiny_data_dir, tmp_path):
+    out = str(tmp_path / 'out')
+    proc = train(tiny_data_dir, out, '--max_iters=200', '--eval_interval=100', '--lr_decay_iters=200', '--batch_size=8')
+    h = history(out)
+    assert h[200]['val_loss'] < h[0]['val_loss'] - 1.0, h
+    assert 0 < h[200]['val_bpb'] < h[0]['val_bpb']
+    assert 'tok/s' in proc.stdout and 'eta' in proc.stdout and 'mfu' in proc.stdout
+    ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+    assert ckpt['iter_num'] == 200 and ckpt['stage'] == 'pretrain' and ckpt['tokenizer']['kind'] == 'bpe'
+    assert json.load(open(os.path.join(out, 'config.json')))['max_iters'] == 200
+
+
+def test_resume_continues_same_loss_curve(tiny_data_dir, tmp_path):
+    common = ['--eval_interval=10', '--lr_decay_iters=30', '--always_save_checkpoint=True', '--dropout=0.1']
+    straight, split = str(tmp_path / 'straight'), str(tmp_path / 'split')
+    train(tiny_data_dir, straight, '--max_iters=30', *common)
+    train(tiny_data_dir, split, '--max_iters=10', *common)
+    train(tiny_data_dir, split, '--max_iters=30', '--init_from=resume', *common)
+    a, b = history(straight), history(split)
+    for it in (20, 30):
+        assert b[it]['val_loss'] == pytest.approx(a[it]['val_loss'], rel=1e-6, abs=1e-6)
+        assert b[it]['train_loss'] == pytest.approx(a[it]['train_loss'], rel=1e-6, abs=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('arch', [[], ['--n_experts=4', '--n_shared_experts=1']], ids=['dense', 'moe'])
+def test_ddp_two_ranks_matches_one_process(tiny_data_dir, tmp_path, arch):
+    data_dir, dataset = tiny_data_dir
+    args = [f'--data_dir={data_dir}', f'--dataset={dataset}', *TINY, '--max_iters=20', '--eval_interval=10',
+            '--lr_decay_iters=20', '--gradient_accumulation_steps=2', *arch]
+    single, ddp = str(tmp_path / 'single'), str(tmp_path / 'ddp')
+    run_script('train.py', *args, f'--out_dir={single}')
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                           'train.py', *args, f'--out_dir={ddp}'], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    a, b = history(single), history(ddp)
+    assert b[20]['val_loss'] == pytest.approx(a[20]['val_loss'], rel=1e-4)
+    assert b[20]['train_loss'] == pytest.approx(a[20]['train_loss'], rel=1e-4)
+    assert a[20]['val_loss'] < a[0]['val_loss']
+
+
+def test_sigint_saves_a_checkpoint_and_exits_cleanly(tiny_data_dir, tmp_path):
+    data_dir, dataset = tiny_data_dir
+    out = str(tmp_path / 'out')
+    proc = subprocess.Popen([sys.executable, 'train.py', f'--data_dir={data_dir}', f'--dataset={dataset}',
+                             f'--out_dir={out}', *TINY, '--max_iters=100000', '--eval_interval=100000',
+                             '--log_interval=1'], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:  # wait until training steps are running
+        if line.startswith('iter 3:'):
+            break
+    proc.send_signal(signal.SIGINT)
+    output = proc.stdout.read()
+    assert proc.wait(timeout=60) == 0, output
+    assert 'saved checkpoint' in output
+    ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+    assert ckpt['iter_num'] >= 3 and not os.path.exists(os.path.join(out, 'ckpt.pt.tmp'))
+
+
+def test_nan_loss_stops_without_overwriting_the_last_checkpoint(tiny_data_dir, tmp_path):
+    out = str(tmp_path / 'out')
+    train(tiny_data_dir, out, '--max_iters=10', '--eval_interval=10', '--lr_decay_iters=10')
+    before = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+    # an absurd learning rate with no clipping blows the weights up to inf/NaN within a few steps
+    proc = train(tiny_data_dir, out, '--init_from=resume', '--max_iters=200', '--eval_interval=5', '--log_interval=1',
+                 '--learning_rate=1e12', '--min_lr=1e12', '--warmup_iters=0', '--grad_clip=0', '--lr_decay_iters=200',
+                 '--always_save_checkpoint=True', check=False)
+    assert proc.returncode != 0 and 'loss is nan' in (proc.stdout + proc.stderr).lower()
+    after = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+    assert all(torch.isfinite(v).all() for v in after['model'].values())
+    assert after['iter_num'] >= before['iter_num']
+
+
+def test_init_from_another_out_dir_starts_from_its_weights(tiny_data_dir, tmp_path):
+    first, second = str(tmp_path / 'first'), str(tmp_path / 'second')
+    train(tiny_data_dir, first, '--max_iters=40', '--eval_interval=40', '--lr_decay_iters=40')
+    train(tiny_data_dir, second, f'--init_from={first}', '--max_iters=10', '--eval_interval=10', '--lr_decay_iters=10')
+    h1, h2 = history(first), history(second)
+    assert h2[0]['val_loss'] == pytest.approx(h1[40]['val_loss'], rel=1e-5)  # same weights at step 0
+    assert torch.load(os.path.join(second, 'ckpt.pt'), weights_only=True)['iter_num'] == 10
+
+
+def test_early_stopping_ends_the_run(tiny_data_dir, tmp_path):
+    out = str(tmp_path / 'out')
+    # lr = 0 after warmup: val loss cannot improve, so patience runs out
+    proc = train(tiny_data_dir, out, '--max_iters=1000', '--eval_interval=5', '--early_stop_patience=2',
+                 '--learning_rate=0', '--min_lr=0', '--lr_decay_iters=1000')
+    assert 'early stop' in proc.stdout and max(history(out)) == 10
+
+
+def test_missing_dataset_says_how_to_prepare_it(tmp_path):
+    proc = run_script('train.py', f'--data_dir={tmp_path}', '--dataset=nothing', check=False)
+    assert proc.returncode != 0 and 'python prepare.py --dataset=nothing' in proc.stderr
+
+
+def test_bf16_autocast_and_wsd_schedule_train(tiny_data_dir, tmp_path):
+    out = str(tmp_path / 'out')
+    train(tiny_data_dir, out, '--max_iters=40', '--eval_interval=40', '--lr_decay_iters=40', '--dtype=bfloat16',
+          '--lr_schedule=wsd')
+    h = history(out)
+    assert h[40]['val_loss'] < h[0]['val_loss'] - 0.5
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tiny_data_dir, tmp_path):
+    eager, compiled = str(tmp_path / 'eager'), str(tmp_path / 'compiled')
+    args = ['--max_iters=10', '--eval_interval=10', '--lr_decay_iters=10']
+    train(tiny_data_dir, eager, *args)
+    train(tiny_data_dir, compiled, *args, '--compile=True')
+    assert history(compiled)[10]['val_loss'] == pytest.approx(history(eager)[10]['val_loss'], rel=1e-3)
+
+
+def test_wandb_without_api_key_falls_back_to_offline(tiny_data_dir, tmp_path, monkeypatch):
+    """With wandb installed and no key, training runs and says it went offline; without wandb it says so."""
+    out = str(tmp_path / 'out')
+    env = {'WANDB_API_KEY': '', 'HOME': str(tmp_path), 'WANDB_DIR': str(tmp_path), 'WANDB_MODE': ''}
+    proc = train(tiny_data_dir, out, '--max_iters=5', '--eval_interval=5', '--lr_decay_iters=5', '--wandb_log=True', env=env)
+    assert 'wandb runs offline' in proc.stdout or 'wandb is not installed' in proc.stdout
+    assert os.path.exists(os.path.join(out, 'ckpt.pt'))
+
+
+def test_lr_schedules():
+    from common import get_lr
+    assert get_lr(0, 1.0, 0.1, 10, 100) < get_lr(9, 1.0, 0.1, 10, 100) < 1.0  # warmup
+    assert get_lr(10, 1.0, 0.1, 10, 100) == pytest.approx(1.0)
+    assert get_lr(55, 1.0, 0.1, 10, 100) == pytest.approx(0.55)  # cosine midpoint
+    assert get_lr(200, 1.0, 0.1, 10, 100) == 0.1
+    assert get_lr(70, 1.0, 0.1, 10, 100, 'wsd', 0.2) == 1.0  # stable phase
+    assert get_lr(90, 1.0, 0.1, 10, 100, 'wsd', 0.2) == pytest.approx(0.55)  # halfway down
