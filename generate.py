@@ -367,6 +367,7 @@ class TextGenerator:
     def __init__(self, model, tokenizer, compile=False):
         self.model = model.eval()
         self.tokenizer = tokenizer
+        self.special_ids = set(tokenizer.special_tokens.values())  # not text: left out of what we return
         # compile the decode step only: its shapes barely change (prefill's change with every prompt)
         self.step_fn = torch.compile(model, dynamic=True) if compile else None
 
@@ -398,10 +399,11 @@ class TextGenerator:
         return texts[0] if single else texts
 
     def text(self, ids, cfg):
-        """Generated ids -> text, without the stop token and cut where a stop string begins."""
+        """Generated ids -> text, without the stop token or other special tokens, and cut where a
+        stop string begins."""
         if ids and ids[-1] in self.stop_ids(cfg):
             ids = ids[:-1]
-        text = self.tokenizer.decode(ids)
+        text = self.tokenizer.decode([i for i in ids if i not in self.special_ids])
         cuts = [text.find(s) for s in cfg.stop_strings if s and s in text]
         return text[:min(cuts)] if cuts else text
 
@@ -421,6 +423,8 @@ class TextGenerator:
             tok = token.item()
             if not live[0] or tok in stop_ids:
                 break
+            if tok in self.special_ids:
+                continue
             held += decoder.decode(self.tokenizer.decode_bytes([tok]))
             cuts = [held.find(s) for s in stop_strings if s in held]
             if cuts:
