@@ -1,0 +1,850 @@
+"""
+Data, the one place every stage reads it from.
+
+Chat, preference and RL-prompt files (JSONL, one record a line) are read as users already have
+them and normalised to plain Python structures:
+
+    load_sft(paths)  -> [messages, ...]                       messages = [{'role', 'content'}, ...]
+    load_pref(path)  -> [{'prompt_messages', 'chosen', 'rejected'}, ...]    chosen/rejected: str
+    load_rl(path)    -> [{'messages', 'answer'}, ...]         messages end with a user turn;
+                                                              answer: str or None
+    arithmetic_reward(response, answer), verifiable_reward(response, answer) -> 0.0 or 1.0
+
+A bad line raises DataError naming the file, the line and the field; skip_bad_lines=True skips
+such lines and says how many. An empty file, or one with no good line, is always an error.
+
+The second half holds the pretraining pieces prepare.py tells its story with: sources (the
+stdlib, local files, downloads), cleaning (normalise, control characters, boilerplate lines,
+length, exact and MinHash near-duplicate removal), mixing, and fast tokenising to numpy.
+"""
+
+import glob
+import hashlib
+import json
+import os
+import random
+import re
+import sys
+import sysconfig
+import unicodedata
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from fractions import Fraction
+
+import numpy as np
+
+ROLES = ('system', 'user', 'assistant')
+SHAREGPT_ROLES = {'human': 'user', 'user': 'user', 'gpt': 'assistant', 'assistant': 'assistant', 'system': 'system'}
+
+
+class DataError(ValueError):
+    """A data file that cannot be used as it is; the message names file, line and field."""
+
+
+class _BadField(Exception):
+    def __init__(self, field, problem):
+        super().__init__(field, problem)
+        self.field, self.problem = field, problem
+
+
+# ----------------------------------------------------------------------------- reading JSONL
+
+def scan_jsonl(path, parse):
+    """Yield (line_number, parsed record or None, error text or None) for each non-blank line."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    with open(path, encoding='utf-8', errors='strict') as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                if not isinstance(obj, dict):
+                    raise _BadField('(record)', f"expected a JSON object {{...}}, got {type(obj).__name__}")
+                yield lineno, parse(obj), None
+            except json.JSONDecodeError as e:
+                yield lineno, None, f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})"
+            except _BadField as e:
+                yield lineno, None, f"{path}:{lineno}: field {e.field!r}: {e.problem}"
+
+
+def read_jsonl(path, parse, skip_bad_lines=False, what='record'):
+    """All parsed records of a JSONL file. The first bad line raises DataError, unless
+    skip_bad_lines, which skips bad lines and prints how many. No good line at all is an error."""
+    try:
+        records, bad = [], []
+        for _, record, error in scan_jsonl(path, parse):
+            if error is None:
+                records.append(record)
+            elif skip_bad_lines:
+                bad.append(error)
+            else:
+                raise DataError(error + " (fix the line, or pass skip_bad_lines=True to skip bad lines)")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); re-save it as UTF-8") from None
+    if bad:
+        print(f"{path}: skipped {len(bad)} bad line(s) of {len(records) + len(bad)}; first: {bad[0]}")
+    if not records:
+        raise DataError(f"{path}: no usable {what}" + (f" ({len(bad)} bad lines, first: {bad[0]})" if bad else
+                                                      " (the file is empty)"))
+    return records
+
+
+# ----------------------------------------------------------------------------- record formats
+
+def parse_messages(value, field):
+    """[{'role', 'content'}] (OpenAI/HF/MiniMind) or [{'from', 'value'}] (ShareGPT) -> messages.
+    A system message may only come first; user and assistant content must be non-empty strings."""
+    if not isinstance(value, list) or not value:
+        raise _BadField(field, "expected a non-empty list of {\"role\": ..., \"content\": ...} messages")
+    messages = []
+    for i, m in enumerate(value):
+        where = f"{field}[{i}]"
+        if not isinstance(m, dict):
+            raise _BadField(where, f"expected a {{\"role\", \"content\"}} object, got {type(m).__name__}")
+        if 'role' not in m and 'from' in m:  # ShareGPT
+            role, content = SHAREGPT_ROLES.get(m['from'], m['from']), m.get('value')
+        else:
+            role, content = m.get('role'), m.get('content')
+        if role not in ROLES:
+            raise _BadField(where + '.role', f"{role!r} is not a role (expected system, user or assistant)")
+        if not isinstance(content, str):
+            raise _BadField(where + '.content', f"expected a string, got {type(content).__name__}")
+        if role == 'system' and i > 0:
+            raise _BadField(where + '.role', "a system message may only come first")
+        if role != 'system' and not content.strip():
+            raise _BadField(where + '.content', f"empty {role} message")
+        messages.append({'role': role, 'content': content})
+    return messages
+
+
+def _with_system(obj, messages):
+    """A top-level "system" string becomes the first message (when there is none already)."""
+    system = obj.get('system')
+    if system is None or (messages and messages[0]['role'] == 'system'):
+        return messages
+    if not isinstance(system, str):
+        raise _BadField('system', f"expected a string, got {type(system).__name__}")
+    return [{'role': 'system', 'content': system}] + messages
+
+
+def parse_sft(obj):
+    """{"messages": [...]} (OpenAI/HF) or {"conversations": [...]} (MiniMind, ShareGPT), with an
+    optional leading system message or top-level "system" -> messages."""
+    key = 'messages' if 'messages' in obj else 'conversations' if 'conversations' in obj else None
+    if key is None:
+        raise _BadField('messages', "missing: an SFT record needs \"messages\" (OpenAI/HF) or \"conversations\" "
+                                    "(MiniMind), a list of {\"role\", \"content\"}")
+    messages = _with_system(obj, parse_messages(obj[key], key))
+    if not any(m['role'] == 'assistant' for m in messages):
+        raise _BadField(key, "no assistant message: nothing to train on")
+    return messages
+
+
+def parse_hh(text, field):
+    """Anthropic HH transcript '\\n\\nHuman: ...\\n\\nAssistant: ...' -> messages."""
+    parts = re.split(r'\n\n?(Human|Assistant): ', '\n\n' + text.lstrip('\n'))
+    if len(parts) < 3 or parts[0].strip():
+        raise _BadField(field, "expected a string of \"\\n\\nHuman: ...\\n\\nAssistant: ...\" turns, "
+                               "or give \"prompt\" alongside \"chosen\" and \"rejected\"")
+    roles = {'Human': 'user', 'Assistant': 'assistant'}
+    return [{'role': roles[r], 'content': c.strip()} for r, c in zip(parts[1::2], parts[2::2])]
+
+
+def _reply(value, field):
+    """A preference answer: a string, or a list of messages whose last is the assistant's."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise _BadField(field, "empty answer")
+        return value
+    messages = parse_messages(value, field)
+    if messages[-1]['role'] != 'assistant':
+        raise _BadField(field, "the last message must be the assistant's answer")
+    return messages[-1]['content']
+
+
+def parse_pref(obj):
+    """Preference pair -> {'prompt_messages': [...], 'chosen': str, 'rejected': str}. Accepts
+    {"chosen": [messages], "rejected": [messages]} (MiniMind; same prompt, different last answer),
+    {"prompt", "chosen", "rejected"} with strings or messages (TRL), and HH transcripts."""
+    for key in ('chosen', 'rejected'):
+        if key not in obj:
+            raise _BadField(key, "missing: a preference record needs \"chosen\" and \"rejected\"")
+    if 'prompt' in obj:
+        prompt = obj['prompt']
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise _BadField('prompt', "empty prompt")
+            prompt_messages = [{'role': 'user', 'content': prompt}]
+        else:
+            prompt_messages = parse_messages(prompt, 'prompt')
+        pair = {'prompt_messages': _with_system(obj, prompt_messages),
+                'chosen': _reply(obj['chosen'], 'chosen'), 'rejected': _reply(obj['rejected'], 'rejected')}
+    else:
+        convs = {}
+        for key in ('chosen', 'rejected'):
+            value = obj[key]
+            convs[key] = parse_hh(value, key) if isinstance(value, str) else parse_messages(value, key)
+            if convs[key][-1]['role'] != 'assistant':
+                raise _BadField(key, "the last message must be the assistant's answer")
+        if convs['chosen'][:-1] != convs['rejected'][:-1]:
+            raise _BadField('rejected', "its prompt (all messages but the last) differs from chosen's")
+        pair = {'prompt_messages': _with_system(obj, convs['chosen'][:-1]),
+                'chosen': convs['chosen'][-1]['content'], 'rejected': convs['rejected'][-1]['content']}
+    if not any(m['role'] == 'user' for m in pair['prompt_messages']):
+        raise _BadField('prompt', "no user message before the answers")
+    return pair
+
+
+def parse_rl(obj):
+    """RL prompt -> {'messages': [... ending with a user turn], 'answer': str or None}. Accepts
+    {"prompt": str or messages} and {"messages"/"conversations": [...]}; a final assistant turn
+    (MiniMind's RLAIF files carry a placeholder one) is dropped. "answer" (str or number) is what
+    verifiable_reward checks against."""
+    if 'prompt' in obj:
+        prompt = obj['prompt']
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise _BadField('prompt', "empty prompt")
+            messages = [{'role': 'user', 'content': prompt}]
+        else:
+            messages = parse_messages(prompt, 'prompt')
+        key = 'prompt'
+    else:
+        key = 'messages' if 'messages' in obj else 'conversations' if 'conversations' in obj else None
+        if key is None:
+            raise _BadField('prompt', "missing: an RL record needs \"prompt\" (a string) or \"messages\"")
+        messages = parse_messages(obj[key], key)
+        if messages[-1]['role'] == 'assistant':
+            messages = messages[:-1]
+    messages = _with_system(obj, messages)
+    if not messages or messages[-1]['role'] != 'user':
+        raise _BadField(key, "the prompt must end with a user message")
+    answer = obj.get('answer')
+    if isinstance(answer, bool) or not isinstance(answer, (str, int, float, type(None))):
+        raise _BadField('answer', f"expected a string or a number, got {type(answer).__name__}")
+    return {'messages': messages, 'answer': None if answer is None else str(answer)}
+
+
+# ----------------------------------------------------------------------------- loaders
+
+def _as_weights(paths, weights):
+    if isinstance(paths, dict):
+        return [(p, float(w)) for p, w in paths.items()]
+    if isinstance(paths, str):
+        paths = [p.strip() for p in paths.split(',') if p.strip()]
+    weights = [1.0] * len(paths) if weights is None else list(weights)
+    if len(weights) != len(paths):
+        raise ValueError(f"{len(paths)} files but {len(weights)} weights")
+    return list(zip(paths, weights))
+
+
+def load_sft(paths, weights=None, skip_bad_lines=False, seed=1337):
+    """Conversations from one or several files -> [messages, ...].
+
+    paths: a path, a comma-separated string, a list, or a dict {path: weight}. A file's weight
+    multiplies its records: 2 = every record twice, 0.5 = a random half (seeded), 1.5 = all
+    once plus a random half again. Order: file by file, records in file order."""
+    rng = random.Random(seed)
+    out = []
+    for path, weight in _as_weights(paths, weights):
+        if weight < 0:
+            raise ValueError(f"{path}: weight {weight} must be >= 0")
+        records = read_jsonl(path, parse_sft, skip_bad_lines, what='conversation')
+        whole, frac = int(weight), weight - int(weight)
+        out += records * whole
+        out += [records[i] for i in sorted(rng.sample(range(len(records)), round(frac * len(records))))]
+    return out
+
+
+def load_pref(path, skip_bad_lines=False):
+    """Preference pairs -> [{'prompt_messages': [...], 'chosen': str, 'rejected': str}, ...]."""
+    return read_jsonl(path, parse_pref, skip_bad_lines, what='preference pair')
+
+
+def load_rl(path, skip_bad_lines=False):
+    """RL prompts -> [{'messages': [... user], 'answer': str or None}, ...]."""
+    return read_jsonl(path, parse_rl, skip_bad_lines, what='prompt')
+
+
+PARSERS = {'sft': parse_sft, 'pref': parse_pref, 'rl': parse_rl}
+
+
+def validate_file(path, kind, tok=None):
+    """Check a chat file without training: returns (counts dict, [every bad line's error])."""
+    if kind not in PARSERS:
+        raise ValueError(f"unknown kind {kind!r}: use sft, pref or rl")
+    counts, errors = {'records': 0, 'turns': 0, 'tokens': 0 if tok else None}, []
+    try:
+        for _, record, error in scan_jsonl(path, PARSERS[kind]):
+            if error:
+                errors.append(error)
+                continue
+            counts['records'] += 1
+            if kind == 'sft':
+                conversations = [record]
+            elif kind == 'pref':
+                p = record['prompt_messages']
+                conversations = [p + [{'role': 'assistant', 'content': record[k]}] for k in ('chosen', 'rejected')]
+            else:
+                conversations = [record['messages']]
+                counts['with_answer'] = counts.get('with_answer', 0) + (record['answer'] is not None)
+            counts['turns'] += len(conversations[0])
+            if tok is not None:
+                counts['tokens'] += sum(len(tok.render_chat(c)[0]) for c in conversations)
+    except UnicodeDecodeError as e:
+        errors.append(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); re-save it as UTF-8")
+    if counts['records'] == 0 and not errors:
+        errors.append(f"{path}: no records (the file is empty)")
+    return counts, errors
+
+
+# ----------------------------------------------------------------------------- verifiable rewards
+
+_NUMBER = re.compile(r'-?\d[\d,]*(?:\.\d+)?')
+
+
+def final_number(text):
+    """The last number in text as an exact Fraction ('1,234' and '85.0' work), or None."""
+    matches = _NUMBER.findall(text or '')
+    if not matches:
+        return None
+    try:
+        return Fraction(matches[-1].replace(',', ''))
+    except ValueError:
+        return None
+
+
+def arithmetic_reward(response, answer):
+    """1.0 when the last number in the response equals the answer exactly, else 0.0."""
+    target = final_number(str(answer))
+    return float(target is not None and final_number(response) == target)
+
+
+def verifiable_reward(response, answer):
+    """A numeric answer is checked by arithmetic_reward; a text answer must appear in the
+    response (case and spacing ignored). No answer: 0.0 (use a reward model instead)."""
+    if answer is None:
+        return 0.0
+    if _NUMBER.fullmatch(str(answer).strip()):
+        return arithmetic_reward(response, answer)
+    squash = lambda s: ' '.join(s.lower().split())
+    return float(squash(str(answer)) in squash(response))
+
+
+# ============================================================================= pretraining
+
+# ----------------------------------------------------------------------------- sources
+
+REMOTE = {
+    'tinyshakespeare': {'url': 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt',
+                        'size': 1115394},
+    'tinystories': {'url': 'https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/'
+                           'TinyStoriesV2-GPT4-valid.txt'},
+    'fineweb-edu': {'url': 'https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main/'
+                           'shard_00000.parquet'},
+}
+DOC_SEPARATOR = '<|endoftext|>'  # a line of this splits a .txt file into documents (TinyStories)
+TEXT_EXTENSIONS = ('.txt', '.md', '.rst', '.py', '.jsonl')
+
+
+def download(url, dest, size=None, sha256=None, timeout=30):
+    """Fetch url to dest: streamed to dest.part, renamed when complete. A partial download is kept
+    (and resumed next time) only when the server takes byte ranges; size and sha256 are checked
+    when known. An unreachable URL raises SystemExit with one line saying what to do instead."""
+    if os.path.exists(dest):
+        return dest
+    os.makedirs(os.path.dirname(dest) or '.', exist_ok=True)
+    part = dest + '.part'
+    have = os.path.getsize(part) if os.path.exists(part) else 0
+    request = urllib.request.Request(url, headers={'Range': f'bytes={have}-'} if have else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, 'reason', e)
+        raise SystemExit(f"could not download {url} ({reason}); offline? Fetch it elsewhere and pass the "
+                         f"file with --input=PATH") from None
+    resumable = response.headers.get('Accept-Ranges') == 'bytes' or response.status == 206
+    mode = 'ab' if response.status == 206 else 'wb'
+    try:
+        with response, open(part, mode) as f:
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+    except (OSError, urllib.error.URLError) as e:
+        if not resumable and os.path.exists(part):
+            os.remove(part)
+        raise SystemExit(f"download of {url} broke off ({e}); run again to "
+                         f"{'resume' if resumable else 'retry'}, or pass a local copy with --input=PATH") from None
+    got = os.path.getsize(part)
+    digest = _sha256(part) if sha256 else None
+    if (size is not None and got != size) or (sha256 and digest != sha256):
+        os.remove(part)
+        raise SystemExit(f"download of {url} is corrupt (got {got} bytes{', sha256 ' + digest if digest else ''}; "
+                         f"expected {size if size is not None else '?'} bytes{', sha256 ' + sha256 if sha256 else ''}); "
+                         f"removed it, run again")
+    os.replace(part, dest)
+    return dest
+
+
+def _sha256(path):
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def stdlib_files():
+    """The interpreter's standard library *.py files, sorted: no site-packages, caches or test
+    fixture folders (test/*data*), no files that are not UTF-8."""
+    root = sysconfig.get_paths()['stdlib']
+    files = []
+    for folder, dirs, names in os.walk(root):
+        rel = os.path.relpath(folder, root)
+        in_tests = any(part in ('test', 'tests', 'idle_test') for part in rel.split(os.sep))
+        dirs[:] = sorted(d for d in dirs if d not in ('site-packages', 'dist-packages', '__pycache__')
+                         and not (in_tests and 'data' in d))
+        files += [os.path.join(folder, n) for n in sorted(names) if n.endswith('.py')]
+    return root, files
+
+
+def read_text_file(path):
+    """A text file's documents: the whole file, or the parts between <|endoftext|> lines."""
+    with open(path, encoding='utf-8') as f:
+        doc = []
+        for line in f:
+            if line.strip() == DOC_SEPARATOR:
+                yield ''.join(doc)
+                doc = []
+            else:
+                doc.append(line)
+        yield ''.join(doc)
+
+
+def read_jsonl_text(path, skip_bad_lines=False):
+    """The "text" field of each line (MiniMind's pretraining format)."""
+    def parse(obj):
+        if not isinstance(obj.get('text'), str):
+            raise _BadField('text', "missing or not a string (pretraining JSONL needs {\"text\": \"...\"})")
+        return obj['text']
+    bad = 0
+    for _, text, error in scan_jsonl(path, parse):
+        if error is None:
+            yield text
+        elif skip_bad_lines:
+            bad += 1
+        else:
+            raise DataError(error + " (fix the line, or pass --skip_bad_lines=True)")
+    if bad:
+        print(f"{path}: skipped {bad} bad line(s)")
+
+
+def read_parquet_text(path):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise SystemExit(f"{path} is a parquet file: reading it needs pyarrow (pip install pyarrow)") from None
+    pf = pq.ParquetFile(path)
+    for i in range(pf.num_row_groups):
+        yield from pf.read_row_group(i, columns=['text']).column('text').to_pylist()
+
+
+def read_file(path, skip_bad_lines=False):
+    if path.endswith('.jsonl'):
+        return read_jsonl_text(path, skip_bad_lines)
+    if path.endswith('.parquet'):
+        return read_parquet_text(path)
+    return read_text_file(path)
+
+
+def resolve_source(spec, download_dir):
+    """A source spec -> (description, [paths or 'stdlib' files]). spec: 'stdlib', a name in
+    REMOTE, an http(s) URL, a file, a directory (its .txt/.md/.rst/.py/.jsonl files) or a glob."""
+    if spec == 'stdlib':
+        root, files = stdlib_files()
+        return f"Python {sys.version.split()[0]} standard library at {root}", files
+    if spec in REMOTE or spec.startswith(('http://', 'https://')):
+        info = REMOTE.get(spec, {'url': spec})
+        name = spec if spec in REMOTE else os.path.basename(spec.split('?')[0]) or 'download'
+        suffix = os.path.splitext(info['url'].split('?')[0])[1] or '.txt'
+        dest = os.path.join(download_dir, name.removesuffix(suffix) + suffix)
+        return info['url'], [download(info['url'], dest, info.get('size'), info.get('sha256'))]
+    if os.path.isdir(spec):
+        files = sorted(os.path.join(d, n) for d, _, names in os.walk(spec) for n in names if n.endswith(TEXT_EXTENSIONS))
+        if not files:
+            raise SystemExit(f"{spec}: no {'/'.join(TEXT_EXTENSIONS)} files in this directory")
+        return f"directory {spec}", files
+    if any(c in spec for c in '*?['):
+        files = sorted(f for f in glob.glob(spec, recursive=True) if os.path.isfile(f))
+        if not files:
+            raise SystemExit(f"{spec}: the pattern matches no files")
+        return f"glob {spec}", files
+    if os.path.isfile(spec):
+        return f"file {spec}", [spec]
+    known = ', '.join(['stdlib'] + list(REMOTE))
+    raise SystemExit(f"input {spec!r} is not a file, directory, glob or URL, nor a known source ({known})")
+
+
+def iter_documents(files, skip_bad_lines=False):
+    """Every document of a list of files, in order. A file that is not UTF-8 is skipped (counted)."""
+    skipped = []
+    for path in files:
+        try:
+            yield from read_file(path, skip_bad_lines)
+        except UnicodeDecodeError:
+            skipped.append(path)
+    if skipped:
+        print(f"skipped {len(skipped)} file(s) that are not UTF-8 text, e.g. {skipped[0]}")
+
+
+# ----------------------------------------------------------------------------- cleaning
+
+_CONTROL = re.compile(r'[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ufeff]')
+# Lines containing one of these phrases (any case) are boilerplate ...
+BOILERPLATE_PHRASES = ('lorem ipsum', 'all rights reserved', 'click here to', 'cookie policy', 'cookie settings',
+                       'accept cookies', 'enable javascript', 'javascript is disabled', 'subscribe to our newsletter',
+                       'sign up for our newsletter', 'this page intentionally left blank', 'skip to main content')
+# ... and so are lines that are only one of these placeholders.
+BOILERPLATE_LINES = ('[deleted]', '[removed]', 'todo', 'tbd', 'placeholder', 'share this', 'share this article',
+                     'print this page', 'advertisement', 'read more')
+
+
+def boilerplate_lines(text):
+    """Line spans [(start, end)] of text that are boilerplate. str.find over lower-cased text
+    (a regex alternation is ~20x slower); lines are looked at only where a phrase occurs."""
+    low = text.lower()
+    if len(low) != len(text):  # a few characters lower-case to two ('İ'): use ASCII lower-casing
+        low = text.encode('utf-8').lower().decode('utf-8')  # same length, only A-Z change
+    spans = set()
+    for phrase, whole_line in [(p, False) for p in BOILERPLATE_PHRASES] + [(p, True) for p in BOILERPLATE_LINES]:
+        i = low.find(phrase)
+        while i >= 0:
+            start, end = low.rfind('\n', 0, i) + 1, low.find('\n', i)
+            end = len(low) if end < 0 else end + 1
+            if not whole_line or low[start:end].strip() == phrase:
+                spans.add((start, end))
+            i = low.find(phrase, end)
+    return sorted(spans)
+
+
+def clean_text(text, normalize='NFC', strip_control=True, drop_boilerplate=True):
+    """One document through the text filters, each optional:
+    normalize: 'NFC'/'NFKC' Unicode normal form ('' = off);
+    strip_control: \r\n -> \n, then C0/C1 control characters (but \t \n) and BOMs removed;
+    drop_boilerplate: lines with a BOILERPLATE_PHRASES phrase, or that are a BOILERPLATE_LINES
+    placeholder, are dropped.
+    Lone surrogates, which UTF-8 cannot hold, always become U+FFFD.
+    Returns (text, {'normalized': 0|1, 'control_chars': n, 'boilerplate_lines': n})."""
+    counts = {'normalized': 0, 'control_chars': 0, 'boilerplate_lines': 0}
+    try:
+        text.encode('utf-8')
+    except UnicodeEncodeError:  # lone surrogates (from JSON escapes) cannot be written as UTF-8
+        text = text.encode('utf-8', 'surrogatepass').decode('utf-8', 'replace')
+    if normalize and not unicodedata.is_normalized(normalize, text):
+        text, counts['normalized'] = unicodedata.normalize(normalize, text), 1
+    if strip_control:
+        text = text.replace('\r\n', '\n').replace('\r', '\n')
+        text, counts['control_chars'] = _CONTROL.subn('', text)
+    if drop_boilerplate:
+        spans = boilerplate_lines(text)
+        if spans:
+            keep, last = [], 0
+            for start, end in spans:
+                keep.append(text[last:start])
+                last = end
+            text, counts['boilerplate_lines'] = ''.join(keep) + text[last:], len(spans)
+    return text, counts
+
+
+def exact_key(text):
+    """64-bit content hash: exact duplicates share it (and it orders documents for the split)."""
+    return int.from_bytes(hashlib.blake2b(text.encode('utf-8', 'surrogatepass'), digest_size=8).digest(), 'little')
+
+
+_P = 0x100000001B3  # odd, so it has an inverse mod 2^64
+_powers_cache = [np.ones(1, np.uint64), np.ones(1, np.uint64)]
+
+
+def _powers(n):
+    """(P^i, P^-i) mod 2^64 for i < n."""
+    if len(_powers_cache[0]) < n:
+        m = max(n, 2 * len(_powers_cache[0]))
+        for k, base in enumerate((_P, pow(_P, -1, 2 ** 64))):
+            p = np.full(m, base, np.uint64)
+            p[0] = 1
+            _powers_cache[k] = np.cumprod(p)  # wraps mod 2^64, as wanted
+    return _powers_cache[0][:n], _powers_cache[1][:n]
+
+
+def _mix64(h):
+    h = h ^ (h >> np.uint64(29))
+    h = h * np.uint64(0xBF58476D1CE4E5B9)
+    return h ^ (h >> np.uint64(32))
+
+
+def minhash_signatures(texts, num_perm=64, ngram=5, seed=0):
+    """MinHash (Broder 1997) of each text's set of word n-grams, all texts in one set of numpy
+    passes: (signatures (len(texts), num_perm) uint32, has_words bool array).
+
+    Words are runs of [0-9a-z_] or non-ASCII bytes of the lower-cased UTF-8; a word's hash is the
+    polynomial sum b_j P^(j-start), read off a running sum. Shingles never cross documents; a
+    text with fewer than `ngram` words has one shingle of all its words. The fraction of equal
+    signature entries of two texts estimates the Jaccard similarity of their shingle sets."""
+    encoded = [t.lower().encode('utf-8', 'replace') for t in texts]
+    doc_start = np.cumsum([0] + [len(e) + 1 for e in encoded])[:-1]
+    b = np.frombuffer(b'\n'.join(encoded), np.uint8)
+    sigs = np.full((len(texts), num_perm), np.iinfo(np.uint32).max, np.uint32)
+    is_word = (b >= 0x80) | ((b >= 48) & (b <= 57)) | ((b >= 97) & (b <= 122)) | (b == 95)
+    prev = np.concatenate(([False], is_word[:-1]))
+    nxt = np.concatenate((is_word[1:], [False]))
+    starts, ends = np.flatnonzero(is_word & ~prev), np.flatnonzero(is_word & ~nxt) + 1
+    if len(starts) == 0:
+        return sigs, np.zeros(len(texts), bool)
+    pw, inv = _powers(len(b) + 1)
+    running = np.concatenate((np.zeros(1, np.uint64), np.cumsum(np.where(is_word, b.astype(np.uint64) * pw[:len(b)], 0), dtype=np.uint64)))
+    words = _mix64((running[ends] - running[starts]) * inv[starts])  # (W,) hash of each word
+    doc = np.searchsorted(doc_start, starts, side='right') - 1  # (W,) document of each word
+    n_words = np.bincount(doc, minlength=len(texts))
+    W = len(words)
+    shingle, full = np.zeros(W, np.uint64), np.ones(W, bool)
+    for k in range(ngram):  # shingle[i] = hash of words i..i+ngram-1 of the same document
+        same = np.zeros(W, bool)
+        same[:W - k] = doc[k:] == doc[:W - k]
+        nxt_word = np.zeros(W, np.uint64)
+        nxt_word[:W - k] = words[k:]
+        shingle = shingle * np.uint64(_P) + np.where(same, nxt_word, 0)
+        full &= same
+    first = np.concatenate(([True], doc[1:] != doc[:-1]))
+    valid = full | (first & (n_words[doc] < ngram))
+    x = _mix64(shingle[valid])
+    x = ((x >> np.uint64(32)) ^ x).astype(np.uint32)  # (S,)
+    sdoc = doc[valid]
+    group = np.flatnonzero(np.concatenate(([True], sdoc[1:] != sdoc[:-1])))
+    rng = np.random.default_rng(seed)
+    a = rng.integers(1, 2 ** 32, num_perm, dtype=np.uint64).astype(np.uint32) | np.uint32(1)
+    c = rng.integers(0, 2 ** 32, num_perm, dtype=np.uint64).astype(np.uint32)
+    for lo in range(0, num_perm, 16):  # 16 permutations at a time bounds memory to 16 x S
+        h = a[lo:lo + 16, None] * x[None, :] + c[lo:lo + 16, None]  # (16, S), wraps mod 2^32
+        h ^= h >> np.uint32(16)
+        sigs[sdoc[group], lo:lo + 16] = np.minimum.reduceat(h, group, axis=1).T
+    return sigs, n_words > 0
+
+
+class NearDuplicates:
+    """MinHash LSH: a document is a near-duplicate when some earlier kept document agrees on at
+    least `threshold` of the signature (estimated Jaccard of word 5-gram sets). Signatures are
+    split into bands of r rows; documents sharing a band are compared. r is the largest divisor
+    that still finds a pair at the threshold with probability >= 99%: 1 - (1 - t^r)^(num_perm/r).
+    Memory: num_perm x 4 bytes and num_perm/r dict entries per kept document."""
+
+    def __init__(self, threshold=0.8, num_perm=64, ngram=5, seed=0):
+        self.threshold, self.num_perm, self.ngram, self.seed = threshold, num_perm, ngram, seed
+        rows = [r for r in range(1, num_perm + 1) if num_perm % r == 0 and
+                1 - (1 - threshold ** r) ** (num_perm // r) >= 0.99]
+        self.rows = max(rows or [1])
+        self.buckets = [dict() for _ in range(num_perm // self.rows)]
+        self.kept = []
+
+    def keep(self, texts):
+        """For each text (in order): True to keep it, False when it near-duplicates a kept one."""
+        sigs, has_words = minhash_signatures(texts, self.num_perm, self.ngram, self.seed)
+        keep = []
+        for sig, ok in zip(sigs, has_words):
+            if not ok:  # no words, nothing to compare: exact dedup covers it
+                keep.append(True)
+                continue
+            keys = [sig[i * self.rows:(i + 1) * self.rows].tobytes() for i in range(len(self.buckets))]
+            candidates = {bucket.get(k) for bucket, k in zip(self.buckets, keys)} - {None}
+            if any(np.mean(self.kept[c] == sig) >= self.threshold for c in candidates):
+                keep.append(False)
+                continue
+            for bucket, k in zip(self.buckets, keys):
+                bucket.setdefault(k, len(self.kept))
+            self.kept.append(sig)
+            keep.append(True)
+        return keep
+
+
+DROP_REASONS = ('too_short', 'too_long', 'exact_duplicate', 'near_duplicate')
+
+
+class Cleaner:
+    """The cleaning steps in order, with the state that spans sources (hashes seen, the MinHash
+    index): text filters (clean_text), then length, exact and near-duplicate checks, which drop
+    whole documents. The first copy of a duplicate is kept."""
+
+    def __init__(self, normalize='NFC', strip_control=True, drop_boilerplate=True, min_chars=0, max_chars=0,
+                 exact_dedup=True, near_dedup=True, near_dedup_threshold=0.8, seed=0, batch_chars=1 << 20):
+        self.normalize, self.strip_control, self.min_chars, self.max_chars = normalize, strip_control, min_chars, max_chars
+        self.drop_boilerplate = drop_boilerplate
+        self.seen = set() if exact_dedup else None
+        self.near = NearDuplicates(near_dedup_threshold, seed=seed) if near_dedup else None
+        self.batch_chars = batch_chars  # MinHash runs on batches of about this much text
+
+    @staticmethod
+    def new_counts():
+        return {'docs_in': 0, 'docs_out': 0, 'chars_in': 0, 'chars_out': 0, 'dropped': dict.fromkeys(DROP_REASONS, 0),
+                'normalized': 0, 'control_chars': 0, 'boilerplate_lines': 0}
+
+    def run(self, texts, counts):
+        """Yield (text, exact_key) for each document kept, adding to counts (from new_counts)."""
+        batch, size = [], 0
+        for text in texts:
+            counts['docs_in'] += 1
+            counts['chars_in'] += len(text)
+            text, c = clean_text(text, self.normalize, self.strip_control, self.drop_boilerplate)
+            for k, v in c.items():
+                counts[k] += v
+            reason = 'too_short' if len(text) < self.min_chars else 'too_long' if 0 < self.max_chars < len(text) else None
+            key = exact_key(text) if reason is None else None
+            if reason is None and self.seen is not None:
+                if key in self.seen:
+                    reason = 'exact_duplicate'
+                self.seen.add(key)
+            if reason:
+                counts['dropped'][reason] += 1
+                continue
+            batch.append((text, key))
+            size += len(text)
+            if size >= self.batch_chars:
+                yield from self._flush(batch, counts)
+                batch, size = [], 0
+        yield from self._flush(batch, counts)
+
+    def _flush(self, batch, counts):
+        keep = self.near.keep([t for t, _ in batch]) if self.near and batch else [True] * len(batch)
+        for (text, key), ok in zip(batch, keep):
+            if not ok:
+                counts['dropped']['near_duplicate'] += 1
+                continue
+            counts['docs_out'] += 1
+            counts['chars_out'] += len(text)
+            yield text, key
+
+
+# ----------------------------------------------------------------------------- mixing
+
+def parse_sampling(dataset_sampling, sources):
+    """Check a dataset_sampling dict {source: weight | {'weight', 'target_tokens', 'max_samples'}}
+    against the sources; returns {source: {...}} with a rule (possibly empty) for every source."""
+    rules = {s: {} for s in sources}
+    for name, rule in (dataset_sampling or {}).items():
+        if name not in rules:
+            raise SystemExit(f"dataset_sampling names {name!r}, which is not a source ({', '.join(sources)}); "
+                             f"use the same text as in --input")
+        rule = {'weight': rule} if isinstance(rule, (int, float)) else dict(rule)
+        unknown = set(rule) - {'weight', 'target_tokens', 'max_samples'}
+        if unknown:
+            raise SystemExit(f"dataset_sampling[{name!r}]: unknown key(s) {sorted(unknown)}; "
+                             f"use weight, target_tokens or max_samples")
+        if 'weight' in rule and 'target_tokens' in rule:
+            raise SystemExit(f"dataset_sampling[{name!r}]: give weight or target_tokens, not both")
+        if any(v < 0 for v in rule.values()):
+            raise SystemExit(f"dataset_sampling[{name!r}]: values must be >= 0")
+        rules[name] = rule
+    return rules
+
+
+def mix_documents(doc_tokens, rules, seed=1337):
+    """Choose training documents per source. doc_tokens: {source: token count of each train doc}.
+    Rules (see parse_sampling):
+      target_tokens  exactly this budget: a seeded shuffle, repeated (upsampled) when too small;
+      weight         share of the mix over the weighted sources: the largest mix that needs no
+                     repeats, each source a seeded random subset of weight/sum(weights) of it;
+      none           every document once, in order.
+    max_samples was applied before tokenising. Returns {source: array of document indices}."""
+    rng = np.random.default_rng(seed)
+    weighted = {s: r['weight'] for s, r in rules.items() if 'weight' in r}
+    total_weight = sum(weighted.values())
+    if weighted and total_weight <= 0:
+        raise SystemExit("dataset_sampling weights sum to 0: give at least one source a weight > 0")
+    mix_size = min((doc_tokens[s].sum() / (w / total_weight) for s, w in weighted.items() if w > 0), default=0)
+    chosen = {}
+    for s, rule in rules.items():
+        n = len(doc_tokens[s])
+        if 'target_tokens' in rule or 'weight' in rule:
+            budget = rule['target_tokens'] if 'target_tokens' in rule else mix_size * rule['weight'] / total_weight
+            if n == 0 or budget <= 0:
+                chosen[s] = np.zeros(0, np.int64)
+                continue
+            epochs = int(np.ceil(budget / max(1, doc_tokens[s].sum()))) + 1
+            order = np.concatenate([rng.permutation(n) for _ in range(epochs)])
+            cum = np.cumsum(doc_tokens[s][order])
+            chosen[s] = order[:int(np.searchsorted(cum, budget)) + 1]  # stop once the budget is met
+        else:
+            chosen[s] = np.arange(n)
+    return chosen
+
+
+# ----------------------------------------------------------------------------- tokenising
+
+def token_dtype(n_vocab):
+    return np.uint16 if n_vocab < 2 ** 16 else np.uint32
+
+
+def _encoder(tok):
+    """text -> uint32 ids without special tokens, as fast as the tokenizer kind allows."""
+    if tok.kind == 'char':
+        table = np.full(0x110000, -1, np.int64)  # code point -> id, one vectorised lookup per text
+        table[[ord(c) for c in tok.stoi]] = list(tok.stoi.values())
+
+        def encode(text):
+            ids = table[np.frombuffer(text.encode('utf-32-le', 'surrogatepass'), np.uint32)]
+            if (ids < 0).any():
+                missing = sorted({c for c in text if c not in tok.stoi})[:5]
+                raise SystemExit(f"characters {missing} are not in the char tokenizer's vocabulary; "
+                                 f"build the tokenizer from this text (--tokenizer=char)")
+            return ids
+        return encode
+    # encode_to_numpy skips the Python list of ints that encode_ordinary builds, and releases the
+    # GIL while it works: on threads it beats encode_ordinary_batch. allowed_special=set() and
+    # disallowed_special=(): a '<|endoftext|>' inside a document is plain text, as in encode_batch.
+    return lambda text: tok.enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
+
+
+def encode_documents(tok, texts, dtype, num_threads=0, group_chars=1 << 16):
+    """Texts -> (one flat array of every text prefixed by <|endoftext|>, tokens per text).
+    Texts are grouped into ~group_chars runs, one thread task each, so many small documents
+    cost no more per byte than a few large ones."""
+    encode, eot = _encoder(tok), np.array([tok.eot_id], np.uint32)
+
+    def encode_group(group):
+        arrays = [encode(t) for t in group]
+        tokens = np.concatenate([p for arr in arrays for p in (eot, arr)]).astype(dtype)
+        return tokens, np.array([len(a) + 1 for a in arrays], np.int64)
+
+    groups, current, size = [], [], 0
+    for t in texts:
+        current.append(t)
+        size += len(t)
+        if size >= group_chars:
+            groups.append(current)
+            current, size = [], 0
+    if current:
+        groups.append(current)
+    if not groups:
+        return np.zeros(0, dtype), np.zeros(0, np.int64)
+    num_threads = num_threads or os.cpu_count() or 1
+    if num_threads == 1 or len(groups) == 1:
+        results = [encode_group(g) for g in groups]
+    else:
+        with ThreadPoolExecutor(num_threads) as ex:
+            results = list(ex.map(encode_group, groups))
+    return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
+
+
+def copy_documents(src, offsets, doc_ids, out, chunk_tokens=1 << 22):
+    """Append documents doc_ids of the flat token array src (a memmap; offsets[i]:offsets[i+1] is
+    document i) to the open file out, copying runs of consecutive documents in chunks."""
+    doc_ids = np.asarray(doc_ids, np.int64)
+    if len(doc_ids) == 0:
+        return 0
+    breaks = np.flatnonzero(np.diff(doc_ids) != 1) + 1
+    written = 0
+    for run in np.split(doc_ids, breaks):
+        lo, hi = offsets[run[0]], offsets[run[-1] + 1]
+        for a in range(lo, hi, chunk_tokens):
+            out.write(np.ascontiguousarray(src[a:min(hi, a + chunk_tokens)]).tobytes())
+        written += hi - lo
+    return int(written)
