@@ -7,7 +7,7 @@ Text generation for every stage: sampling, beam search, streaming and chat, on a
 
 Three levels, each built on the one below:
     sample_token, top_k_filter, top_p_filter, min_p_filter, apply_penalties   pure (B, V) functions
-    generate_ids(model, prompt_ids, config, stop_ids, pad_id) -> Generation      ids in, ids out (PPO/GRPO)
+    generate_ids(model, prompt_ids, config, pad_id) -> Generation                ids in, ids out (PPO/GRPO)
     TextGenerator(model, tokenizer).generate / stream / chat                     text in, text out
 
 Ragged prompts are left-padded so every row's last prompt token sits in the same column; each row
@@ -38,7 +38,7 @@ class GenerationConfig:
     num_beams: int = 1              # > 1: deterministic beam search (sampling options are ignored)
     length_penalty: float = 1.0     # beam score = sum log p / length ** length_penalty
     early_stopping: bool = True     # beams: stop a prompt once num_beams hypotheses have finished
-    stop_token_ids: Optional[tuple] = None  # None = the tokenizer's <|endoftext|> and <|im_end|>
+    stop_token_ids: Optional[tuple] = None  # TextGenerator: None = the tokenizer's <|endoftext|>, <|im_end|>
     stop_strings: tuple = ()        # generation ends right after the token that completes one
     seed: Optional[int] = None      # None = torch's global RNG
 
@@ -185,12 +185,12 @@ def completes_stop_string(ids, stop_bytes, decode_bytes):
 # ----------------------------------------------------------------------------- decoding
 
 @torch.inference_mode()
-def decode_steps(model, prompts, config, stop_ids=(), pad_id=0, tokenizer=None, step_fn=None):
+def decode_steps(model, prompts, config, pad_id=0, tokenizer=None, step_fn=None):
     """The sampling loop, one yield per new token: (token, logprob, live, done), each (B,).
     live: the row was still generating (token is real); done: the row has ended (after this token).
     The model should be in eval mode. tokenizer is needed only for stop strings; step_fn replaces
     the model's forward for decode steps (a compiled one)."""
-    cfg, step_fn = config, step_fn or model
+    cfg, step_fn = config, (model if step_fn is None else step_fn)
     device = model.lm_head.weight.device
     idx, pad = pad_prompts(prompts, pad_id, device)  # (B, T)
     B, T = idx.shape
@@ -199,11 +199,12 @@ def decode_steps(model, prompts, config, stop_ids=(), pad_id=0, tokenizer=None, 
     positions, prefill_mask, key_mask = ragged_inputs(pad, T, max_len)
     cache = KVCache(model.config, B, max_len, device, model.lm_head.weight.dtype)
     generator = torch.Generator(device).manual_seed(cfg.seed) if cfg.seed is not None else None
-    stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
+    stop_ids = list(cfg.stop_token_ids or ())
+    stops = torch.tensor(stop_ids, dtype=torch.long, device=device)
     stop_bytes = [s.encode('utf-8') for s in cfg.stop_strings if s]
     assert not stop_bytes or tokenizer is not None, "stop strings need the tokenizer"
     history = [[] for _ in range(B)] if stop_bytes else None  # generated ids, for stop strings
-    can_stop = len(stop_ids) > 0 or bool(stop_bytes)
+    can_stop = bool(stop_ids or stop_bytes)
 
     logits, _ = model(idx, positions=positions[..., :T], attn_mask=prefill_mask, kv_cache=cache, last_only=True)
     if cfg.has_penalties:
@@ -222,8 +223,8 @@ def decode_steps(model, prompts, config, stop_ids=(), pad_id=0, tokenizer=None, 
         done = done | torch.isin(token, stops)
         if history is not None:
             ended = []
-            for b, tok in enumerate(token.tolist()):
-                if live[b]:
+            for b, (tok, alive) in enumerate(zip(token.tolist(), live.tolist())):
+                if alive:
                     history[b].append(tok)
                     if completes_stop_string(history[b], stop_bytes, tokenizer.decode_bytes):
                         ended.append(b)
@@ -239,13 +240,14 @@ def decode_steps(model, prompts, config, stop_ids=(), pad_id=0, tokenizer=None, 
                             attn_mask=None if key_mask is None else key_mask[..., :i + 1], kv_cache=cache)
 
 
-def generate_ids(model, prompts, config=None, stop_ids=(), pad_id=0, tokenizer=None, step_fn=None):
+def generate_ids(model, prompts, config=None, pad_id=0, tokenizer=None, step_fn=None):
     """Prompt ids (ragged) -> Generation(tokens, mask, logprobs, stopped): the batched entry point for
-    rollouts and evals. Sampling or greedy per `config`; beam search when config.num_beams > 1."""
+    rollouts and evals. Sampling or greedy per `config`, beam search when config.num_beams > 1; rows
+    stop on config.stop_token_ids (here None = none) and, given the tokenizer, on config.stop_strings."""
     cfg = config or GenerationConfig()
     if cfg.num_beams > 1:
-        return beam_search(model, prompts, cfg, stop_ids, pad_id, tokenizer)
-    steps = list(decode_steps(model, prompts, cfg, stop_ids, pad_id, tokenizer, step_fn))
+        return beam_search(model, prompts, cfg, pad_id, tokenizer)
+    steps = list(decode_steps(model, prompts, cfg, pad_id, tokenizer, step_fn))
     if not steps:
         empty = torch.zeros(len(prompts), 0, dtype=torch.long, device=model.lm_head.weight.device)
         return Generation(empty, empty.bool(), empty.float(), empty.new_zeros(len(prompts), dtype=torch.bool))
@@ -254,7 +256,7 @@ def generate_ids(model, prompts, config=None, stop_ids=(), pad_id=0, tokenizer=N
 
 
 @torch.inference_mode()
-def beam_search(model, prompts, config, stop_ids=(), pad_id=0, tokenizer=None):
+def beam_search(model, prompts, config, pad_id=0, tokenizer=None):
     """Keep the num_beams best partial responses per prompt, ranked by summed log-probability. A beam
     that emits a stop token (or completes a stop string) becomes a finished hypothesis with score
     sum log p / length ** length_penalty (length counts the stop token). A prompt is done when it
@@ -266,11 +268,13 @@ def beam_search(model, prompts, config, stop_ids=(), pad_id=0, tokenizer=None):
     idx, pad = pad_prompts(prompts, pad_id, device)
     B, T = idx.shape
     check_fits(model, T, cfg.max_new_tokens)
-    idx, pad = idx.repeat_interleave(W, dim=0), pad.repeat_interleave(W, dim=0)  # (B*W, T): beams of prompt b are rows b*W..
+    # prompt b's beams are rows b*W .. b*W+W-1; beams move only within their prompt's rows, so the
+    # positions and masks (per prompt) never need reordering, only the cache does
+    idx, pad = idx.repeat_interleave(W, dim=0), pad.repeat_interleave(W, dim=0)  # (B*W, T)
     max_len = T + cfg.max_new_tokens
-    positions, prefill_mask, key_mask = ragged_inputs(pad, T, max_len)  # beams only move within a prompt: no reorder
+    positions, prefill_mask, key_mask = ragged_inputs(pad, T, max_len)
     cache = KVCache(model.config, B * W, max_len, device, model.lm_head.weight.dtype)
-    stop_set = set(stop_ids)
+    stop_set = set(cfg.stop_token_ids or ())
     stop_bytes = [s.encode('utf-8') for s in cfg.stop_strings if s]
     beam_scores = torch.full((B, W), float('-inf'), device=device)
     beam_scores[:, 0] = 0.0  # all beams start identical: expand only the first
@@ -307,8 +311,8 @@ def beam_search(model, prompts, config, stop_ids=(), pad_id=0, tokenizer=None):
             for rank, (score, src, tok) in enumerate(zip(cand_scores[b], cand_src[b], cand_tok[b])):
                 if done[b] or len(chosen) == W or score == float('-inf'):
                     break
-                stops = tok in stop_set or (history is not None and
-                                            completes_stop_string(history[src] + [tok], stop_bytes, tokenizer.decode_bytes))
+                stops = tok in stop_set or (history is not None and completes_stop_string(
+                    history[src] + [tok], stop_bytes, tokenizer.decode_bytes))
                 if not stops:
                     chosen.append((src, tok, score))
                 elif rank < W:  # a finished beam counts only if it ranks among the W best
@@ -372,12 +376,12 @@ class TextGenerator:
         self.step_fn = torch.compile(model, dynamic=True) if compile else None
 
     def config(self, config=None, **overrides):
-        return replace(config or GenerationConfig(), **overrides)
+        """The options of one call; stop_token_ids None means the tokenizer's end-of-text and <|im_end|>."""
+        cfg = replace(config or GenerationConfig(), **overrides)
+        if cfg.stop_token_ids is None:
+            cfg = replace(cfg, stop_token_ids=(self.tokenizer.eot_id, self.tokenizer.im_end_id))
+        return cfg
 
-    def stop_ids(self, cfg):
-        if cfg.stop_token_ids is not None:
-            return tuple(cfg.stop_token_ids)
-        return (self.tokenizer.eot_id, self.tokenizer.im_end_id)
 
     def encode(self, prompt):
         """Text (special-token strings allowed) or ids -> ids; empty text starts a fresh document."""
@@ -387,8 +391,8 @@ class TextGenerator:
 
     def generate_ids(self, prompts, config=None, **overrides):
         cfg = self.config(config, **overrides)
-        return generate_ids(self.model, [self.encode(p) for p in prompts], cfg, self.stop_ids(cfg),
-                            self.tokenizer.pad_id, self.tokenizer, self.step_fn)
+        return generate_ids(self.model, [self.encode(p) for p in prompts], cfg, self.tokenizer.pad_id,
+                            self.tokenizer, self.step_fn)
 
     def generate(self, prompts, config=None, **overrides):
         """One prompt (str) -> its completion; a list of prompts (str or ids) -> a list of completions."""
@@ -401,7 +405,8 @@ class TextGenerator:
     def text(self, ids, cfg):
         """Generated ids -> text, without the stop token or other special tokens, and cut where a
         stop string begins."""
-        if ids and ids[-1] in self.stop_ids(cfg):
+        cfg = self.config(cfg)
+        if ids and ids[-1] in cfg.stop_token_ids:
             ids = ids[:-1]
         text = self.tokenizer.decode([i for i in ids if i not in self.special_ids])
         cuts = [text.find(s) for s in cfg.stop_strings if s and s in text]
@@ -414,14 +419,13 @@ class TextGenerator:
         start of a stop string is held back until it is known not to be."""
         cfg = self.config(config, **overrides)
         assert cfg.num_beams == 1, "stream() samples one sequence; beam search needs generate()"
-        stop_ids = self.stop_ids(cfg)
         stop_strings = [s for s in cfg.stop_strings if s]
         decoder = codecs.getincrementaldecoder('utf-8')(errors='replace')
         held = ''
-        for token, _, live, _ in decode_steps(self.model, [self.encode(prompt)], cfg, stop_ids,
-                                              self.tokenizer.pad_id, self.tokenizer, self.step_fn):
+        for token, _, live, _ in decode_steps(self.model, [self.encode(prompt)], cfg, self.tokenizer.pad_id,
+                                              self.tokenizer, self.step_fn):
             tok = token.item()
-            if not live[0] or tok in stop_ids:
+            if not live[0] or tok in cfg.stop_token_ids:
                 break
             if tok in self.special_ids:
                 continue

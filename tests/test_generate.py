@@ -1,6 +1,7 @@
 """generate.py: the cached, batched, ragged decode loop is exact; each sampling option does what it says."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -69,11 +70,11 @@ def test_batched_generation_equals_one_by_one_with_ragged_prompts(pos, extra):
     model = random_model(48, pos=pos)
     prompts = [[5], [1, 2, 3, 4, 5, 6, 7, 8, 9], [40, 41, 42, 43]]
     cfg = GenerationConfig(temperature=0.0, max_new_tokens=20, **extra)
-    first = generate_ids(model, [prompts[0]], cfg).rows()[0]
-    stop_id = first[4]  # a token row 0 emits mid-way: rows finish at different steps
-    batched = generate_ids(model, prompts, cfg, stop_ids=(stop_id,), pad_id=0)
+    stop_id = generate_ids(model, [prompts[0]], cfg).rows()[0][4]  # row 0 stops mid-way, the others later
+    cfg = replace(cfg, stop_token_ids=(stop_id,))
+    batched = generate_ids(model, prompts, cfg, pad_id=0)
     for row, prompt in enumerate(prompts):
-        alone = generate_ids(model, [prompt], cfg, stop_ids=(stop_id,))
+        alone = generate_ids(model, [prompt], cfg)
         assert batched.rows()[row] == alone.rows()[0]
         n = len(alone.rows()[0])
         torch.testing.assert_close(batched.logprobs[row, :n], alone.logprobs[0, :n], atol=1e-4, rtol=1e-4)
@@ -83,7 +84,7 @@ def test_batched_generation_equals_one_by_one_with_ragged_prompts(pos, extra):
 def test_rollout_logprobs_match_a_full_forward_and_mask_marks_generated_tokens():
     model = random_model(48)
     prompts = [[3, 4], [7, 8, 9, 10, 11]]
-    out = generate_ids(model, prompts, GenerationConfig(max_new_tokens=12, seed=0), stop_ids=(5,), pad_id=0)
+    out = generate_ids(model, prompts, GenerationConfig(max_new_tokens=12, seed=0, stop_token_ids=(5,)), pad_id=0)
     assert out.tokens.shape == out.mask.shape == out.logprobs.shape and out.stopped.shape == (2,)
     for row, prompt in enumerate(prompts):
         response = out.rows()[row]
@@ -165,9 +166,9 @@ def test_beam_width_1_equals_greedy():
     model = random_model(48)
     prompts = [[1, 2, 3], [9], [20, 21, 22, 23, 24]]
     free = generate_ids(model, prompts, GREEDY).rows()
-    stop_id = free[0][3]  # make at least one row stop early
-    greedy = generate_ids(model, prompts, GREEDY, stop_ids=(stop_id,))
-    beam = beam_search(model, prompts, GenerationConfig(num_beams=1, max_new_tokens=24), stop_ids=(stop_id,))
+    stop = (free[0][3],)  # make at least one row stop early
+    greedy = generate_ids(model, prompts, replace(GREEDY, stop_token_ids=stop))
+    beam = beam_search(model, prompts, GenerationConfig(num_beams=1, max_new_tokens=24, stop_token_ids=stop))
     assert beam.rows() == greedy.rows()
     assert beam.stopped.tolist() == greedy.stopped.tolist()
 
@@ -190,10 +191,10 @@ def test_beam_search_finds_a_more_likely_sequence_than_greedy():
 def test_batched_beam_search_equals_one_by_one_with_ragged_prompts():
     model = random_model(48)
     prompts = [[5], [1, 2, 3, 4, 5, 6, 7], [30, 31, 32]]
-    cfg = GenerationConfig(num_beams=3, max_new_tokens=10, length_penalty=0.8)
-    batched = generate_ids(model, prompts, cfg, stop_ids=(7, 11))
+    cfg = GenerationConfig(num_beams=3, max_new_tokens=10, length_penalty=0.8, stop_token_ids=(7, 11))
+    batched = generate_ids(model, prompts, cfg)
     for row, prompt in enumerate(prompts):
-        alone = generate_ids(model, [prompt], cfg, stop_ids=(7, 11))
+        alone = generate_ids(model, [prompt], cfg)
         assert batched.rows()[row] == alone.rows()[0]
         assert batched.scores[row].item() == pytest.approx(alone.scores[0].item(), abs=1e-4)
 
@@ -209,8 +210,8 @@ def chain_model():
 
 def test_stop_token_ends_generation_exactly():
     tok, model = chain_model()
-    out = generate_ids(model, [ids(tok, 'x')], GenerationConfig(temperature=0, max_new_tokens=20),
-                       stop_ids=tuple(ids(tok, 'd')))
+    out = generate_ids(model, [ids(tok, 'x')], GenerationConfig(temperature=0, max_new_tokens=20,
+                                                                  stop_token_ids=tuple(ids(tok, 'd'))))
     assert tok.decode(out.rows()[0]) == 'abcd' and out.mask.sum() == 4 and out.stopped.all()
     gen = TextGenerator(model, tok)
     assert gen.generate('x', temperature=0, max_new_tokens=20, stop_token_ids=tuple(ids(tok, 'd'))) == 'abc'
