@@ -79,9 +79,9 @@ def apply_rope(x, cos, sin):
     """x: (B, nh, T, hs); cos/sin: (T, hs/2) or (B, T, hs/2). Rotates the two halves of each head."""
     if cos.dim() == 3:  # per-sequence positions: add the head axis
         cos, sin = cos[:, None], sin[:, None]
-    x1, x2 = x.float().chunk(2, dim=-1)
-    out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-    return out.type_as(x)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # in x's dtype, as Llama does: no fp32 copies of q, k
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
 # ----------------------------------------------------------------------------- KV cache
@@ -118,8 +118,8 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
         self.head_dim = config.n_embd // config.n_head
-        self.q_proj = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=config.bias)
-        self.kv_proj = nn.Linear(config.n_embd, 2 * self.n_kv_head * self.head_dim, bias=config.bias)
+        # q, k and v in one matmul: rows are n_head query heads, then n_kv_head key and value heads
+        self.c_attn = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.residual_proj = True
         self.q_norm = Norm(config, self.head_dim) if config.qk_norm else None
@@ -129,8 +129,8 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, attn_mask, kv_cache):
         B, T, C = x.size()
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k, v = self.kv_proj(x).view(B, T, 2 * self.n_kv_head, self.head_dim).transpose(1, 2).chunk(2, dim=1)  # (B, nkv, T, hs)
+        qkv = self.c_attn(x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k, v = qkv.split([self.n_head, self.n_kv_head, self.n_kv_head], dim=1)  # (B, nh, T, hs), (B, nkv, T, hs) x2
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:

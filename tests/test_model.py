@@ -66,10 +66,10 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
     state = gqa.state_dict()
     hs, rep = 32 // 4, 2
     for i in range(2):
-        w = state[f'transformer.h.{i}.attn.kv_proj.weight']  # (2 * nkv * hs, C): k heads then v heads
-        k, v = w.view(2, 2, hs, -1)  # (nkv, hs, C) each
-        state[f'transformer.h.{i}.attn.kv_proj.weight'] = torch.cat(
-            [k.repeat_interleave(rep, 0).reshape(-1, 32), v.repeat_interleave(rep, 0).reshape(-1, 32)])
+        w = state[f'transformer.h.{i}.attn.c_attn.weight']  # rows: 4 q heads, 2 k heads, 2 v heads
+        q, k, v = w.view(8, hs, 32).split([4, 2, 2])
+        state[f'transformer.h.{i}.attn.c_attn.weight'] = torch.cat(
+            [q, k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)]).reshape(-1, 32)
     mha.load_state_dict(state)
     x = torch.randint(0, 64, (2, 16))
     torch.testing.assert_close(gqa(x)[0], mha(x)[0])
@@ -147,7 +147,7 @@ def test_init_scales_residual_projections():
     model = GPT(tiny_config(n_layer=8))
     std = model.transformer.h[0].attn.c_proj.weight.std().item()
     assert std == pytest.approx(0.02 / math.sqrt(16), rel=0.15)
-    assert model.transformer.h[0].attn.q_proj.weight.std().item() == pytest.approx(0.02, rel=0.15)
+    assert model.transformer.h[0].attn.c_attn.weight.std().item() == pytest.approx(0.02, rel=0.15)
 
 
 def test_optimizer_decays_matrices_only():
