@@ -37,7 +37,7 @@ wandb_project = 'mini-llm'
 wandb_run_name = 'pretrain'
 # data
 dataset = 'stdlib'  # reads data/<dataset>/{train,val}.bin and meta.json, written by prepare.py
-data_dir = 'data'
+data_root = 'data'
 gradient_accumulation_steps = 1
 batch_size = 16  # micro-batch size per rank
 block_size = 256
@@ -102,7 +102,7 @@ if master:
           f"{world_size} rank(s) on {device}, {dtype}")
 
 # data: memmaps re-opened per batch (a long-lived np.memmap keeps growing resident memory)
-data_path = os.path.join(data_dir, dataset)
+data_path = os.path.join(data_root, dataset)
 meta_path = os.path.join(data_path, 'meta.json')
 if not os.path.exists(meta_path):
     raise SystemExit(f"{meta_path} not found: run `python prepare.py --dataset={dataset}` first")

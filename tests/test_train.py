@@ -18,8 +18,8 @@ TINY = ['--n_layer=2', '--n_head=2', '--n_embd=64', '--block_size=64', '--batch_
 
 
 def train(data, out_dir, *args, **kw):
-    data_dir, dataset = data
-    return run_script('train.py', f'--data_dir={data_dir}', f'--dataset={dataset}', f'--out_dir={out_dir}', *TINY, *args, **kw)
+    data_root, dataset = data
+    return run_script('train.py', f'--data_root={data_root}', f'--dataset={dataset}', f'--out_dir={out_dir}', *TINY, *args, **kw)
 
 
 def history(out_dir):
@@ -54,8 +54,8 @@ def test_resume_continues_same_loss_curve(tiny_data_dir, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize('arch', [[], ['--n_experts=4', '--n_shared_experts=1']], ids=['dense', 'moe'])
 def test_ddp_two_ranks_matches_one_process(tiny_data_dir, tmp_path, arch):
-    data_dir, dataset = tiny_data_dir
-    args = [f'--data_dir={data_dir}', f'--dataset={dataset}', *TINY, '--max_iters=20', '--eval_interval=10',
+    data_root, dataset = tiny_data_dir
+    args = [f'--data_root={data_root}', f'--dataset={dataset}', *TINY, '--max_iters=20', '--eval_interval=10',
             '--lr_decay_iters=20', '--gradient_accumulation_steps=2', *arch]
     single, ddp = str(tmp_path / 'single'), str(tmp_path / 'ddp')
     run_script('train.py', *args, f'--out_dir={single}')
@@ -69,9 +69,9 @@ def test_ddp_two_ranks_matches_one_process(tiny_data_dir, tmp_path, arch):
 
 
 def test_sigint_saves_a_checkpoint_and_exits_cleanly(tiny_data_dir, tmp_path):
-    data_dir, dataset = tiny_data_dir
+    data_root, dataset = tiny_data_dir
     out = str(tmp_path / 'out')
-    proc = subprocess.Popen([sys.executable, 'train.py', f'--data_dir={data_dir}', f'--dataset={dataset}',
+    proc = subprocess.Popen([sys.executable, 'train.py', f'--data_root={data_root}', f'--dataset={dataset}',
                              f'--out_dir={out}', *TINY, '--max_iters=100000', '--eval_interval=100000',
                              '--log_interval=1'], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:  # wait until training steps are running
@@ -117,7 +117,7 @@ def test_early_stopping_ends_the_run(tiny_data_dir, tmp_path):
 
 
 def test_missing_dataset_says_how_to_prepare_it(tmp_path):
-    proc = run_script('train.py', f'--data_dir={tmp_path}', '--dataset=nothing', check=False)
+    proc = run_script('train.py', f'--data_root={tmp_path}', '--dataset=nothing', check=False)
     assert proc.returncode != 0 and 'python prepare.py --dataset=nothing' in proc.stderr
 
 
