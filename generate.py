@@ -382,7 +382,6 @@ class TextGenerator:
             cfg = replace(cfg, stop_token_ids=(self.tokenizer.eot_id, self.tokenizer.im_end_id))
         return cfg
 
-
     def encode(self, prompt):
         """Text (special-token strings allowed) or ids -> ids; empty text starts a fresh document."""
         if not isinstance(prompt, str):
@@ -390,6 +389,7 @@ class TextGenerator:
         return self.tokenizer.encode(prompt, allow_special=True) if prompt else [self.tokenizer.eot_id]
 
     def generate_ids(self, prompts, config=None, **overrides):
+        """Prompts (str or ids) -> a Generation: the ids, masks and log-probs behind generate()."""
         cfg = self.config(config, **overrides)
         return generate_ids(self.model, [self.encode(p) for p in prompts], cfg, self.tokenizer.pad_id,
                             self.tokenizer, self.step_fn)
@@ -445,8 +445,11 @@ class TextGenerator:
     def chat_prompt(self, messages, system=None, max_new_tokens=256, max_turns=None):
         """ChatML prompt ids for a conversation ending in a user message: the system prompt (always
         kept), then the newest turns that fit in block_size - max_new_tokens, at most max_turns of
-        them (a turn starts at a user message). Raises if the last user message alone does not fit."""
+        them (a turn starts at a user message). Raises if the last user message alone does not fit.
+        The system prompt is `system`, or else a leading system message."""
         head = [{'role': 'system', 'content': system}] if system else []
+        if messages and messages[0]['role'] == 'system':
+            head, messages = head or list(messages[:1]), messages[1:]
         turn_starts = [i for i, m in enumerate(messages) if m['role'] == 'user']
         if not turn_starts:
             raise ValueError("chat needs at least one user message")

@@ -77,7 +77,7 @@ except (KeyError, ValueError, RuntimeError) as e:
     raise SystemExit(f"{ckpt_path}: its tokenizer cannot be rebuilt: {type(e).__name__}: {e}") from None
 if tokenizer.n_vocab > model.config.vocab_size:
     raise SystemExit(f"{ckpt_path}: the tokenizer has {tokenizer.n_vocab} tokens but the model only "
-                     f"{model.config.vocab_size}: the checkpoint mixes a model and a tokenizer that do not belong together")
+                     f"{model.config.vocab_size}: this model and tokenizer do not belong together")
 model.to(device=device, dtype=ptdtype)
 print(f"loaded {ckpt_path}: stage {stage}, iter {ckpt.get('iter_num', '?')}, "
       f"{model.get_num_params() / 1e6:.2f}M params, {tokenizer.kind} tokenizer ({tokenizer.n_vocab} tokens), "

@@ -108,7 +108,8 @@ def hf_generate(hf, batch_size):
 
 # the measurements
 print(f"shape: {n_layer} layers, {n_head} heads ({n_kv_head} kv), n_embd {n_embd}, vocab {vocab_size}; "
-      f"{model.get_num_params() / 1e6:.2f}M params; {device}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+      f"{model.get_num_params() / 1e6:.2f}M params; {device}, {torch.get_num_threads()} threads, "
+      f"torch {torch.__version__}")
 print(f"prompt {prompt_len} tokens, {new_tokens} new tokens, greedy, best of {repeats}")
 hf = hf_llama()
 if hf is None:

@@ -92,7 +92,8 @@ def test_rollout_logprobs_match_a_full_forward_and_mask_marks_generated_tokens()
         assert bool(out.stopped[row]) == (response[-1] == 5)
         full = torch.tensor([prompt + response])
         logits, _ = model(full)
-        logp = torch.log_softmax(logits[0, len(prompt) - 1:-1], dim=-1).gather(-1, full[0, len(prompt):, None])[:, 0]
+        logp = torch.log_softmax(logits[0, len(prompt) - 1:-1], dim=-1)  # predicts response tokens
+        logp = logp.gather(-1, full[0, len(prompt):, None])[:, 0]
         torch.testing.assert_close(out.logprobs[row, :len(response)], logp, atol=1e-4, rtol=1e-4)
         assert (out.logprobs[row, len(response):] == 0).all()
 
@@ -109,14 +110,16 @@ def test_top_k_1_equals_greedy():
     model = random_model(48)
     prompts = [[1, 2, 3], [9]]
     greedy = generate_ids(model, prompts, GREEDY).rows()
-    assert generate_ids(model, prompts, GenerationConfig(temperature=1.5, top_k=1, max_new_tokens=24, seed=1)).rows() == greedy
+    top_k_1 = GenerationConfig(temperature=1.5, top_k=1, max_new_tokens=24, seed=1)
+    assert generate_ids(model, prompts, top_k_1).rows() == greedy
 
 
 def test_very_small_top_p_equals_greedy():
     model = random_model(48)
     prompts = [[1, 2, 3], [9]]
     greedy = generate_ids(model, prompts, GREEDY).rows()
-    assert generate_ids(model, prompts, GenerationConfig(temperature=1.5, top_p=1e-6, max_new_tokens=24, seed=1)).rows() == greedy
+    tiny_top_p = GenerationConfig(temperature=1.5, top_p=1e-6, max_new_tokens=24, seed=1)
+    assert generate_ids(model, prompts, tiny_top_p).rows() == greedy
 
 
 def test_min_p_near_one_equals_greedy():
@@ -156,7 +159,8 @@ def test_repetition_penalty_lowers_repeats():
     # letter is emitted twice before its penalty applies
     for penalty, at_most in ((dict(repetition_penalty=3.0), 0), (dict(frequency_penalty=1.0), 8),
                              (dict(presence_penalty=1.0), 8)):
-        out = generate_ids(model, [ids(tok, 'a')], GenerationConfig(temperature=0, max_new_tokens=16, **penalty)).rows()[0]
+        cfg = GenerationConfig(temperature=0, max_new_tokens=16, **penalty)
+        out = generate_ids(model, [ids(tok, 'a')], cfg).rows()[0]
         assert repeats(out) <= at_most < repeats(plain), (penalty, tok.decode(out))
 
 
@@ -268,6 +272,8 @@ def test_chat_history_truncation_keeps_the_newest_turns():
     assert 'question f' in prompt and 'answer e' in prompt and 'question a' not in prompt
     kept = [c for c in 'abcdef' if f'question {c}' in prompt]
     assert kept == list('abcdef'[-len(kept):])  # a contiguous run of the newest turns
+    leading = tok.decode(gen.chat_prompt([{'role': 'system', 'content': 'be brief'}] + messages, max_new_tokens=20))
+    assert leading == prompt  # a leading system message is the system prompt, kept like one
     one = tok.decode(gen.chat_prompt(messages, max_new_tokens=20, max_turns=1))
     assert 'question f' in one and 'question e' not in one
     with pytest.raises(ValueError, match='does not fit'):
