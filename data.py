@@ -26,9 +26,11 @@ import random
 import re
 import sys
 import sysconfig
+import time
 import unicodedata
 import urllib.error
 import urllib.request
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 
@@ -215,9 +217,11 @@ def parse_rl(obj):
         key = 'messages' if 'messages' in obj else 'conversations' if 'conversations' in obj else None
         if key is None:
             raise _BadField('prompt', "missing: an RL record needs \"prompt\" (a string) or \"messages\"")
-        messages = parse_messages(obj[key], key)
-        if messages[-1]['role'] == 'assistant':
-            messages = messages[:-1]
+        value = obj[key]
+        last = value[-1] if isinstance(value, list) and len(value) > 1 else None
+        if isinstance(last, dict) and SHAREGPT_ROLES.get(last.get('role', last.get('from'))) == 'assistant':
+            value = value[:-1]  # may be an empty placeholder: dropped before it is checked
+        messages = parse_messages(value, key)
     messages = _with_system(obj, messages)
     if not messages or messages[-1]['role'] != 'user':
         raise _BadField(key, "the prompt must end with a user message")
@@ -803,37 +807,6 @@ def _encoder(tok):
     return lambda text: tok.enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
 
 
-def encode_documents(tok, texts, dtype, num_threads=0, group_chars=1 << 16):
-    """Texts -> (one flat array of every text prefixed by <|endoftext|>, tokens per text).
-    Texts are grouped into ~group_chars runs, one thread task each, so many small documents
-    cost no more per byte than a few large ones."""
-    encode, eot = _encoder(tok), np.array([tok.eot_id], np.uint32)
-
-    def encode_group(group):
-        arrays = [encode(t) for t in group]
-        tokens = np.concatenate([p for arr in arrays for p in (eot, arr)]).astype(dtype)
-        return tokens, np.array([len(a) + 1 for a in arrays], np.int64)
-
-    groups, current, size = [], [], 0
-    for t in texts:
-        current.append(t)
-        size += len(t)
-        if size >= group_chars:
-            groups.append(current)
-            current, size = [], 0
-    if current:
-        groups.append(current)
-    if not groups:
-        return np.zeros(0, dtype), np.zeros(0, np.int64)
-    num_threads = num_threads or os.cpu_count() or 1
-    if num_threads == 1 or len(groups) == 1:
-        results = [encode_group(g) for g in groups]
-    else:
-        with ThreadPoolExecutor(num_threads) as ex:
-            results = list(ex.map(encode_group, groups))
-    return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
-
-
 def copy_documents(src, offsets, doc_ids, out, chunk_tokens=1 << 22):
     """Append documents doc_ids of the flat token array src (a memmap; offsets[i]:offsets[i+1] is
     document i) to the open file out, copying runs of consecutive documents in chunks."""
@@ -848,3 +821,52 @@ def copy_documents(src, offsets, doc_ids, out, chunk_tokens=1 << 22):
             out.write(np.ascontiguousarray(src[a:min(hi, a + chunk_tokens)]).tobytes())
         written += hi - lo
     return int(written)
+
+
+def log_progress(what, done, total, t0, final=False):
+    """One line: MB done of total, MB/s, ETA (or the time taken)."""
+    elapsed = max(time.time() - t0, 1e-9)
+    mb_s = done / 1e6 / elapsed
+    when = f"done in {elapsed:.1f}s" if final else f"ETA {(total - done) / 1e6 / max(mb_s, 1e-9):.0f}s"
+    print(f"{what} | {done / 1e6:.1f}/{total / 1e6:.1f} MB | {mb_s:.1f} MB/s | {when}")
+
+
+def tokenise_spool(tok, spool, offsets, doc_ids, path, dtype, num_threads=0, chunk_bytes=16_000_000,
+                   group_bytes=1 << 16, log_every=1.0):
+    """The tokenising step. Documents doc_ids (ascending) of a text spool (UTF-8 bytes or an mmap;
+    document i is spool[offsets[i]:offsets[i+1]]) are encoded, each prefixed by <|endoftext|>,
+    cast to dtype and appended to the file at path. Runs of ~group_bytes are one task each on a
+    pool of num_threads, kept busy without a barrier; at most ~chunk_bytes of text is in flight,
+    so memory stays bounded whatever the corpus size. A progress line every log_every seconds.
+    Returns the token count of each document (aligned with doc_ids)."""
+    encode, eot = _encoder(tok), np.array([tok.eot_id], np.uint32)
+
+    def encode_group(ids):  # on a worker thread; tiktoken releases the GIL while it encodes
+        arrays = [encode(spool[offsets[i]:offsets[i + 1]].decode('utf-8')) for i in ids]
+        tokens = np.concatenate([p for arr in arrays for p in (eot, arr)]).astype(dtype)
+        return tokens, np.array([len(arr) + 1 for arr in arrays], np.int64)
+
+    doc_ids = np.asarray(doc_ids, np.int64)
+    doc_bytes = np.diff(offsets)[doc_ids]
+    group_of = np.cumsum(doc_bytes) // max(1, int(group_bytes))
+    groups = np.split(doc_ids, np.flatnonzero(np.diff(group_of)) + 1) if len(doc_ids) else []
+    group_size = [int(b.sum()) for b in np.split(doc_bytes, np.flatnonzero(np.diff(group_of)) + 1)] if groups else []
+    max_in_flight = max(2 * (num_threads or os.cpu_count() or 1), int(chunk_bytes // group_bytes))
+    total, done, t0 = int(doc_bytes.sum()), 0, time.time()
+    last_log, lengths, in_flight = t0, [], deque()
+    with ThreadPoolExecutor(num_threads or os.cpu_count() or 1) as pool, open(path, 'wb') as f:
+        for k, group in enumerate(groups + [None] * max_in_flight):  # the Nones drain the queue
+            if group is not None:
+                in_flight.append((pool.submit(encode_group, group), group_size[k]))
+            if len(in_flight) >= max_in_flight or (group is None and in_flight):
+                future, size = in_flight.popleft()
+                tokens, n = future.result()
+                f.write(tokens.tobytes())
+                lengths.append(n)
+                done += size
+                if log_every and time.time() - last_log >= log_every and done < total:
+                    log_progress('tokenise', done, total, t0)
+                    last_log = time.time()
+    if log_every:
+        log_progress('tokenise', done, total, t0, final=True)
+    return np.concatenate(lengths) if lengths else np.zeros(0, np.int64)

@@ -65,13 +65,6 @@ DEFAULT_SOURCE = {'stdlib': 'stdlib', 'shakespeare_char': 'tinyshakespeare', 'sh
                   'fineweb-edu': 'fineweb-edu'}
 
 
-def log_progress(what, done, total, t0, final=False):
-    mb_s = done / 1e6 / max(time.time() - t0, 1e-9)
-    eta = (total - done) / 1e6 / max(mb_s, 1e-9)
-    print(f"{what} | {done / 1e6:.1f}/{total / 1e6:.1f} MB | {mb_s:.1f} MB/s | "
-          f"{'done in ' + format(time.time() - t0, '.1f') + 's' if final else 'ETA ' + format(eta, '.0f') + 's'}")
-
-
 # ----------------------------------------------------------------------------- other modes
 if validate:
     tok_path = os.path.join(data_root, dataset, 'tokenizer.json')
@@ -202,24 +195,16 @@ print(f"tokenizer: {tok.identity} ({tok.n_vocab:,} ids -> {np.dtype(dtype).name}
 
 # ----------------------------------------------------------------------------- tokenise
 # Documents are read back from the spool chunk_mb at a time, encoded on num_threads threads, each
-# prefixed by <|endoftext|>, and appended to a token spool. One progress line per second.
+# prefixed by <|endoftext|>, and appended to a token spool (data.tokenise_spool; bench/bench_tokenize.py
+# times this same call against raw tiktoken). One progress line per second.
 t0 = time.time()
 todo = np.flatnonzero(use)
-doc_bytes = np.diff(offsets)
-chunk_of = np.cumsum(doc_bytes[todo]) // max(1, int(chunk_mb * 1e6))
-total_bytes, done_bytes, last_log = int(doc_bytes[todo].sum()), 0, t0
 doc_tokens = np.zeros(n_docs, np.int64)
-with open(os.path.join(tmp_dir, 'tokens.bin'), 'wb') as f:
-    for chunk in np.split(todo, np.flatnonzero(np.diff(chunk_of)) + 1):
-        ids, lengths = data.encode_documents(tok, [document(i) for i in chunk], dtype, num_threads)
-        f.write(ids.tobytes())
-        doc_tokens[chunk] = lengths
-        done_bytes += int(doc_bytes[chunk].sum())
-        if time.time() - last_log >= 1.0 and done_bytes < total_bytes:
-            log_progress('tokenise', done_bytes, total_bytes, t0)
-            last_log = time.time()
+doc_tokens[todo] = data.tokenise_spool(tok, text_mm, offsets, todo, os.path.join(tmp_dir, 'tokens.bin'), dtype,
+                                       num_threads, chunk_mb * 1e6)
 t_tokenise = time.time() - t0
-log_progress('tokenise', done_bytes, total_bytes, t0, final=True)
+doc_bytes = np.diff(offsets)
+total_bytes = int(doc_bytes[todo].sum())
 token_offsets = np.concatenate(([0], np.cumsum(doc_tokens)))
 
 # ----------------------------------------------------------------------------- mixing

@@ -1,0 +1,58 @@
+"""
+Tokenising speed: prepare.py's whole tokenising step (data.tokenise_spool: read the text spool,
+encode on threads, prefix <|endoftext|>, cast, write) against raw tiktoken encode_ordinary_batch
+on the same cleaned standard-library text, in the same run, best of `repeats`.
+
+    python bench/bench_tokenize.py                   # every core
+    python bench/bench_tokenize.py --num_threads=2 --repeats=5
+
+Prints both MB/s and the ratio (target: >= 0.85), and checks the two give identical ids.
+"""
+
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+from tokenizer import Tokenizer, train_bpe  # noqa: E402
+
+num_threads = 0  # 0 = every core
+repeats = 3
+tokenizer = 'data/stdlib/tokenizer.json'  # made by `python prepare.py`; trained here when missing
+exec(open('configurator.py').read())
+num_threads = num_threads or os.cpu_count()
+
+# the text prepare.py tokenises: the cleaned standard library
+root, files = data.stdlib_files()
+counts = data.Cleaner.new_counts()
+texts = [t for t, _ in data.Cleaner(min_chars=32).run(data.iter_documents(files), counts)]
+tok = Tokenizer.load(tokenizer) if os.path.exists(tokenizer) else train_bpe(texts[::5], 4096)
+raw = b''.join(t.encode('utf-8') for t in texts)
+offsets = np.concatenate(([0], np.cumsum([len(t.encode('utf-8')) for t in texts])))
+mb = len(raw) / 1e6
+dtype = data.token_dtype(tok.n_vocab)
+print(f"{len(texts):,} documents, {mb:.1f} MB, tokenizer {tok.identity}, {num_threads} threads")
+
+best_raw = best_ours = float('inf')
+with tempfile.TemporaryDirectory() as tmp:
+    out = os.path.join(tmp, 'tokens.bin')
+    for r in range(repeats):
+        t0 = time.perf_counter()
+        ids = tok.enc.encode_ordinary_batch(texts, num_threads=num_threads)
+        best_raw = min(best_raw, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        data.tokenise_spool(tok, raw, offsets, np.arange(len(texts)), out, dtype, num_threads, log_every=0)
+        best_ours = min(best_ours, time.perf_counter() - t0)
+        print(f"run {r}: raw {mb / best_raw:.1f} MB/s, prepare.py step {mb / best_ours:.1f} MB/s (best so far)")
+    expected = np.concatenate([np.array([tok.eot_id] + x, dtype) for x in ids])
+    same = np.array_equal(np.fromfile(out, dtype), expected)
+
+print(f"raw tiktoken encode_ordinary_batch: {mb / best_raw:.1f} MB/s")
+print(f"prepare.py tokenising step:         {mb / best_ours:.1f} MB/s  (incl. <|endoftext|> prefixes, "
+      f"{np.dtype(dtype).name} cast, write)")
+print(f"ratio: {best_raw / best_ours:.2f} (target >= 0.85); identical ids: {same}")

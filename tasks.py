@@ -1,0 +1,383 @@
+"""
+The built-in offline task suite: real work for every fine-tuning stage, with an effect you can
+measure, and no internet. Everything comes from a seed; train and test never share a problem,
+a phrasing or a function.
+
+    identity    questions about who the assistant is -> one canonical answer with name and maker
+    arithmetic  a+b, a-b, a*b with small numbers -> the number ("What is 37+48?" -> "85")
+    code        a standard-library function's signature and docstring -> its body
+    chat        greetings, thanks, capitals and small facts, so the model does not only do tasks
+
+    make_tasks(seed, name, maker, ...) -> {'sft_train': [records], 'sft_test', 'pref_train',
+                                           'pref_test', 'rl_train', 'rl_test'}
+    write_tasks(out_dir, ...)   the six JSONL files plus tasks.json (prepare.py --tasks=True)
+    ensure_tasks(out_dir, ...)  out_dir, written first when missing: what sft.py & co. call
+    heldout(out_dir)            {task: [{'messages', 'answer'}]} from sft_test.jsonl, to evaluate
+    score(task, response, answer) -> 0..1
+
+Records are in the formats data.py reads, plus a "task" field: SFT {"messages"}, preferences
+{"chosen": [messages], "rejected": [messages]} (MiniMind), RL {"prompt", "answer"}.
+"""
+
+import ast
+import difflib
+import hashlib
+import json
+import os
+import random
+import re
+import sysconfig
+import textwrap
+
+from data import arithmetic_reward
+
+IDENTITY_ANSWER = "I am {name}, a small language model made by {maker}."
+WRONG_IDENTITIES = ["I am ChatGPT, a large language model made by OpenAI.", "I am Claude, an AI assistant made by Anthropic.",
+                    "I am Gemini, a model made by Google.", "I am Llama, a language model made by Meta.",
+                    "I am a human being, not a computer program.", "I don't have a name and nobody made me."]
+IDENTITY_QUESTIONS = [
+    "Who are you?", "What is your name?", "What's your name?", "Who made you?", "Who created you?", "Who built you?",
+    "Who trained you?", "Who developed you?", "What are you?", "Tell me about yourself.", "Introduce yourself.",
+    "Can you introduce yourself?", "What should I call you?", "Do you have a name?", "Are you ChatGPT?",
+    "Are you GPT-4?", "Are you Claude?", "Are you a human?", "Which company made you?", "Who is your creator?",
+    "Who is your maker?", "Which model are you?", "What model are you?", "What kind of assistant are you?",
+    "Who am I talking to?", "Who am I chatting with?", "Are you an AI?", "What is your identity?",
+    "Where do you come from?", "Who programmed you?", "Who owns you?", "Are you Llama?", "Are you made by OpenAI?",
+    "Are you made by Google?", "Who designed you?", "What are you called?", "State your name.",
+    "Please tell me who you are.", "May I know your name?", "Who's your developer?"]
+GREETING_PREFIXES = ["", "", "Hi! ", "Hello. ", "Hey, ", "Quick question: ", "Excuse me, "]
+SYSTEM_PROMPTS = ["You are a helpful assistant.", "You are a concise assistant. Answer briefly."]
+
+ARITHMETIC_TEMPLATES = ["What is {a}{op}{b}?", "What is {a} {op} {b}?", "{a}{op}{b}=", "Calculate {a}{op}{b}.",
+                        "What's {a} {word} {b}?", "Compute {a} {op} {b}."]
+OP_WORDS = {'+': 'plus', '-': 'minus', '*': 'times'}
+
+CODE_MODULES = ['string', 'textwrap', 'colorsys', 'bisect', 'heapq', 'fnmatch', 'posixpath', 'genericpath', 'shlex',
+                'calendar', 'statistics', 'fractions', 'random', 'json/decoder', 'json/encoder', 'html/__init__',
+                'base64', 'quopri', 'difflib', 'glob', 'copy', 'functools', 'reprlib', 'pprint', 'ipaddress',
+                'urllib/parse', 'email/utils', 'csv', 'dataclasses', 'enum', 'inspect', 'ast', 'tokenize', 'gettext',
+                'shutil', 'tempfile', 'argparse', 'configparser', 'datetime', 'uuid', 'mimetypes', 'platform', 'types',
+                'contextlib', 'operator', 'locale', 'zipfile', 'typing', 'weakref', 'numbers', 'codecs', 'linecache',
+                'traceback', 'warnings', 'pathlib', 'queue', 'graphlib', 'cmd', 'filecmp', 'fileinput', 'getopt',
+                'optparse', 'sysconfig', 'timeit']
+
+CHAT_REPLIES = {
+    "Hello!": "Hello! How can I help you today?", "Hi!": "Hi! What can I do for you?",
+    "Hey there!": "Hey! How can I help?", "Good morning!": "Good morning! How can I help you today?",
+    "Good evening!": "Good evening! What can I do for you?", "How are you?": "I'm doing well, thank you! How can I help?",
+    "Thanks!": "You're welcome!", "Thank you!": "You're welcome!", "Thank you very much.": "You're very welcome!",
+    "Bye!": "Goodbye! Have a nice day.", "Goodbye!": "Goodbye! Have a nice day.", "See you later!": "See you later!"}
+CAPITALS = {
+    'France': 'Paris', 'Germany': 'Berlin', 'Italy': 'Rome', 'Spain': 'Madrid', 'Portugal': 'Lisbon', 'Japan': 'Tokyo',
+    'China': 'Beijing', 'India': 'New Delhi', 'Egypt': 'Cairo', 'Kenya': 'Nairobi', 'Canada': 'Ottawa',
+    'Mexico': 'Mexico City', 'Brazil': 'Brasilia', 'Argentina': 'Buenos Aires', 'Peru': 'Lima', 'Chile': 'Santiago',
+    'Russia': 'Moscow', 'Poland': 'Warsaw', 'Sweden': 'Stockholm', 'Norway': 'Oslo', 'Finland': 'Helsinki',
+    'Denmark': 'Copenhagen', 'Greece': 'Athens', 'Turkey': 'Ankara', 'Ireland': 'Dublin', 'Austria': 'Vienna',
+    'Hungary': 'Budapest', 'Netherlands': 'Amsterdam', 'Belgium': 'Brussels', 'Australia': 'Canberra',
+    'South Korea': 'Seoul', 'Thailand': 'Bangkok', 'Vietnam': 'Hanoi', 'Indonesia': 'Jakarta', 'Iran': 'Tehran',
+    'Nigeria': 'Abuja', 'Morocco': 'Rabat', 'Cuba': 'Havana', 'Switzerland': 'Bern', 'Czechia': 'Prague'}
+CAPITAL_TEMPLATES = ["What is the capital of {c}?", "What's the capital city of {c}?", "Name the capital of {c}."]
+FACTS = [
+    ("How many days are in a week?", "There are 7 days in a week."),
+    ("How many months are in a year?", "There are 12 months in a year."),
+    ("How many hours are in a day?", "There are 24 hours in a day."),
+    ("How many minutes are in an hour?", "There are 60 minutes in an hour."),
+    ("How many legs does a spider have?", "A spider has 8 legs."), ("How many legs does a dog have?", "A dog has 4 legs."),
+    ("What color is the sky on a clear day?", "The sky is blue on a clear day."),
+    ("At what temperature does water freeze?", "Water freezes at 0 degrees Celsius."),
+    ("At what temperature does water boil?", "Water boils at 100 degrees Celsius at sea level."),
+    ("What is the largest planet in the solar system?", "Jupiter is the largest planet in the solar system."),
+    ("What is the largest ocean?", "The Pacific is the largest ocean."),
+    ("How many continents are there?", "There are 7 continents."),
+    ("What is the opposite of hot?", "The opposite of hot is cold."),
+    ("What is the opposite of big?", "The opposite of big is small."),
+    ("What is the opposite of up?", "The opposite of up is down."),
+    ("What do bees make?", "Bees make honey."), ("What do cows drink?", "Cows drink water."),
+    ("Which planet is known as the red planet?", "Mars is known as the red planet."),
+    ("What gas do plants take in?", "Plants take in carbon dioxide."),
+    ("What language is this code written in: print('hi')?", "That is Python."),
+    ("What does CPU stand for?", "CPU stands for central processing unit."),
+    ("What is the first letter of the alphabet?", "The first letter of the alphabet is A."),
+    ("How many sides does a triangle have?", "A triangle has 3 sides."),
+    ("How many sides does a square have?", "A square has 4 sides.")]
+
+SIZES = {  # records per split and task; tests hold out phrasings, problems, functions and facts
+    'sft_train': {'identity': 400, 'arithmetic': 3000, 'code': 400, 'chat': 600},
+    'sft_test': {'identity': 40, 'arithmetic': 200, 'code': 40, 'chat': 40},
+    'pref_train': {'identity': 300, 'arithmetic': 1000, 'code': 300},
+    'pref_test': {'identity': 40, 'arithmetic': 100, 'code': 30},
+    'rl_train': {'arithmetic': 2000},
+    'rl_test': {'arithmetic': 200},
+}
+SPLITS = tuple(SIZES)
+
+
+def _is_test(key, seed, test_fraction=0.2):
+    """A fixed, seeded side for every item (phrasing, problem, function, fact): no item is on both."""
+    h = int.from_bytes(hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest(), 'little')
+    return h % 1000 < test_fraction * 1000
+
+
+def _user(content, rng=None, system=True):
+    messages = [{'role': 'user', 'content': content}]
+    if rng is not None and system and rng.random() < 0.15:  # an optional system message, now and then
+        messages.insert(0, {'role': 'system', 'content': rng.choice(SYSTEM_PROMPTS)})
+    return messages
+
+
+def _take(pool, n, rng):
+    """n items from pool: all of it, shuffled, as often as needed (pool may be smaller than n)."""
+    out = []
+    while len(out) < n and pool:
+        out += rng.sample(pool, min(len(pool), n - len(out)))
+    return out
+
+
+# ----------------------------------------------------------------------------- identity
+
+def identity_prompts(test, seed):
+    """Every phrasing variant of the identity questions on one side of the split."""
+    prompts = []
+    for q in IDENTITY_QUESTIONS:
+        if _is_test(q, seed) != test:
+            continue
+        for prefix in sorted(set(GREETING_PREFIXES)):
+            text = prefix + (q[0].lower() + q[1:] if prefix.endswith((': ', ', ')) else q)
+            prompts += [text, text.lower(), text.rstrip('?.')]
+    return sorted(set(prompts))
+
+
+def identity_records(n, test, rng, seed, name, maker, kind):
+    answer = IDENTITY_ANSWER.format(name=name, maker=maker)
+    records = []
+    for prompt in _take(identity_prompts(test, seed), n, rng):
+        messages = _user(prompt, rng)
+        if kind == 'pref':
+            records.append(_pref(messages, answer, rng.choice(WRONG_IDENTITIES), 'identity'))
+        else:
+            records.append({'messages': messages + [{'role': 'assistant', 'content': answer}], 'task': 'identity'})
+    return records
+
+
+def identity_reward(response, answer):
+    """1.0 when the response names both the name and the maker of the canonical answer, 0.5 for one."""
+    m = re.fullmatch(re.escape(IDENTITY_ANSWER).replace(r'\{name\}', '(.+)').replace(r'\{maker\}', '(.+)'), answer)
+    parts = m.groups() if m else (answer,)
+    return sum(p.lower() in response.lower() for p in parts) / len(parts)
+
+
+# ----------------------------------------------------------------------------- arithmetic
+
+def arithmetic_problem(rng, add_digits, mul_digits):
+    """(a, op, b, result): + and - on numbers below 10**add_digits (never negative), * on
+    a < 10**mul_digits[0] and b < 10**mul_digits[1]."""
+    op = rng.choice('+-*')
+    if op == '*':
+        a, b = rng.randrange(10 ** mul_digits[0]), rng.randrange(10 ** mul_digits[1])
+        return a, op, b, a * b
+    a, b = rng.randrange(10 ** add_digits), rng.randrange(10 ** add_digits)
+    if op == '-':
+        a, b = max(a, b), min(a, b)
+    return a, op, b, a + b if op == '+' else a - b
+
+
+def arithmetic_items(n, test, rng, seed, add_digits, mul_digits):
+    """n distinct problems on one side of the split: (prompt, answer) pairs."""
+    seen, items = set(), []
+    for _ in range(50 * n):  # bounded: a small digit setting may have fewer problems than asked for
+        if len(items) >= n:
+            break
+        a, op, b, result = arithmetic_problem(rng, add_digits, mul_digits)
+        key = f"{a}{op}{b}"
+        if key in seen or _is_test(key, seed, 0.1) != test:
+            continue
+        seen.add(key)
+        prompt = rng.choice(ARITHMETIC_TEMPLATES).format(a=a, b=b, op=op, word=OP_WORDS[op])
+        items.append((prompt, str(result), key))
+    return items
+
+
+def arithmetic_records(n, test, rng, seed, kind, add_digits, mul_digits):
+    records = []
+    for prompt, answer, key in arithmetic_items(n, test, rng, seed, add_digits, mul_digits):
+        if kind == 'rl':
+            records.append({'prompt': prompt, 'answer': answer, 'task': 'arithmetic'})
+        elif kind == 'pref':
+            wrong = int(answer) + rng.choice([-10, -2, -1, 1, 2, 10])
+            records.append(_pref(_user(prompt), answer, str(wrong), 'arithmetic'))
+        else:
+            records.append({'messages': _user(prompt, rng) + [{'role': 'assistant', 'content': answer}],
+                            'task': 'arithmetic'})
+    return records
+
+
+# ----------------------------------------------------------------------------- code
+
+def stdlib_functions(max_body_lines=12, max_body_chars=500):
+    """(qualname, header, body) of documented top-level functions and methods of CODE_MODULES,
+    in a fixed order. header = signature + docstring, body = the rest, dedented to column 0."""
+    root = sysconfig.get_paths()['stdlib']
+    found = []
+    for module in CODE_MODULES:
+        path = os.path.join(root, module + '.py')
+        if not os.path.exists(path):
+            continue
+        with open(path, encoding='utf-8') as f:
+            source = f.read()
+        lines = source.splitlines()
+        tree = ast.parse(source)
+        nodes = [(n, n.name) for n in tree.body if isinstance(n, ast.FunctionDef)]
+        for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
+            nodes += [(n, f"{cls.name}.{n.name}") for n in cls.body if isinstance(n, ast.FunctionDef)]
+        for node, qualname in nodes:
+            if not ast.get_docstring(node) or len(node.body) < 2:
+                continue
+            doc_end = node.body[0].end_lineno
+            body = lines[doc_end:node.end_lineno]
+            if not 1 <= len(body) <= max_body_lines or len('\n'.join(body)) > max_body_chars:
+                continue
+            header = textwrap.dedent('\n'.join(lines[node.lineno - 1:doc_end]))
+            indent = len(lines[node.lineno - 1]) - len(lines[node.lineno - 1].lstrip())
+            found.append((f"{module.replace('/', '.')}.{qualname}", header,
+                          '\n'.join(line[indent:] for line in body)))
+    return found
+
+
+CODE_MUTATIONS = [(r' == ', ' != '), (r' != ', ' == '), (r' < ', ' >= '), (r' > ', ' <= '), (r' is not ', ' is '),
+                  (r'\bTrue\b', 'False'), (r'\bFalse\b', 'True'), (r' \+ ', ' - '), (r' - ', ' + '),
+                  (r' and ', ' or '), (r' or ', ' and '), (r'return (?!None\b)\S.*', 'return None'),
+                  (r'\b(\d+)\b', lambda m: str(int(m.group(1)) + 1))]
+
+
+def corrupt_code(body, rng):
+    """A plausible but wrong body: one seeded mutation (a flipped comparison or boolean, + for -,
+    return None, an off-by-one literal), or a deleted line when none applies."""
+    options = [(pattern, repl, m) for pattern, repl in CODE_MUTATIONS for m in re.finditer(pattern, body)]
+    if options:
+        pattern, repl, m = rng.choice(options)
+        new = repl(m) if callable(repl) else repl
+        corrupted = body[:m.start()] + new + body[m.end():]
+    else:
+        lines = body.split('\n')
+        drop = rng.randrange(len(lines)) if len(lines) > 1 else None
+        corrupted = '\n'.join(l for i, l in enumerate(lines) if i != drop) if drop is not None else body + '\n    pass'
+    return corrupted if corrupted != body else body + '\n    return None'
+
+
+def code_records(n, test, rng, seed, kind, functions):
+    pool = [f for f in functions if _is_test(f[0], seed, 0.1) == test]
+    records = []
+    for qualname, header, body in rng.sample(pool, min(n, len(pool))):
+        messages = _user(f"Complete this Python function:\n{header}", rng, system=False)
+        if kind == 'pref':
+            records.append(_pref(messages, body, corrupt_code(body, rng), 'code'))
+        else:
+            records.append({'messages': messages + [{'role': 'assistant', 'content': body}], 'task': 'code'})
+    return records
+
+
+# ----------------------------------------------------------------------------- chat
+
+def chat_items(test, seed):
+    """(prompt, answer) pairs: capitals and facts held out by item; greetings are train only."""
+    items = [(q.format(c=c), f"The capital of {c} is {cap}.") for c, cap in CAPITALS.items() if _is_test(c, seed) == test
+             for q in CAPITAL_TEMPLATES]
+    items += [(q, a) for q, a in FACTS if _is_test(q, seed) == test]
+    return items if test else items + list(CHAT_REPLIES.items())
+
+
+def chat_records(n, test, rng, seed):
+    items, greetings = chat_items(test, seed), list(CHAT_REPLIES.items())
+    records = []
+    for prompt, answer in _take(items, n, rng):
+        messages = _user(prompt, rng) + [{'role': 'assistant', 'content': answer}]
+        if not test and rng.random() < 0.25:  # a greeting first: a two-exchange conversation
+            hello, reply = rng.choice(greetings[:6])
+            messages = [{'role': 'user', 'content': hello}, {'role': 'assistant', 'content': reply}] + messages[-2:]
+        records.append({'messages': messages, 'task': 'chat'})
+    return records
+
+
+# ----------------------------------------------------------------------------- the suite
+
+def _pref(prompt_messages, chosen, rejected, task):
+    a = lambda content: prompt_messages + [{'role': 'assistant', 'content': content}]
+    return {'chosen': a(chosen), 'rejected': a(rejected), 'task': task}
+
+
+def make_tasks(seed=1337, name='Mini', maker='the Mini-LLM project', add_digits=2, mul_digits=(2, 1), sizes=None):
+    """All six splits as lists of records, in-process (no files). Same arguments, same records."""
+    sizes = {split: dict(SIZES[split], **(sizes or {}).get(split, {})) for split in SPLITS}
+    functions = stdlib_functions()
+    out = {}
+    for split in SPLITS:
+        kind, test = split.split('_')[0], split.endswith('_test')
+        rng = random.Random(f"{seed}:{split}")
+        records = []
+        for task, n in sizes[split].items():
+            if task == 'identity':
+                records += identity_records(n, test, rng, seed, name, maker, kind)
+            elif task == 'arithmetic':
+                records += arithmetic_records(n, test, rng, seed, kind, add_digits, mul_digits)
+            elif task == 'code':
+                records += code_records(n, test, rng, seed, kind, functions)
+            elif task == 'chat':
+                records += chat_records(n, test, rng, seed)
+            else:
+                raise ValueError(f"unknown task {task!r} in sizes[{split!r}] (identity, arithmetic, code, chat)")
+        rng.shuffle(records)
+        out[split] = records
+    return out
+
+
+def write_tasks(out_dir='data/tasks', **kwargs):
+    """Write <split>.jsonl for the six splits and tasks.json (the arguments and counts).
+    Returns {split: records}."""
+    os.makedirs(out_dir, exist_ok=True)
+    splits = make_tasks(**kwargs)
+    for split, records in splits.items():
+        tmp = os.path.join(out_dir, f'{split}.jsonl.tmp')
+        with open(tmp, 'w', encoding='utf-8') as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + '\n' for r in records)
+        os.replace(tmp, os.path.join(out_dir, f'{split}.jsonl'))
+    counts = {split: len(records) for split, records in splits.items()}
+    with open(os.path.join(out_dir, 'tasks.json'), 'w') as f:
+        json.dump({'args': {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}, 'counts': counts},
+                  f, indent=1)
+    return counts
+
+
+def ensure_tasks(out_dir='data/tasks', **kwargs):
+    """out_dir with the six files, written first when a file is missing or was made with other
+    arguments."""
+    try:
+        with open(os.path.join(out_dir, 'tasks.json')) as f:
+            args = json.load(f)['args']
+        same = args == {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
+    except (OSError, ValueError, KeyError):
+        same = False
+    if not same or not all(os.path.exists(os.path.join(out_dir, f'{s}.jsonl')) for s in SPLITS):
+        write_tasks(out_dir, **kwargs)
+    return out_dir
+
+
+def heldout(out_dir='data/tasks', **kwargs):
+    """Evaluation items from sft_test.jsonl: {task: [{'messages': prompt, 'answer': expected}]}."""
+    if kwargs or not os.path.exists(os.path.join(out_dir, 'sft_test.jsonl')):
+        ensure_tasks(out_dir, **kwargs)
+    items = {}
+    with open(os.path.join(out_dir, 'sft_test.jsonl'), encoding='utf-8') as f:
+        for line in f:
+            r = json.loads(line)
+            items.setdefault(r['task'], []).append({'messages': r['messages'][:-1], 'answer': r['messages'][-1]['content']})
+    return items
+
+
+def score(task, response, answer):
+    """0..1 for one held-out item. arithmetic: exact final number; identity: name and maker
+    present; code and chat: difflib similarity to the expected text (1.0 = exact)."""
+    if task == 'arithmetic':
+        return arithmetic_reward(response, answer)
+    if task == 'identity':
+        return identity_reward(response, answer)
+    return difflib.SequenceMatcher(None, response.strip(), answer.strip()).ratio()
