@@ -215,9 +215,10 @@ def arithmetic_records(n, test, rng, seed, kind, add_digits, mul_digits):
 
 def stdlib_functions(max_body_lines=12, max_body_chars=500):
     """(qualname, header, body) of documented top-level functions and methods of CODE_MODULES,
-    in a fixed order. header = signature + docstring, body = the rest, dedented to column 0."""
+    in a fixed order, one per distinct header. header = signature + docstring, body = the rest;
+    both dedented so the def is at column 0."""
     root = sysconfig.get_paths()['stdlib']
-    found = []
+    found, headers = [], set()
     for module in CODE_MODULES:
         path = os.path.join(root, module + '.py')
         if not os.path.exists(path):
@@ -238,8 +239,10 @@ def stdlib_functions(max_body_lines=12, max_body_chars=500):
                 continue
             header = textwrap.dedent('\n'.join(lines[node.lineno - 1:doc_end]))
             indent = len(lines[node.lineno - 1]) - len(lines[node.lineno - 1].lstrip())
-            found.append((f"{module.replace('/', '.')}.{qualname}", header,
-                          '\n'.join(line[indent:] for line in body)))
+            if header not in headers:  # date.ctime and datetime.ctime: one prompt, one answer
+                headers.add(header)
+                found.append((f"{module.replace('/', '.')}.{qualname}", header,
+                              '\n'.join(line[indent:] for line in body)))
     return found
 
 
@@ -265,7 +268,7 @@ def corrupt_code(body, rng):
 
 
 def code_records(n, test, rng, seed, kind, functions):
-    pool = [f for f in functions if _is_test(f[0], seed, 0.1) == test]
+    pool = [f for f in functions if _is_test(f[1], seed, 0.1) == test]  # by header: the prompt never crosses
     records = []
     for qualname, header, body in rng.sample(pool, min(n, len(pool))):
         messages = _user(f"Complete this Python function:\n{header}", rng, system=False)

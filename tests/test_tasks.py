@@ -1,0 +1,142 @@
+"""tasks.py: the offline task suite is seeded, train/test disjoint, correct, and readable by data.py."""
+
+import ast
+import json
+import os
+import re
+import sysconfig
+
+import pytest
+
+import data
+import tasks
+
+
+@pytest.fixture(scope='module')
+def suite():
+    return tasks.make_tasks(seed=7, name='Robo', maker='ACME Labs')
+
+
+def prompt_of(record):
+    """The last user message of any record kind."""
+    if 'prompt' in record:
+        return record['prompt']
+    messages = record.get('messages') or record['chosen']
+    return [m['content'] for m in messages if m['role'] == 'user'][-1]
+
+
+def problem_key(prompt):
+    m = re.search(r'(\d+)\s*([-+*]|plus|minus|times)\s*(\d+)', prompt)
+    op = {'plus': '+', 'minus': '-', 'times': '*'}.get(m.group(2), m.group(2))
+    return f"{int(m.group(1))}{op}{int(m.group(3))}"
+
+
+def items(suite, side, task):
+    return [r for split in tasks.SPLITS if split.endswith(side) for r in suite[split] if r['task'] == task]
+
+
+def test_same_seed_same_suite_other_seed_other_suite(suite):
+    assert tasks.make_tasks(seed=7, name='Robo', maker='ACME Labs') == suite
+    other = tasks.make_tasks(seed=8, name='Robo', maker='ACME Labs')
+    assert other['sft_train'] != suite['sft_train'] and other['rl_test'] != suite['rl_test']
+
+
+def test_split_sizes_follow_the_defaults(suite):
+    for split, sizes in tasks.SIZES.items():
+        for task, n in sizes.items():
+            got = sum(r['task'] == task for r in suite[split])
+            assert got == n or (task == 'code' and 0.5 * n <= got < n), (split, task, got)
+
+
+def test_train_and_test_share_no_problem_phrasing_function_or_fact(suite):
+    for task, key in [('arithmetic', lambda r: problem_key(prompt_of(r))),
+                      ('identity', lambda r: re.sub(r'^(hi! |hello\. |hey, |quick question: |excuse me, )', '',
+                                                    prompt_of(r).lower()).rstrip('?.')),
+                      ('code', prompt_of), ('chat', prompt_of)]:
+        train = {key(r) for r in items(suite, '_train', task)}
+        test = {key(r) for r in items(suite, '_test', task)}
+        assert train and test, task
+        assert not train & test, (task, sorted(train & test)[:3])
+
+
+def test_identity_answers_carry_the_configured_name_and_maker(suite):
+    answer = "I am Robo, a small language model made by ACME Labs."
+    for r in items(suite, '_train', 'identity') + items(suite, '_test', 'identity'):
+        if 'messages' in r:
+            assert r['messages'][-1]['content'] == answer
+        else:
+            assert r['chosen'][-1]['content'] == answer and 'Robo' not in r['rejected'][-1]['content']
+    assert tasks.identity_reward("Hi, I'm robo, made by acme labs!", answer) == 1.0
+    assert tasks.identity_reward("I am Robo.", answer) == 0.5
+    assert tasks.identity_reward("I am ChatGPT, made by OpenAI.", answer) == 0.0
+
+
+def test_arithmetic_answers_are_correct_and_short_and_digits_are_configurable(suite):
+    for r in items(suite, '_train', 'arithmetic') + items(suite, '_test', 'arithmetic'):
+        a, op, b = re.fullmatch(r'(\d+)([-+*])(\d+)', problem_key(prompt_of(r))).groups()
+        truth = str(eval(f"{a}{op}{b}"))
+        answer = r.get('answer') or (r['messages'] if 'messages' in r else r['chosen'])[-1]['content']
+        assert answer == truth and int(truth) >= 0
+        assert int(a) < 100 and int(b) < 100 and (op != '*' or int(b) < 10)
+        if 'rejected' in r:
+            assert data.arithmetic_reward(r['rejected'][-1]['content'], truth) == 0.0
+    small = tasks.make_tasks(seed=1, add_digits=1, mul_digits=(1, 1), sizes={'rl_train': {'arithmetic': 50}})
+    assert all(int(x) < 10 for r in small['rl_train'] for x in re.findall(r'\d+', r['prompt']))
+
+
+def test_code_items_are_real_stdlib_functions_and_rejected_bodies_differ(suite):
+    root = sysconfig.get_paths()['stdlib']
+    sources = {m: open(os.path.join(root, m + '.py'), encoding='utf-8').read() for m in tasks.CODE_MODULES
+               if os.path.exists(os.path.join(root, m + '.py'))}
+    records = items(suite, '_train', 'code')[:60] + items(suite, '_test', 'code')
+    for r in records:
+        header = prompt_of(r).split('\n', 1)[1]
+        body = (r['messages'] if 'messages' in r else r['chosen'])[-1]['content']
+        ast.parse(header + '\n' + body)  # signature + docstring + body is a whole function
+        assert any(header.split('\n')[0].strip() in src for src in sources.values())
+        if 'rejected' in r:
+            assert r['rejected'][-1]['content'] != body
+
+
+def test_every_file_loads_with_the_data_loaders(tmp_path):
+    out = str(tmp_path / 'tasks')
+    counts = tasks.write_tasks(out, seed=3)
+    for split, n in counts.items():
+        path = os.path.join(out, f'{split}.jsonl')
+        loader = {'sft': data.load_sft, 'pref': data.load_pref, 'rl': data.load_rl}[split.split('_')[0]]
+        assert len(loader(path)) == n
+    rl = data.load_rl(os.path.join(out, 'rl_test.jsonl'))
+    assert all(data.verifiable_reward(p['answer'], p['answer']) == 1.0 for p in rl)
+    assert json.load(open(os.path.join(out, 'tasks.json')))['counts'] == counts
+
+
+def test_ensure_tasks_writes_once_and_rewrites_when_arguments_change(tmp_path):
+    out = str(tmp_path / 't')
+    assert tasks.ensure_tasks(out, seed=5) == out
+    path = os.path.join(out, 'sft_train.jsonl')
+    first = os.stat(path).st_mtime_ns
+    tasks.ensure_tasks(out, seed=5)
+    assert os.stat(path).st_mtime_ns == first
+    tasks.ensure_tasks(out, seed=5, name='Other')
+    assert 'Other' in open(path).read()
+
+
+def test_heldout_items_score_one_when_answered_exactly(tmp_path):
+    out = str(tmp_path / 'h')
+    tasks.write_tasks(out, seed=5)
+    held = tasks.heldout(out)
+    assert set(held) == {'identity', 'arithmetic', 'code', 'chat'}
+    for task, entries in held.items():
+        for item in entries[:20]:
+            assert item['messages'][-1]['role'] == 'user'
+            assert tasks.score(task, item['answer'], item['answer']) == 1.0
+    assert tasks.score('arithmetic', 'It is 3.', '4') == 0.0
+    assert 0.0 < tasks.score('code', 'return x', '    return x + 1') < 1.0
+
+
+def test_corrupt_code_changes_the_body_deterministically():
+    import random
+    body = "    if n == 0:\n        return True\n    return n + 1"
+    a = tasks.corrupt_code(body, random.Random(0))
+    assert a != body and a == tasks.corrupt_code(body, random.Random(0))
+    assert tasks.corrupt_code("    pass", random.Random(0)) != "    pass"
