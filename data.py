@@ -280,6 +280,8 @@ def validate_file(path, kind, tok=None):
     if kind not in PARSERS:
         raise ValueError(f"unknown kind {kind!r}: use sft, pref or rl")
     counts, errors = {'records': 0, 'turns': 0, 'tokens': 0 if tok else None}, []
+    if not os.path.isfile(path):
+        return counts, [f"{path}: no such file"]
     try:
         for _, record, error in scan_jsonl(path, PARSERS[kind]):
             if error:

@@ -67,6 +67,8 @@ DEFAULT_SOURCE = {'stdlib': 'stdlib', 'shakespeare_char': 'tinyshakespeare', 'sh
 
 # ----------------------------------------------------------------------------- other modes
 if validate:
+    if kind not in data.PARSERS:
+        raise SystemExit(f"--kind={kind!r}: use sft, pref or rl")
     tok_path = os.path.join(data_root, dataset, 'tokenizer.json')
     tok = Tokenizer.load(tok_path) if os.path.exists(tok_path) else None
     counts, errors = data.validate_file(validate, kind, tok)
@@ -88,6 +90,8 @@ t_start = time.time()
 out_dir = os.path.join(data_root, dataset)
 tmp_dir = os.path.join(out_dir, 'tmp')
 os.makedirs(tmp_dir, exist_ok=True)
+if os.path.exists(os.path.join(out_dir, 'meta.json')):
+    os.remove(os.path.join(out_dir, 'meta.json'))  # no meta.json = not complete, until this run writes it
 
 # ----------------------------------------------------------------------------- sources
 specs = [s.strip() for s in input.split(',') if s.strip()] or list(dataset_sampling) or [DEFAULT_SOURCE.get(dataset)]
@@ -118,8 +122,11 @@ with open(os.path.join(tmp_dir, 'text.bin'), 'wb') as spool:
     for source_id, (spec, where, files) in enumerate(sources):
         st = stats[spec] = dict(source=where, files=len(files), **data.Cleaner.new_counts())
         n_before, text = len(doc_key), None
-        for text, key in cleaner.run(data.iter_documents(files, skip_bad_lines), st):
-            add_document(text, key, source_id)
+        try:
+            for text, key in cleaner.run(data.iter_documents(files, skip_bad_lines), st):
+                add_document(text, key, source_id)
+        except data.DataError as e:  # a bad .jsonl line: the message names file, line and field
+            raise SystemExit(str(e)) from None
         if len(doc_key) - n_before == 1 and val_fraction > 0:
             # one document (a single text like Shakespeare): split it by position, nanoGPT style
             spool.seek(offsets[-2])
