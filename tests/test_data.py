@@ -342,3 +342,45 @@ def test_text_files_split_on_endoftext_lines_and_jsonl_reads_text_field(tmp_path
     with pytest.raises(data.DataError, match=r"p.jsonl:3: field 'text'"):
         list(data.read_jsonl_text(path))
     assert list(data.read_jsonl_text(path, skip_bad_lines=True)) == ['a', 'b']
+
+
+class FakeResponse:
+    """What urlopen returns, serving `body` from byte `start`; breaks off after `fail_after` bytes."""
+
+    def __init__(self, body, start=0, ranges=True, fail_after=None):
+        self.body, self.pos, self.fail_after = body[start:], 0, fail_after
+        self.status = 206 if start else 200
+        self.headers = {'Accept-Ranges': 'bytes'} if ranges else {}
+
+    def read(self, n):
+        if self.fail_after is not None and self.pos >= self.fail_after:
+            raise OSError('connection reset')
+        chunk = self.body[self.pos:self.pos + min(n, self.fail_after or n)]
+        self.pos += len(chunk)
+        return chunk
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.mark.parametrize('ranges', [True, False])
+def test_broken_download_keeps_a_part_file_only_when_the_server_can_resume_then_resumes(tmp_path, monkeypatch, ranges):
+    body = bytes(range(256)) * 10
+    requests = []
+
+    def urlopen(request, timeout):
+        requests.append(request.get_header('Range'))
+        start = int(request.get_header('Range')[6:-1]) if request.get_header('Range') else 0
+        return FakeResponse(body, start, ranges, fail_after=1000 if len(requests) == 1 else None)
+
+    monkeypatch.setattr(data.urllib.request, 'urlopen', urlopen)
+    dest = str(tmp_path / 'f.bin')
+    with pytest.raises(SystemExit, match='resume' if ranges else 'retry'):
+        data.download('http://example.invalid/f.bin', dest, size=len(body))
+    assert os.path.exists(dest + '.part') == ranges and not os.path.exists(dest)
+    data.download('http://example.invalid/f.bin', dest, size=len(body))
+    assert open(dest, 'rb').read() == body and not os.path.exists(dest + '.part')
+    assert requests == [None, 'bytes=1000-' if ranges else None]
