@@ -373,6 +373,9 @@ def download(url, dest, size=None, sha256=None, timeout=30):
                          f"file with --input=PATH") from None
     resumable = response.headers.get('Accept-Ranges') == 'bytes' or response.status == 206
     mode = 'ab' if response.status == 206 else 'wb'
+    length = response.headers.get('Content-Length')
+    if size is None and length is not None and length.isdigit():  # the server's word, when we have none
+        size = int(length) + (have if response.status == 206 else 0)
     try:
         with response, open(part, mode) as f:
             while chunk := response.read(1 << 20):
@@ -403,7 +406,7 @@ def _sha256(path):
 
 def stdlib_files():
     """The interpreter's standard library *.py files, sorted: no site-packages, caches or test
-    fixture folders (test/*data*), no files that are not UTF-8."""
+    fixture folders (test/*data*). (iter_documents skips the few that are not UTF-8.)"""
     root = sysconfig.get_paths()['stdlib']
     files = []
     for folder, dirs, names in os.walk(root):

@@ -384,3 +384,14 @@ def test_broken_download_keeps_a_part_file_only_when_the_server_can_resume_then_
     data.download('http://example.invalid/f.bin', dest, size=len(body))
     assert open(dest, 'rb').read() == body and not os.path.exists(dest + '.part')
     assert requests == [None, 'bytes=1000-' if ranges else None]
+
+
+def test_download_checks_content_length_when_no_size_is_known(tmp_path, monkeypatch):
+    def urlopen(request, timeout):
+        response = FakeResponse(b'short')
+        response.headers['Content-Length'] = '10'
+        return response
+    monkeypatch.setattr(data.urllib.request, 'urlopen', urlopen)
+    with pytest.raises(SystemExit, match='corrupt .got 5 bytes; expected 10'):
+        data.download('http://example.invalid/x', str(tmp_path / 'x'))
+    assert os.listdir(tmp_path) == []
