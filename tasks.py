@@ -22,6 +22,7 @@ Records are in the formats data.py reads, plus a "task" field: SFT {"messages"},
 import ast
 import difflib
 import hashlib
+import inspect
 import json
 import os
 import random
@@ -345,9 +346,15 @@ def write_tasks(out_dir='data/tasks', **kwargs):
         os.replace(tmp, os.path.join(out_dir, f'{split}.jsonl'))
     counts = {split: len(records) for split, records in splits.items()}
     with open(os.path.join(out_dir, 'tasks.json'), 'w') as f:
-        json.dump({'args': {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}, 'counts': counts},
-                  f, indent=1)
+        json.dump({'args': _effective_args(kwargs), 'counts': counts}, f, indent=1)
     return counts
+
+
+def _effective_args(kwargs):
+    """make_tasks' arguments with defaults filled in, as JSON would store them."""
+    bound = inspect.signature(make_tasks).bind(**kwargs)
+    bound.apply_defaults()
+    return json.loads(json.dumps(bound.arguments))
 
 
 def ensure_tasks(out_dir='data/tasks', **kwargs):
@@ -356,7 +363,7 @@ def ensure_tasks(out_dir='data/tasks', **kwargs):
     try:
         with open(os.path.join(out_dir, 'tasks.json')) as f:
             args = json.load(f)['args']
-        same = args == {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
+        same = args == _effective_args(kwargs)
     except (OSError, ValueError, KeyError):
         same = False
     if not same or not all(os.path.exists(os.path.join(out_dir, f'{s}.jsonl')) for s in SPLITS):

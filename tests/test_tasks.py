@@ -115,7 +115,7 @@ def test_ensure_tasks_writes_once_and_rewrites_when_arguments_change(tmp_path):
     assert tasks.ensure_tasks(out, seed=5) == out
     path = os.path.join(out, 'sft_train.jsonl')
     first = os.stat(path).st_mtime_ns
-    tasks.ensure_tasks(out, seed=5)
+    tasks.ensure_tasks(out, seed=5, name='Mini')  # the default, spelled out: same arguments
     assert os.stat(path).st_mtime_ns == first
     tasks.ensure_tasks(out, seed=5, name='Other')
     assert 'Other' in open(path).read()
