@@ -191,7 +191,10 @@ elif tokenizer == 'char':
         chars.update(text_mm[offsets[start]:offsets[min(n_docs, start + 1000)]].decode('utf-8'))
     tok = char_tokenizer(''.join(sorted(chars)))
 elif tokenizer == 'gpt2':
-    tok = gpt2_tokenizer()
+    try:
+        tok = gpt2_tokenizer()
+    except RuntimeError as e:  # offline without tiktoken's cache: its message says what to do
+        raise SystemExit(str(e)) from None
 elif tokenizer.endswith('.json') and os.path.isfile(tokenizer):
     tok = Tokenizer.load(tokenizer)
 else:
