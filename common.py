@@ -152,6 +152,53 @@ def set_rng_state(state, data_generator):
         torch.cuda.set_rng_state_all([s.cpu() for s in state['cuda']])
 
 
+# ----------------------------------------------------------------------------- chat batches
+
+def encode_conversation(tokenizer, messages, max_len):
+    """Messages -> (input ids, targets) of at most max_len tokens, targets = next token where it
+    is an assistant token (content or <|im_end|>) and -1 elsewhere. None when truncation left no
+    assistant token to learn (the caller drops and counts it)."""
+    ids, mask = tokenizer.render_chat(messages, max_len=max_len + 1)
+    targets = [t if m else -1 for t, m in zip(ids[1:], mask[1:])]
+    if all(t == -1 for t in targets):
+        return None
+    return ids[:-1], targets
+
+
+def pack_rows(encoded, max_len, pad_id, packing=True):
+    """[(ids, targets)] -> tensors (rows, max_len): ids, targets, doc. Packed: sequences are laid
+    end to end, in order, a new row when the next does not fit; padded: one per row. doc numbers
+    the sequences within a row (-1 on padding), for packed_attention()."""
+    rows, cur = [], None
+    for ids, targets in encoded:
+        if cur is None or not packing or len(cur[0]) + len(ids) > max_len:
+            cur = ([], [], [])  # a new row
+            rows.append(cur)
+        doc_id = cur[2][-1] + 1 if cur[2] else 0
+        cur[0].extend(ids)
+        cur[1].extend(targets)
+        cur[2].extend([doc_id] * len(ids))
+    ids = torch.full((len(rows), max_len), pad_id, dtype=torch.long)
+    tgt = torch.full((len(rows), max_len), -1, dtype=torch.long)
+    doc = torch.full((len(rows), max_len), -1, dtype=torch.long)
+    for r, (i, t, d) in enumerate(rows):
+        ids[r, :len(i)], tgt[r, :len(t)], doc[r, :len(d)] = torch.tensor(i), torch.tensor(t), torch.tensor(d)
+    return ids, tgt, doc
+
+
+def packed_attention(doc):
+    """doc ids (B, T) -> positions (B, T) restarting at 0 for each sequence, and a block-diagonal
+    causal mask (B, 1, T, T): a token attends to earlier tokens of its own sequence only."""
+    T = doc.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc.device).tril()
+    mask = (doc[:, :, None] == doc[:, None, :]) & causal
+    starts = torch.ones_like(doc, dtype=torch.bool)
+    starts[:, 1:] = doc[:, 1:] != doc[:, :-1]
+    idx = torch.arange(T, device=doc.device).expand_as(doc)
+    positions = idx - torch.where(starts, idx, 0).cummax(dim=1).values
+    return positions, mask[:, None]
+
+
 # ----------------------------------------------------------------------------- stopping
 
 class StopFlag:

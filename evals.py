@@ -1,0 +1,62 @@
+"""
+Task metrics on held-out items of the built-in suite, the same for every stage so that stages
+compare on equal terms:
+    identity_acc   greedy reply == the canonical identity answer
+    arith_acc      exact match of the final number
+    chat_acc       the expected fact/reply appears
+    code_loss      mean loss on the reference function bodies (generation of code is too long to
+                   score by exact match on a tiny model; its loss still moves with training)
+"""
+
+import torch
+
+import common
+import tasks
+from generate import TextGenerator
+
+GENERATED_TASKS = {'identity': 'identity_acc', 'arithmetic': 'arith_acc', 'chat': 'chat_acc'}
+
+
+@torch.no_grad()
+def task_metrics(model, tokenizer, items, per_task=100, max_new_tokens=48, batch_size=64):
+    """items: {task: [{'messages', 'answer'}]} (tasks.heldout). Greedy generation, batched."""
+    was_training = model.training
+    model.eval()
+    generator = TextGenerator(model, tokenizer)
+    metrics = {}
+    for task, name in GENERATED_TASKS.items():
+        chosen = items.get(task, [])[:per_task]
+        if not chosen:
+            continue
+        scores = []
+        for i in range(0, len(chosen), batch_size):
+            batch = chosen[i:i + batch_size]
+            prompts = [tokenizer.render_prompt(it['messages']) for it in batch]
+            replies = generator.generate(prompts, temperature=0.0, max_new_tokens=max_new_tokens)
+            scores += [tasks.score(task, reply, it['answer']) for reply, it in zip(replies, batch)]
+        metrics[name] = sum(scores) / len(scores)
+    code = items.get('code', [])[:per_task]
+    if code:
+        metrics['code_loss'] = reply_loss(model, tokenizer, code)
+    model.train(was_training)
+    return metrics
+
+
+@torch.no_grad()
+def reply_loss(model, tokenizer, items, batch_size=16):
+    """Mean per-token loss of the reference answers (assistant tokens only)."""
+    block = model.config.block_size - 1
+    encoded = [common.encode_conversation(tokenizer, it['messages'] + [{'role': 'assistant', 'content': it['answer']}], block)
+               for it in items]
+    encoded = [e for e in encoded if e is not None]
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i in range(0, len(encoded), batch_size):
+        ids, tgt, _ = common.pack_rows(encoded[i:i + batch_size], max(len(e[0]) for e in encoded[i:i + batch_size]),
+                                       tokenizer.pad_id, packing=False)
+        logits, _ = model(ids.to(device))
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tgt.to(device).flatten(),
+                                                 ignore_index=-1, reduction='sum')
+        total += loss.item()
+        count += (tgt != -1).sum().item()
+    return total / max(count, 1)

@@ -1,0 +1,83 @@
+"""
+LoRA (Hu et al. 2021): fine-tune a frozen Linear W by a low-rank update,
+    y = x W^T + (alpha / r) * dropout(x) A^T B^T,   A: (r, in) random, B: (out, r) zeros,
+so training starts exactly at the base model and only r * (in + out) numbers per layer learn.
+merge_lora() folds B A into W and gives back plain Linears: the same logits, no extra cost.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+
+
+class LoRALinear(nn.Module):
+
+    def __init__(self, base, rank, alpha, dropout=0.0):
+        super().__init__()
+        self.base = base
+        self.base.weight.requires_grad_(False)
+        if self.base.bias is not None:
+            self.base.bias.requires_grad_(False)
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear inits its weight
+        self.scale = alpha / rank
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.base(x) + (self.dropout(x) @ self.lora_A.t() @ self.lora_B.t()) * self.scale
+
+    def merged(self):
+        """A plain Linear with W + scale * B A."""
+        with torch.no_grad():
+            self.base.weight += self.scale * (self.lora_B @ self.lora_A).to(self.base.weight.dtype)
+        self.base.weight.requires_grad_(True)
+        return self.base
+
+
+def apply_lora(model, rank, alpha, targets, dropout=0.0):
+    """Freeze every parameter, then wrap each Linear whose name ends with one of `targets`
+    (e.g. 'c_attn', 'c_proj', 'c_fc'). Returns the number of trainable parameters."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    wrapped = 0
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear) and child_name in targets:
+                setattr(module, child_name, LoRALinear(child, rank, alpha, dropout))
+                wrapped += 1
+    if not wrapped:
+        raise SystemExit(f"lora_targets {targets} matched no Linear layer (names: c_attn, c_proj, c_fc)")
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def merge_lora(model):
+    """Replace every LoRALinear by its merged Linear, in place; returns the model."""
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                setattr(module, child_name, child.merged())
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def lora_state_dict(model):
+    """Only the adapters (what a LoRA checkpoint needs on top of its base model)."""
+    return {k: v for k, v in model.state_dict().items() if 'lora_' in k}
+
+
+def merged_state_dict(model):
+    """The state dict the merged model would have, without changing `model` (for checkpoints
+    that any script can load as a plain GPT while training goes on)."""
+    state = dict(model.state_dict())
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            prefix = name + '.' if name else ''
+            weight = state.pop(prefix + 'base.weight')
+            state[prefix + 'weight'] = weight + module.scale * (module.lora_B @ module.lora_A).detach().to(weight.dtype)
+            if prefix + 'base.bias' in state:
+                state[prefix + 'bias'] = state.pop(prefix + 'base.bias')
+            del state[prefix + 'lora_A'], state[prefix + 'lora_B']
+    return state
