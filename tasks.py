@@ -46,7 +46,7 @@ IDENTITY_QUESTIONS = [
     "Where do you come from?", "Who programmed you?", "Who owns you?", "Are you Llama?", "Are you made by OpenAI?",
     "Are you made by Google?", "Who designed you?", "What are you called?", "State your name.",
     "Please tell me who you are.", "May I know your name?", "Who's your developer?"]
-GREETING_PREFIXES = ["", "", "Hi! ", "Hello. ", "Hey, ", "Quick question: ", "Excuse me, "]
+GREETING_PREFIXES = ["", "Hi! ", "Hello. ", "Hey, ", "Quick question: ", "Excuse me, "]
 SYSTEM_PROMPTS = ["You are a helpful assistant.", "You are a concise assistant. Answer briefly."]
 
 ARITHMETIC_TEMPLATES = ["What is {a}{op}{b}?", "What is {a} {op} {b}?", "{a}{op}{b}=", "Calculate {a}{op}{b}.",
@@ -142,7 +142,7 @@ def identity_prompts(test, seed):
     for q in IDENTITY_QUESTIONS:
         if _is_test(q, seed) != test:
             continue
-        for prefix in sorted(set(GREETING_PREFIXES)):
+        for prefix in GREETING_PREFIXES:
             text = prefix + (q[0].lower() + q[1:] if prefix.endswith((': ', ', ')) else q)
             prompts += [text, text.lower(), text.rstrip('?.')]
     return sorted(set(prompts))
