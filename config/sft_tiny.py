@@ -1,0 +1,18 @@
+# Supervised fine-tuning of the tiny pretrained model on the built-in task suite (identity,
+# arithmetic, code, chat), on a laptop CPU in a few minutes.
+#   python sft.py config/sft_tiny.py
+init_from = 'out-tiny'
+out_dir = 'out-sft'
+eval_interval = 200
+eval_items_per_task = 100
+log_interval = 20
+wandb_run_name = 'sft-tiny'
+
+max_seq_len = 192
+packing = True
+batch_size = 16
+max_iters = 1000
+learning_rate = 1e-3
+min_lr = 1e-4
+warmup_iters = 50
+lr_decay_iters = 1000
