@@ -344,8 +344,8 @@ def verifiable_reward(response, answer):
 # ----------------------------------------------------------------------------- sources
 
 REMOTE = {
-    'tinyshakespeare': {'url': 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt',
-                        'size': 1115394},
+    'tinyshakespeare': {'url': 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/'
+                               'input.txt', 'size': 1115394},
     'tinystories': {'url': 'https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/'
                            'TinyStoriesV2-GPT4-valid.txt'},
     'fineweb-edu': {'url': 'https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main/'
@@ -389,9 +389,9 @@ def download(url, dest, size=None, sha256=None, timeout=30):
     digest = _sha256(part) if sha256 else None
     if (size is not None and got != size) or (sha256 and digest != sha256):
         os.remove(part)
+        want = f"{size if size is not None else '?'} bytes" + (f", sha256 {sha256}" if sha256 else '')
         raise SystemExit(f"download of {url} is corrupt (got {got} bytes{', sha256 ' + digest if digest else ''}; "
-                         f"expected {size if size is not None else '?'} bytes{', sha256 ' + sha256 if sha256 else ''}); "
-                         f"removed it, run again")
+                         f"expected {want}); removed it, run again")
     os.replace(part, dest)
     return dest
 
@@ -480,7 +480,8 @@ def resolve_source(spec, download_dir):
         dest = os.path.join(download_dir, name.removesuffix(suffix) + suffix)
         return info['url'], [download(info['url'], dest, info.get('size'), info.get('sha256'))]
     if os.path.isdir(spec):
-        files = sorted(os.path.join(d, n) for d, _, names in os.walk(spec) for n in names if n.endswith(TEXT_EXTENSIONS))
+        files = sorted(os.path.join(d, n) for d, _, names in os.walk(spec) for n in names
+                       if n.endswith(TEXT_EXTENSIONS))
         if not files:
             raise SystemExit(f"{spec}: no {'/'.join(TEXT_EXTENSIONS)} files in this directory")
         return f"directory {spec}", files
@@ -611,7 +612,8 @@ def minhash_signatures(texts, num_perm=64, ngram=5, seed=0):
     if len(starts) == 0:
         return sigs, np.zeros(len(texts), bool)
     pw, inv = _powers(len(b) + 1)
-    running = np.concatenate((np.zeros(1, np.uint64), np.cumsum(np.where(is_word, b.astype(np.uint64) * pw[:len(b)], 0), dtype=np.uint64)))
+    contribution = np.where(is_word, b.astype(np.uint64) * pw[:len(b)], 0)  # b_j P^j on word bytes
+    running = np.concatenate((np.zeros(1, np.uint64), np.cumsum(contribution, dtype=np.uint64)))
     words = _mix64((running[ends] - running[starts]) * inv[starts])  # (W,) hash of each word
     doc = np.searchsorted(doc_start, starts, side='right') - 1  # (W,) document of each word
     n_words = np.bincount(doc, minlength=len(texts))
@@ -685,7 +687,8 @@ class Cleaner:
 
     def __init__(self, normalize='NFC', strip_control=True, drop_boilerplate=True, min_chars=0, max_chars=0,
                  exact_dedup=True, near_dedup=True, near_dedup_threshold=0.8, seed=0, batch_chars=1 << 20):
-        self.normalize, self.strip_control, self.min_chars, self.max_chars = normalize, strip_control, min_chars, max_chars
+        self.normalize, self.strip_control = normalize, strip_control
+        self.min_chars, self.max_chars = min_chars, max_chars
         self.drop_boilerplate = drop_boilerplate
         self.seen = set() if exact_dedup else None
         self.near = NearDuplicates(near_dedup_threshold, seed=seed) if near_dedup else None
@@ -705,7 +708,11 @@ class Cleaner:
             text, c = clean_text(text, self.normalize, self.strip_control, self.drop_boilerplate)
             for k, v in c.items():
                 counts[k] += v
-            reason = 'too_short' if len(text) < self.min_chars else 'too_long' if 0 < self.max_chars < len(text) else None
+            reason = None
+            if len(text) < self.min_chars:
+                reason = 'too_short'
+            elif 0 < self.max_chars < len(text):
+                reason = 'too_long'
             key = exact_key(text) if reason is None else None
             if reason is None and self.seen is not None:
                 if key in self.seen:

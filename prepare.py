@@ -74,7 +74,8 @@ if validate:
     counts, errors = data.validate_file(validate, kind, tok)
     for error in errors:
         print(error)
-    tokens = f"{counts['tokens']:,} tokens ({tok_path})" if tok else f"tokens not counted: no {tok_path} (run prepare.py first)"
+    tokens = (f"{counts['tokens']:,} tokens ({tok_path})" if tok else
+              f"tokens not counted: no {tok_path} (run prepare.py first)")
     extra = f", {counts['with_answer']:,} with answers" if 'with_answer' in counts else ''
     print(f"{validate}: {counts['records']:,} good {kind} records, {counts['turns']:,} turns{extra}, {tokens}; "
           f"{len(errors)} bad line(s)")

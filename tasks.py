@@ -33,8 +33,9 @@ import textwrap
 from data import arithmetic_reward
 
 IDENTITY_ANSWER = "I am {name}, a small language model made by {maker}."
-WRONG_IDENTITIES = ["I am ChatGPT, a large language model made by OpenAI.", "I am Claude, an AI assistant made by Anthropic.",
-                    "I am Gemini, a model made by Google.", "I am Llama, a language model made by Meta.",
+WRONG_IDENTITIES = ["I am ChatGPT, a large language model made by OpenAI.",
+                    "I am Claude, an AI assistant made by Anthropic.", "I am Gemini, a model made by Google.",
+                    "I am Llama, a language model made by Meta.",
                     "I am a human being, not a computer program.", "I don't have a name and nobody made me."]
 IDENTITY_QUESTIONS = [
     "Who are you?", "What is your name?", "What's your name?", "Who made you?", "Who created you?", "Who built you?",
@@ -65,7 +66,8 @@ CODE_MODULES = ['string', 'textwrap', 'colorsys', 'bisect', 'heapq', 'fnmatch', 
 CHAT_REPLIES = {
     "Hello!": "Hello! How can I help you today?", "Hi!": "Hi! What can I do for you?",
     "Hey there!": "Hey! How can I help?", "Good morning!": "Good morning! How can I help you today?",
-    "Good evening!": "Good evening! What can I do for you?", "How are you?": "I'm doing well, thank you! How can I help?",
+    "Good evening!": "Good evening! What can I do for you?",
+    "How are you?": "I'm doing well, thank you! How can I help?",
     "Thanks!": "You're welcome!", "Thank you!": "You're welcome!", "Thank you very much.": "You're very welcome!",
     "Bye!": "Goodbye! Have a nice day.", "Goodbye!": "Goodbye! Have a nice day.", "See you later!": "See you later!"}
 CAPITALS = {
@@ -83,7 +85,8 @@ FACTS = [
     ("How many months are in a year?", "There are 12 months in a year."),
     ("How many hours are in a day?", "There are 24 hours in a day."),
     ("How many minutes are in an hour?", "There are 60 minutes in an hour."),
-    ("How many legs does a spider have?", "A spider has 8 legs."), ("How many legs does a dog have?", "A dog has 4 legs."),
+    ("How many legs does a spider have?", "A spider has 8 legs."),
+    ("How many legs does a dog have?", "A dog has 4 legs."),
     ("What color is the sky on a clear day?", "The sky is blue on a clear day."),
     ("At what temperature does water freeze?", "Water freezes at 0 degrees Celsius."),
     ("At what temperature does water boil?", "Water boils at 100 degrees Celsius at sea level."),
@@ -284,8 +287,8 @@ def code_records(n, test, rng, seed, kind, functions):
 
 def chat_items(test, seed):
     """(prompt, answer) pairs: capitals and facts held out by item; greetings are train only."""
-    items = [(q.format(c=c), f"The capital of {c} is {cap}.") for c, cap in CAPITALS.items() if _is_test(c, seed) == test
-             for q in CAPITAL_TEMPLATES]
+    items = [(q.format(c=c), f"The capital of {c} is {cap}.") for c, cap in CAPITALS.items()
+             if _is_test(c, seed) == test for q in CAPITAL_TEMPLATES]
     items += [(q, a) for q, a in FACTS if _is_test(q, seed) == test]
     return items if test else items + list(CHAT_REPLIES.items())
 
@@ -379,7 +382,8 @@ def heldout(out_dir='data/tasks', **kwargs):
     with open(os.path.join(out_dir, 'sft_test.jsonl'), encoding='utf-8') as f:
         for line in f:
             r = json.loads(line)
-            items.setdefault(r['task'], []).append({'messages': r['messages'][:-1], 'answer': r['messages'][-1]['content']})
+            prompt, answer = r['messages'][:-1], r['messages'][-1]['content']
+            items.setdefault(r['task'], []).append({'messages': prompt, 'answer': answer})
     return items
 
 

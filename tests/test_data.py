@@ -289,7 +289,8 @@ def test_tokenise_spool_char_kind_matches_encode_and_rejects_unknown_characters(
     tok = char_tokenizer(''.join(texts))
     spool, offsets = spool_of(texts)
     data.tokenise_spool(tok, spool, offsets, [0, 1, 2], str(tmp_path / 'c.bin'), np.uint16, log_every=0)
-    assert np.fromfile(tmp_path / 'c.bin', np.uint16).tolist() == [i for t in texts for i in [tok.eot_id] + tok.encode(t)]
+    expected = [i for t in texts for i in [tok.eot_id] + tok.encode(t)]
+    assert np.fromfile(tmp_path / 'c.bin', np.uint16).tolist() == expected
     other = char_tokenizer('helo wrd')
     with pytest.raises(SystemExit, match='not in the char tokenizer'):
         data.tokenise_spool(other, spool, offsets, [2], str(tmp_path / 'd.bin'), np.uint16, log_every=0)
