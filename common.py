@@ -252,3 +252,33 @@ def format_eta(seconds):
     seconds = int(max(0, seconds))
     h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+# ----------------------------------------------------------------------------- preference pairs
+
+def encode_reply(tokenizer, prompt_messages, reply):
+    """(ids, prompt length): the rendered prompt (ending in the assistant header), then the reply
+    and its <|im_end|>, laid out as render_chat lays out an assistant turn."""
+    prompt = tokenizer.render_prompt(prompt_messages)
+    return prompt + tokenizer.encode(reply) + [tokenizer.im_end_id], len(prompt)
+
+
+def encode_pairs(tokenizer, pairs, max_len):
+    """Preference pairs [{'prompt_messages', 'chosen', 'rejected'}] -> tensors, built once:
+    ids (N, 2, max_len) with [chosen, rejected] right-padded, prompt_len (N,), length (N, 2),
+    and the indices of the pairs kept. A pair whose longer answer does not fit in max_len is
+    dropped, not cut: cutting could remove the very tokens that tell the two answers apart."""
+    rows, prompt_lens, kept = [], [], []
+    for i, pair in enumerate(pairs):
+        (c, n), (r, _) = (encode_reply(tokenizer, pair['prompt_messages'], pair[k]) for k in ('chosen', 'rejected'))
+        if max(len(c), len(r)) <= max_len:
+            rows.append((c, r))
+            prompt_lens.append(n)
+            kept.append(i)
+    ids = torch.full((len(rows), 2, max_len), tokenizer.pad_id, dtype=torch.long)
+    length = torch.zeros((len(rows), 2), dtype=torch.long)
+    for i, pair in enumerate(rows):
+        for j, seq in enumerate(pair):
+            ids[i, j, :len(seq)] = torch.tensor(seq)
+            length[i, j] = len(seq)
+    return ids, torch.tensor(prompt_lens, dtype=torch.long), length, kept
