@@ -1,0 +1,434 @@
+"""
+RL fine-tuning from an SFT checkpoint: PPO (Schulman et al. 2017, with the RLHF recipe of Ziegler
+et al. 2019 and TRL's PPOTrainer) or GRPO (Shao et al. 2024).
+    python ppo.py config/ppo_tiny.py                        # from out-sft, on the built-in arithmetic prompts
+    python ppo.py config/grpo_tiny.py
+    torchrun --standalone --nproc_per_node=8 ppo.py config/ppo_small.py
+
+One iteration:
+  1. rollout   batch_size prompts x num_generations samples through the KV-cache generator
+  2. score     the verifiable reward and/or the reward model at the end of each response,
+               weighted; missing_eos_penalty off a response that never emits <|im_end|>
+  3. forward   log-probs of the sampled tokens under the policy (in training mode, dropout off:
+               exactly what the update recomputes) and the frozen reference; the critic's values
+  4. advantage PPO: per-token reward = -kl_coef * KL_t, + the score at the last token; GAE; whitened.
+               GRPO: the score against its prompt's group; the KL goes into the loss instead
+  5. update    ppo_epochs passes over num_minibatches shuffled minibatches: clipped policy loss,
+               clipped value loss, entropy bonus, grad clipping; stops early past target_kl
+The math is in rl.py; this file is the loop. Metrics carry TRL's names (objective/kl, ...).
+"""
+
+import json
+import math
+import os
+import time
+
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import common
+import data
+import evals
+import rl
+import tasks
+from generate import GenerationConfig, generate_ids, pad_prompts, ragged_inputs
+
+# ----------------------------------------------------------------------------- config
+# I/O
+out_dir = 'out-ppo'
+init_from = 'out-sft'  # an SFT out_dir (the policy and the frozen reference); 'resume' continues out_dir
+eval_interval = 20  # iterations (one iteration = one rollout batch and its update)
+log_interval = 1
+eval_items_per_task = 200  # held-out items per task, greedy (0 = skip)
+eval_tasks = 'arithmetic'  # comma-separated tasks of the suite to evaluate; '' = all
+wandb_log = False
+wandb_project = 'mini-llm'
+wandb_run_name = 'ppo'
+algorithm = 'ppo'  # 'ppo' | 'grpo'
+# data
+rl_file = ''  # RL prompts JSONL (docs/data.md); '' = the built-in arithmetic prompts (data/tasks/rl_train.jsonl)
+data_root = 'data'
+skip_bad_lines = False
+# reward: score = verifiable_weight * exact match + reward_model_weight * RM score - missing_eos_penalty
+verifiable_weight = 1.0  # data.verifiable_reward: the final number (or the text answer) is right
+reward_model = ''  # a reward-model out_dir (reward.py); '' = none
+reward_model_weight = 1.0
+missing_eos_penalty = 1.0  # a response cut off at max_new_tokens never answered
+# rollout
+batch_size = 32  # prompts per iteration per rank
+num_generations = 1  # samples per prompt; GRPO needs >= 2 (its baseline is the group mean)
+max_new_tokens = 16  # arithmetic answers are 1-4 tokens and <|im_end|>
+temperature = 1.0
+top_k = 0
+top_p = 1.0
+# KL to the reference
+kl_coef = 0.05  # beta: PPO puts -beta * KL_t in the per-token reward, GRPO beta * KL in the loss
+kl_estimator = 'k1'  # 'k1' (log-ratio) | 'k3' ((r - 1) - log r: unbiased and >= 0)
+kl_target = 0.0  # > 0: adapt kl_coef to keep the per-sequence KL near this (Ziegler et al. 2019)
+kl_horizon = 10000  # episodes over which the controller closes the gap
+# the update
+ppo_epochs = 4
+num_minibatches = 4  # optimizer steps per epoch
+micro_batch_size = 0  # rows per forward/backward (memory); 0 = a whole minibatch at once
+cliprange = 0.2
+cliprange_value = 0.2
+vf_coef = 0.1
+gamma = 1.0
+lam = 0.95
+whiten_rewards = False
+entropy_coef = 0.0  # > 0 rewards keeping the policy's entropy (exploration)
+target_kl = 0.0  # > 0: end an update early once a minibatch's approx KL to the rollout policy passes this
+loss_norm = 'token'  # 'token' (every token weighs the same) | 'sequence' (mean per response, then over responses)
+scale_rewards = True  # GRPO: divide by the group's std; False = mean-only (Dr. GRPO)
+# critic (PPO)
+critic_init = 'policy'  # 'policy' (the SFT weights) | 'reward' (the reward model's transformer)
+share_backbone = False  # the value head sits on the policy's transformer: one model, less memory
+# optimizer
+max_iters = 100
+learning_rate = 1e-5
+min_lr = 1e-6
+warmup_iters = 0
+lr_decay_iters = 100
+lr_schedule = 'constant'
+weight_decay = 0.0
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0
+# system
+device = 'auto'
+dtype = 'auto'
+compile = False
+seed = 1337
+exec(open('configurator.py').read())
+# -----------------------------------------------------------------------------
+
+if algorithm not in ('ppo', 'grpo'):
+    raise SystemExit(f"algorithm={algorithm!r}: use 'ppo' or 'grpo'")
+if algorithm == 'grpo' and num_generations < 2:
+    raise SystemExit("GRPO compares samples of the same prompt: set num_generations >= 2 (e.g. 8)")
+if not verifiable_weight and not reward_model:
+    raise SystemExit("no reward: set verifiable_weight > 0 or reward_model=<a reward-model out_dir>")
+
+# distributed setup and device
+ddp, rank, local_rank, world_size, device = common.setup_distributed(device)
+master = rank == 0
+device_type = 'cuda' if device.startswith('cuda') else device.split(':')[0]
+torch.manual_seed(seed + rank)  # each rank samples its own rollouts
+autocast, scaler, dtype = common.autocast_context(device_type, dtype)
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+
+# models: policy and frozen reference from the SFT checkpoint; the critic; the reward model
+resume = init_from == 'resume'
+ckpt = common.load_checkpoint(out_dir if resume else init_from)
+sft_dir = ckpt['config']['init_from'] if resume else init_from  # the reference stays the SFT model
+sft_ckpt = common.load_checkpoint(sft_dir) if resume else ckpt
+tokenizer = common.tokenizer_from_checkpoint(ckpt)
+# dropout off: the log-probs of the rollout and of the update's first minibatch must agree exactly
+policy = common.model_from_checkpoint(ckpt, dropout=0.0)
+reference = common.model_from_checkpoint(sft_ckpt, dropout=0.0).requires_grad_(False).eval()
+if max_new_tokens + 8 > policy.config.block_size:
+    raise SystemExit(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in block_size {policy.config.block_size}")
+
+
+def load_reward_model(path):
+    """(reward model, score function rows -> (B,) tensor) from a reward.py out_dir. Isolated here
+    until rewardmodel.py lands; the rest of the script only calls score(rows)."""
+    try:
+        import rewardmodel
+    except ImportError:
+        raise SystemExit("reward_model is set but rewardmodel.py is not in this checkout; "
+                         "use verifiable_weight only (reward_model='')") from None
+    rm, rm_tokenizer = rewardmodel.load(path, device=device)
+    if rm_tokenizer.identity != tokenizer.identity:
+        raise SystemExit(f"reward model {path} uses another tokenizer ({rm_tokenizer.identity}) than the policy "
+                         f"({tokenizer.identity}): train it from the same SFT/pretrain lineage")
+    return rm, lambda rows: rewardmodel.score(rm, rows, pad_id=tokenizer.pad_id)
+
+
+reward_net, rm_score = load_reward_model(reward_model) if reward_model else (None, None)
+critic, value_head = None, None
+if algorithm == 'ppo':
+    if not share_backbone:
+        critic = common.model_from_checkpoint(sft_ckpt, dropout=0.0)
+        if critic_init == 'reward':
+            if reward_net is None:
+                raise SystemExit("critic_init='reward' needs reward_model=<a reward-model out_dir>")
+            critic.load_state_dict(reward_net.backbone.state_dict())
+        elif critic_init != 'policy':
+            raise SystemExit(f"critic_init={critic_init!r}: use 'policy' or 'reward'")
+    value_head = nn.Linear(policy.config.n_embd, 1)
+    nn.init.zeros_(value_head.weight), nn.init.zeros_(value_head.bias)  # V = 0 until it learns
+    if critic_init == 'reward' and not resume:
+        value_head.load_state_dict(reward_net.head.state_dict())
+actor_critic = rl.ActorCritic(policy, critic, value_head)
+if resume:
+    actor_critic.load_state_dict({**{'policy.' + k: v for k, v in ckpt['model'].items()}, **ckpt['value']})
+actor_critic.to(device)
+reference.to(device)
+ref_model = rl.ActorCritic(reference)
+model_args = policy.config.to_dict()
+if master:
+    critic_desc = 'none' if algorithm == 'grpo' else 'shared backbone' if share_backbone else f'own transformer from {critic_init}'
+    print(f"{algorithm}: policy from {init_from} ({policy.get_num_params() / 1e6:.2f}M params), reference {sft_dir}, "
+          f"critic: {critic_desc}, reward: {verifiable_weight:g} x verifiable"
+          f"{f' + {reward_model_weight:g} x {reward_model}' if reward_model else ''}")
+
+# data: prompts rendered once as the chat prefix the policy continues
+task_dir = tasks.ensure_tasks(os.path.join(data_root, 'tasks'))  # generated once, offline
+prompts = data.load_rl(rl_file or os.path.join(task_dir, 'rl_train.jsonl'), skip_bad_lines=skip_bad_lines)
+for p in prompts:
+    p['ids'] = tokenizer.render_prompt(p['messages'])
+too_long = sum(len(p['ids']) + max_new_tokens > policy.config.block_size for p in prompts)
+prompts = [p for p in prompts if len(p['ids']) + max_new_tokens <= policy.config.block_size]
+if not prompts:
+    raise SystemExit(f"no prompt fits block_size {policy.config.block_size} with max_new_tokens={max_new_tokens}")
+task_items = {t: v for t, v in tasks.heldout(task_dir).items() if not eval_tasks or t in eval_tasks.split(',')}
+gen_config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                              stop_token_ids=(tokenizer.im_end_id, tokenizer.eot_id))
+special_ids = set(tokenizer.special_tokens.values())
+n_rollouts = batch_size * num_generations  # per rank
+minibatch_size = n_rollouts // num_minibatches
+if minibatch_size < 1 or n_rollouts % num_minibatches:
+    raise SystemExit(f"batch_size * num_generations = {n_rollouts} rollouts do not split into num_minibatches={num_minibatches}")
+micro = micro_batch_size or minibatch_size
+if master:
+    print(f"rl data: {len(prompts):,} prompts ({too_long} too long for block_size dropped); {n_rollouts} rollouts "
+          f"per rank per iteration, {ppo_epochs} epochs x {num_minibatches} minibatches of {minibatch_size}")
+
+
+def rows(x, index):
+    """Select rows of a per-row tensor; shared positions (L,) and a None mask pass through."""
+    return x if x is None or x.dim() == 1 else x[index]
+
+
+def forward_all(m, ids, positions, mask, n_query):
+    """Response log-probs (and values) for every rollout, micro-batch by micro-batch, no grad."""
+    logprobs, values = [], []
+    with torch.no_grad():
+        for index in torch.arange(len(ids), device=ids.device).split(micro):
+            with autocast:
+                logits, v = m(ids[index], rows(positions, index), rows(mask, index), n_query)
+            logprobs.append(rl.logprobs_from_logits(logits, ids[index, n_query:], temperature))
+            values.append(v)
+    return torch.cat(logprobs), None if values[0] is None else torch.cat(values)
+
+
+# optimizer
+iter_num, kl_coef_now = 0, kl_coef
+data_generator = torch.Generator().manual_seed(seed)
+params = [p for p in actor_critic.parameters() if p.requires_grad]
+optimizer = torch.optim.AdamW([{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
+                               {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}],
+                              lr=learning_rate, betas=(beta1, beta2), fused=device_type == 'cuda')
+if resume:
+    optimizer.load_state_dict(ckpt['optimizer'])
+    iter_num, kl_coef_now = ckpt['iter_num'], ckpt['kl_coef']
+    common.set_rng_state(ckpt['rng'], data_generator)
+ckpt = sft_ckpt = None
+
+# compile, then wrap in DDP
+model = actor_critic
+if compile:
+    model = torch.compile(model)
+if ddp:
+    model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
+
+
+def evaluate():
+    """Held-out task metrics by greedy generation (arith_acc = exact match of the final number)."""
+    return evals.task_metrics(policy, tokenizer, task_items, eval_items_per_task) if eval_items_per_task and task_items else {}
+
+
+def save(reason):
+    value_state = {k: v for k, v in actor_critic.state_dict().items() if not k.startswith('policy.')}
+    state = {'model': policy.state_dict(), 'value': value_state, 'optimizer': optimizer.state_dict(),
+             'model_args': model_args, 'iter_num': iter_num, 'kl_coef': kl_coef_now, 'best_val_loss': None,
+             'config': dict(config, init_from=sft_dir), 'tokenizer': tokenizer.spec,
+             'tokenizer_identity': tokenizer.identity, 'rng': common.rng_state(data_generator), 'stage': algorithm}
+    common.save_checkpoint(state, os.path.join(out_dir, 'ckpt.pt'))
+    print(f"saved checkpoint to {out_dir}/ckpt.pt at iteration {iter_num} ({reason})")
+
+
+def mean_all(x):
+    """Mean over ranks of a scalar tensor, as a float (a host sync: only once per iteration)."""
+    if ddp:
+        x = x.clone()
+        torch.distributed.all_reduce(x)
+        x /= world_size
+    return x.item()
+
+
+if master:
+    with open(os.path.join(out_dir, 'config.json'), 'w') as f:
+        json.dump(config, f, indent=2)
+wandb_run = common.init_wandb(wandb_log and master, wandb_project, wandb_run_name, config)
+stop_flag = common.StopFlag()
+
+# the training loop
+t_start = time.time()
+iter_start, history_path = iter_num, os.path.join(out_dir, 'history.jsonl')
+while True:
+    lr = common.get_lr(iter_num, learning_rate, min_lr, warmup_iters, lr_decay_iters, lr_schedule)
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+
+    # evaluate and checkpoint
+    if iter_num % eval_interval == 0 or iter_num >= max_iters:
+        metrics = evaluate() if master else {}
+        if master and metrics:
+            print(f"eval at iteration {iter_num}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            with open(history_path, 'a') as f:
+                f.write(json.dumps({'iter': iter_num, **metrics, 'time': time.time() - t_start}) + '\n')
+            if wandb_run:
+                wandb_run.log(metrics, step=iter_num)
+        if master and iter_num > iter_start:
+            save('final' if iter_num >= max_iters else 'eval')
+    if iter_num >= max_iters:
+        break
+    t0 = time.time()
+
+    # 1. rollout: every rank draws the same prompt indices and keeps its row
+    ix = torch.randint(len(prompts), (world_size, batch_size), generator=data_generator)[rank]
+    batch = [prompts[i] for i in ix.tolist() for _ in range(num_generations)]  # a prompt's samples adjacent
+    query, query_pad = pad_prompts([p['ids'] for p in batch], tokenizer.pad_id, device)  # (N, Tq), left-padded
+    policy.eval()
+    gen = generate_ids(policy, [p['ids'] for p in batch], gen_config, tokenizer.pad_id)
+    policy.train()
+    response, mask = gen.tokens, gen.mask  # (N, R): pad after each response's end
+    ids = torch.cat([query, response], dim=1)  # (N, L)
+    Tq, L = query.size(1), ids.size(1)
+    positions, attn_mask, _ = ragged_inputs(query_pad, L, L)  # per-row positions, pads hidden
+    t_rollout = time.time() - t0
+
+    # 2. score each response
+    texts = [tokenizer.decode([t for t in r if t not in special_ids]) for r in gen.rows()]
+    verifiable = torch.tensor([data.verifiable_reward(t, p['answer']) for t, p in zip(texts, batch)], device=device)
+    scores = verifiable_weight * verifiable
+    if reward_net is not None:
+        scores = scores + reward_model_weight * rm_score([q[p:].tolist() + r for q, p, r in zip(query, query_pad, gen.rows())])
+    scores = scores - missing_eos_penalty * (~gen.stopped).float()
+
+    # 3. log-probs under the policy as it is now (the update's starting point) and the reference
+    old_logprobs, values = forward_all(model, ids, positions, attn_mask, Tq)  # (N, R) each
+    ref_logprobs, _ = forward_all(ref_model, ids, positions, attn_mask, Tq)
+    kl = rl.kl_penalty(old_logprobs, ref_logprobs, kl_estimator) * mask  # (N, R)
+
+    # 4. advantages
+    if algorithm == 'ppo':
+        rewards = -kl_coef_now * kl
+        rewards[torch.arange(len(ids), device=device), rl.last_token_index(mask)] += scores
+        if whiten_rewards:
+            rewards = rl.masked_whiten(rewards, mask, shift_mean=False)
+        advantages, returns = rl.gae(rewards, values, mask, gamma, lam)
+        advantages = rl.masked_whiten(advantages, mask)
+    else:
+        advantages = rl.group_advantages(scores, num_generations, scale_rewards)[:, None] * mask  # (N, R)
+
+    # 5. the update: ppo_epochs passes over shuffled minibatches
+    stats = {k: torch.zeros((), device=device) for k in ('approxkl', 'clipfrac', 'pg', 'vf', 'vf_clipfrac', 'entropy', 'ratio', 'tokens')}
+    n_steps, stopped_early = 0, False
+    for epoch in range(ppo_epochs):
+        order = torch.randperm(len(ids), generator=data_generator).to(device)
+        for mb in order.split(minibatch_size):
+            mb_tokens, mb_kl = mask[mb].sum(), torch.zeros((), device=device)
+            micro_batches = mb.split(micro)
+            for k, index in enumerate(micro_batches):
+                if ddp:
+                    model.require_backward_grad_sync = k == len(micro_batches) - 1
+                m = mask[index]
+                with autocast:
+                    logits, vpred = model(ids[index], rows(positions, index), rows(attn_mask, index), Tq)
+                logprobs = rl.logprobs_from_logits(logits, response[index], temperature)
+                pg, clipped = rl.policy_loss(logprobs, old_logprobs[index], advantages[index], cliprange)
+                loss = rl.aggregate(pg, m, loss_norm, mb_tokens, len(mb))
+                if vpred is not None:
+                    vf, vf_clipped = rl.value_loss(vpred, values[index], returns[index], cliprange_value)
+                    loss = loss + vf_coef * rl.aggregate(vf, m, loss_norm, mb_tokens, len(mb))
+                    stats['vf'] += (vf.detach() * m).sum()
+                    stats['vf_clipfrac'] += (vf_clipped * m).sum()
+                if algorithm == 'grpo' and kl_coef_now:
+                    loss = loss + kl_coef_now * rl.aggregate(rl.kl_penalty(logprobs, ref_logprobs[index], kl_estimator),
+                                                             m, loss_norm, mb_tokens, len(mb))
+                with torch.set_grad_enabled(entropy_coef > 0):
+                    entropy = rl.entropy_from_logits(logits)  # (n, R)
+                if entropy_coef:
+                    loss = loss - entropy_coef * rl.aggregate(entropy, m, loss_norm, mb_tokens, len(mb))
+                scaler.scale(loss).backward()
+                log_ratio = (logprobs - old_logprobs[index]).detach()
+                approxkl = (0.5 * log_ratio ** 2 * m).sum()  # 0.5 (log r)^2, as TRL
+                mb_kl += approxkl
+                for name, x in (('approxkl', approxkl), ('clipfrac', (clipped * m).sum()), ('pg', (pg.detach() * m).sum()),
+                                ('entropy', (entropy.detach() * m).sum()), ('ratio', (log_ratio.exp() * m).sum()),
+                                ('tokens', m.sum())):
+                    stats[name] += x
+            if grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            n_steps += 1
+            if target_kl and mean_all(mb_kl / mb_tokens) > target_kl:  # a host sync, only when asked for
+                stopped_early = True
+                break
+        if stopped_early:
+            break
+    iter_num += 1
+
+    # the adaptive KL controller sees this batch's mean per-sequence KL
+    kl_per_seq = mean_all(kl.sum(1).mean())
+    kl_coef_used = kl_coef_now
+    if kl_target:
+        kl_coef_now = rl.adaptive_kl_coef(kl_coef_now, kl_per_seq, kl_target, n_rollouts * world_size, kl_horizon)
+
+    # log
+    if iter_num % log_interval == 0 or iter_num >= max_iters:
+        n_tok = stats.pop('tokens').clamp(min=1)
+        score_mean = mean_all(scores.mean())
+        metrics = {
+            'objective/kl': kl_per_seq,
+            'objective/entropy': mean_all((-old_logprobs * mask).sum(1).mean()),
+            'objective/non_score_reward': -kl_coef_used * kl_per_seq,
+            'objective/rlhf_reward': score_mean - kl_coef_used * kl_per_seq,
+            'objective/scores': score_mean,
+            'objective/verifiable': mean_all(verifiable.mean()),  # exact-match rate of the samples
+            'policy/approxkl_avg': mean_all(stats['approxkl'] / n_tok),
+            'policy/clipfrac_avg': mean_all(stats['clipfrac'] / n_tok),
+            'policy/entropy_avg': mean_all(stats['entropy'] / n_tok),
+            'loss/policy_avg': mean_all(stats['pg'] / n_tok),
+            'val/ratio': mean_all(stats['ratio'] / n_tok),
+            'val/num_eos_tokens': mean_all(gen.stopped.float().sum()) * world_size,
+            'val/response_length': mean_all(mask.float().sum(1).mean()),
+            'kl_coef': kl_coef_used, 'lr': lr, 'update_steps': n_steps,
+            'episode': iter_num * n_rollouts * world_size,
+        }
+        if algorithm == 'ppo':
+            metrics.update({'loss/value_avg': mean_all(stats['vf'] / n_tok), 'val/clipfrac_avg': mean_all(stats['vf_clipfrac'] / n_tok)})
+        if not all(math.isfinite(metrics[k]) for k in ('objective/scores', 'loss/policy_avg', 'objective/kl')):
+            raise SystemExit(f"non-finite loss or reward at iteration {iter_num}: stopping; the last good checkpoint is intact")
+        dt = time.time() - t0
+        if master:
+            print(f"iter {iter_num}: score {score_mean:.3f}, kl {kl_per_seq:.4f}, entropy {metrics['objective/entropy']:.2f}, "
+                  f"len {metrics['val/response_length']:.1f}, approxkl {metrics['policy/approxkl_avg']:.4f}, "
+                  f"clipfrac {metrics['policy/clipfrac_avg']:.3f}, pg {metrics['loss/policy_avg']:.4f}"
+                  + (f", vf {metrics['loss/value_avg']:.4f}" if algorithm == 'ppo' else '')
+                  + (' (early stop)' if stopped_early else '')
+                  + f", lr {lr:.1e}, {dt * 1000:.0f} ms/iter (rollout {100 * t_rollout / dt:.0f}%), "
+                  f"eta {common.format_eta((max_iters - iter_num) * dt)}")
+            with open(history_path, 'a') as f:
+                f.write(json.dumps({'iter': iter_num, **metrics, 'time': time.time() - t_start}) + '\n')
+            if wandb_run:
+                wandb_run.log(metrics, step=iter_num)
+
+    if stop_flag.should_stop(ddp, device):
+        if master:
+            save('interrupted')
+        break
+
+if master:
+    print(f"done: {iter_num} iterations in {time.time() - t_start:.1f} s")
+    if wandb_run:
+        wandb_run.finish()
+common.cleanup_distributed(ddp)

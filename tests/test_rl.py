@@ -1,0 +1,177 @@
+"""rl.py: the RL math against hand-computed values and exact expectations, and the model-facing
+forward against the KV-cache rollout it must agree with."""
+
+import math
+
+import pytest
+import torch
+
+import rl
+from generate import GenerationConfig, generate_ids, pad_prompts, ragged_inputs
+from model import GPT, GPTConfig
+
+
+def test_gae_matches_hand_computed_example():
+    # row 0: gamma 0.9, lam 0.5, reward 1 at the end
+    #   deltas: t2 = 1 + 0 - 0.7 = 0.3;  t1 = 0 + 0.9 * 0.7 - 0.6 = 0.03;  t0 = 0.9 * 0.6 - 0.5 = 0.04
+    #   A2 = 0.3;  A1 = 0.03 + 0.45 * 0.3 = 0.165;  A0 = 0.04 + 0.45 * 0.165 = 0.11425
+    # row 1: one real token, then padding whose values (9.0) must not leak in: A0 = 2 - 0.5
+    rewards = torch.tensor([[0.0, 0.0, 1.0], [2.0, 0.0, 0.0]])
+    values = torch.tensor([[0.5, 0.6, 0.7], [0.5, 9.0, 9.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]], dtype=torch.bool)
+    advantages, returns = rl.gae(rewards, values, mask, gamma=0.9, lam=0.5)
+    torch.testing.assert_close(advantages, torch.tensor([[0.11425, 0.165, 0.3], [1.5, 0.0, 0.0]]))
+    torch.testing.assert_close(returns, torch.tensor([[0.61425, 0.765, 1.0], [2.0, 0.0, 0.0]]))
+
+
+def test_gae_with_lambda_one_is_the_discounted_return_minus_value():
+    torch.manual_seed(0)
+    rewards, values = torch.randn(3, 6), torch.randn(3, 6)
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    advantages, returns = rl.gae(rewards, values, mask, gamma=0.8, lam=1.0)
+    expected = torch.stack([sum(0.8 ** (k - t) * rewards[:, k] for k in range(t, 6)) for t in range(6)], dim=1)
+    torch.testing.assert_close(returns, expected)
+
+
+def test_whitening_gives_zero_mean_unit_variance_on_real_tokens_only():
+    x = torch.tensor([[2.0, 4.0, 6.0, 100.0]])
+    mask = torch.tensor([[1, 1, 1, 0]], dtype=torch.bool)
+    torch.testing.assert_close(rl.masked_whiten(x, mask), torch.tensor([[-1.0, 0.0, 1.0, 0.0]]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(rl.masked_whiten(x, mask, shift_mean=False), torch.tensor([[3.0, 4.0, 5.0, 0.0]]),
+                               atol=1e-6, rtol=0)
+
+
+def test_clipped_policy_loss_matches_hand_computed_values():
+    # ratio 1.5 and 0.5 with advantage +1 and -1, eps = 0.2:
+    #   A=+1, r=1.5: max(-1.5, -1.2) = -1.2 (clipped: no incentive past 1.2)
+    #   A=+1, r=0.5: max(-0.5, -0.8) = -0.5 (unclipped: the pessimistic bound)
+    #   A=-1, r=1.5: max( 1.5,  1.2) =  1.5 (unclipped)
+    #   A=-1, r=0.5: max( 0.5,  0.8) =  0.8 (clipped)
+    old = torch.zeros(4)
+    new = torch.log(torch.tensor([1.5, 0.5, 1.5, 0.5])).requires_grad_()
+    advantages = torch.tensor([1.0, 1.0, -1.0, -1.0])
+    loss, clipped = rl.policy_loss(new, old, advantages, cliprange=0.2)
+    torch.testing.assert_close(loss, torch.tensor([-1.2, -0.5, 1.5, 0.8]))
+    assert clipped.tolist() == [True, False, False, True]
+    loss.sum().backward()  # d/dlogp (-A r) = -A r where unclipped; 0 where clipped
+    torch.testing.assert_close(new.grad, torch.tensor([0.0, -0.5, 1.5, 0.0]))
+
+
+def test_clipped_value_loss_matches_hand_computed_values():
+    # V_old = 1, R = 2, eps_v = 0.2.  V = 1.5: clipped to 1.2; max(0.25, 0.64) = 0.64 -> 0.32
+    #                                 V = 1.1: inside the clip;  (1.1 - 2)^2 = 0.81   -> 0.405
+    #                                 V = 0.5: clipped to 0.8;  max(2.25, 1.44) = 2.25 -> 1.125
+    values = torch.tensor([1.5, 1.1, 0.5])
+    loss, clipped = rl.value_loss(values, torch.ones(3), torch.full((3,), 2.0), cliprange_value=0.2)
+    torch.testing.assert_close(loss, torch.tensor([0.32, 0.405, 1.125]))
+    assert clipped.tolist() == [True, False, False]
+
+
+def test_kl_estimators_average_to_the_exact_kl():
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    q = torch.tensor([0.25, 0.25, 0.25, 0.25])
+    exact = (p * (p / q).log()).sum()
+    logp, logq = p.log(), q.log()
+    for estimator in ('k1', 'k3'):
+        k = rl.kl_penalty(logp, logq, estimator)  # the estimate at each outcome x
+        torch.testing.assert_close((p * k).sum(), exact)  # E_{x~p}[k(x)] = KL(p || q): unbiased
+    assert (rl.kl_penalty(logp, logq, 'k1') < 0).any() and (rl.kl_penalty(logp, logq, 'k3') >= 0).all()
+    # and from samples, as in training: both close to the exact value, k3 with less spread
+    x = torch.multinomial(p, 200_000, replacement=True, generator=torch.Generator().manual_seed(0))
+    k1, k3 = rl.kl_penalty(logp[x], logq[x], 'k1'), rl.kl_penalty(logp[x], logq[x], 'k3')
+    assert abs(k1.mean() - exact) < 0.01 and abs(k3.mean() - exact) < 0.01
+    assert k3.std() < k1.std()
+
+
+def test_adaptive_kl_controller_moves_towards_the_target():
+    assert rl.adaptive_kl_coef(0.1, 6.0, 6.0, 100, 1000) == pytest.approx(0.1)
+    assert rl.adaptive_kl_coef(0.1, 12.0, 6.0, 100, 1000) == pytest.approx(0.1 * (1 + 0.2 * 0.1))  # error clipped at 0.2
+    assert rl.adaptive_kl_coef(0.1, 5.4, 6.0, 100, 1000) == pytest.approx(0.1 * (1 - 0.1 * 0.1))
+
+
+def test_grpo_advantages_sum_to_zero_per_group():
+    scores = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 3.0, 1.0, 2.0, 2.0])
+    for scale in (True, False):
+        a = rl.group_advantages(scores, group_size=4, scale=scale).view(3, 4)
+        torch.testing.assert_close(a.sum(1), torch.zeros(3), atol=1e-6, rtol=0)
+    a = rl.group_advantages(scores, group_size=4, scale=True).view(3, 4)
+    assert a[1].abs().max() == 0  # a group that all scored the same teaches nothing (and gives no NaN)
+    std = math.sqrt(4 * 0.25 / 3)  # unbiased std of [1, 0, 0, 1]
+    torch.testing.assert_close(a[0], torch.tensor([0.5, -0.5, -0.5, 0.5]) / (std + 1e-4))
+    torch.testing.assert_close(rl.group_advantages(scores, 4, scale=False).view(3, 4)[2], torch.tensor([1.0, -1.0, 0.0, 0.0]))
+
+
+def test_token_and_sequence_loss_normalisation():
+    loss = torch.tensor([[1.0, 1.0, 1.0, 1.0], [3.0, 7.0, 7.0, 7.0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.bool)
+    assert rl.aggregate(loss, mask, 'token').item() == pytest.approx(7 / 5)  # every token weighs the same
+    assert rl.aggregate(loss, mask, 'sequence').item() == pytest.approx((1 + 3) / 2)  # every response does
+    for mode in ('token', 'sequence'):  # micro-batches add up to the minibatch
+        parts = sum(rl.aggregate(loss[i:i + 1], mask[i:i + 1], mode, n_tokens=mask.sum(), n_seqs=2) for i in range(2))
+        assert parts.item() == pytest.approx(rl.aggregate(loss, mask, mode).item())
+
+
+# ----------------------------------------------------------------------------- the model-facing forward
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=40, block_size=64, n_layer=2, n_head=2, n_embd=32))
+
+
+def rollout(model, prompts, cfg, pad_id=0):
+    """What ppo.py does: sample with the cache, then lay out prompt + response for a full forward."""
+    gen = generate_ids(model.eval(), prompts, cfg, pad_id)
+    query, pad = pad_prompts(prompts, pad_id, 'cpu')
+    ids = torch.cat([query, gen.tokens], dim=1)
+    positions, mask, _ = ragged_inputs(pad, ids.size(1), ids.size(1))
+    return gen, ids, positions, mask, query.size(1)
+
+
+def test_rollout_logprobs_with_the_cache_equal_a_full_forward_without_it():
+    model = tiny_model()
+    prompts = [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10]]  # ragged: left-padded
+    cfg = GenerationConfig(max_new_tokens=10, temperature=1.0, stop_token_ids=(39,), seed=0)
+    gen, ids, positions, mask, Tq = rollout(model, prompts, cfg)
+    logits, _ = rl.ActorCritic(model.train())(ids, positions, mask, Tq)
+    full = rl.logprobs_from_logits(logits, gen.tokens)
+    torch.testing.assert_close(full * gen.mask, gen.logprobs, atol=1e-5, rtol=1e-5)
+    # greedy tokens equal the no-cache decode of each prompt alone
+    greedy = generate_ids(model.eval(), prompts, GenerationConfig(max_new_tokens=8, temperature=0.0))
+    for p, tokens in zip(prompts, greedy.tokens):
+        alone = model.generate(torch.tensor([p]), 8, temperature=0, use_cache=False)[0, len(p):]
+        assert tokens.tolist() == alone.tolist()
+
+
+def test_first_minibatch_has_ratio_one_and_no_gradient_from_clipping():
+    model = tiny_model()
+    head = torch.nn.Linear(32, 1)
+    ac = rl.ActorCritic(model, None, head)
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10]] * 2
+    gen, ids, positions, mask, Tq = rollout(model, prompts, GenerationConfig(max_new_tokens=6, seed=1))
+    ac.train()
+    with torch.no_grad():  # the rollout's log-probs, whole batch at once
+        old = rl.logprobs_from_logits(ac(ids, positions, mask, Tq)[0], gen.tokens)
+    advantages = torch.randn(old.shape) * gen.mask
+    index = torch.tensor([5, 0, 2])  # a shuffled minibatch
+    logits, _ = ac(ids[index], positions[index], mask[index], Tq)
+    new = rl.logprobs_from_logits(logits, gen.tokens[index])
+    m = gen.mask[index]
+    ratio = torch.exp(new - old[index])[m]
+    torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=1e-5, rtol=0)
+    loss, clipped = rl.policy_loss(new, old[index], advantages[index], cliprange=0.2)
+    assert not clipped[m].any()
+    grad_clipped = torch.autograd.grad(rl.aggregate(loss, m), model.transformer.wte.weight, retain_graph=True)[0]
+    surrogate = -advantages[index] * torch.exp(new - old[index])  # the objective without clipping
+    grad_plain = torch.autograd.grad(rl.aggregate(surrogate, m), model.transformer.wte.weight)[0]
+    torch.testing.assert_close(grad_clipped, grad_plain)
+    assert grad_plain.abs().sum() > 0
+
+
+def test_shared_backbone_values_come_from_the_policy_hidden_states():
+    model = tiny_model()
+    head = torch.nn.Linear(32, 1)
+    ids = torch.randint(0, 40, (2, 9))
+    logits, values = rl.ActorCritic(model, None, head)(ids, n_query=4)
+    h, _ = model.hidden_states(ids)
+    torch.testing.assert_close(values, head(h[:, 3:-1]).squeeze(-1))
+    torch.testing.assert_close(logits, model(ids)[0][:, 3:-1])
