@@ -176,7 +176,9 @@ if master:
           f"{f' + {reward_model_weight:g} x {reward_model}' if reward_model else ''}")
 
 # data: prompts rendered once as the chat prefix the policy continues
-task_dir = tasks.ensure_tasks(os.path.join(data_root, 'tasks'))  # generated once, offline
+task_dir = os.path.join(data_root, 'tasks')
+if not rl_file or eval_items_per_task:
+    tasks.ensure_tasks(task_dir)  # generated once, offline
 prompts = data.load_rl(rl_file or os.path.join(task_dir, 'rl_train.jsonl'), skip_bad_lines=skip_bad_lines)
 for p in prompts:
     p['ids'] = tokenizer.render_prompt(p['messages'])
@@ -184,7 +186,9 @@ too_long = sum(len(p['ids']) + max_new_tokens > policy.config.block_size for p i
 prompts = [p for p in prompts if len(p['ids']) + max_new_tokens <= policy.config.block_size]
 if not prompts:
     raise SystemExit(f"no prompt fits block_size {policy.config.block_size} with max_new_tokens={max_new_tokens}")
-task_items = {t: v for t, v in tasks.heldout(task_dir).items() if not eval_tasks or t in eval_tasks.split(',')}
+task_items = {}  # held-out items of the suite, for evaluate()
+if eval_items_per_task:
+    task_items = {t: v for t, v in tasks.heldout(task_dir).items() if not eval_tasks or t in eval_tasks.split(',')}
 gen_config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                               stop_token_ids=(tokenizer.im_end_id, tokenizer.eot_id))
 special_ids = set(tokenizer.special_tokens.values())
@@ -238,7 +242,7 @@ if ddp:
 
 def evaluate():
     """Held-out task metrics by greedy generation (arith_acc = exact match of the final number)."""
-    return evals.task_metrics(policy, tokenizer, task_items, eval_items_per_task) if eval_items_per_task and task_items else {}
+    return evals.task_metrics(policy, tokenizer, task_items, eval_items_per_task) if task_items else {}
 
 
 def save(reason):
