@@ -56,3 +56,28 @@ def tiny_data_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp('data')
     write_token_dataset(str(root / 'tiny'), tok, docs[:-1], docs[-1:])
     return str(root), 'tiny'
+
+
+@pytest.fixture(scope='session')
+def tiny_checkpoint(tiny_data_dir, tmp_path_factory):
+    """An untrained tiny GPT saved as a pretrain out_dir, with the tiny dataset's tokenizer."""
+    import torch
+    from common import save_checkpoint
+    from model import GPT, GPTConfig
+    from tokenizer import Tokenizer
+    data_root, dataset = tiny_data_dir
+    tok = Tokenizer.load(os.path.join(data_root, dataset, 'tokenizer.json'))
+    torch.manual_seed(0)
+    args = dict(vocab_size=tok.n_vocab, block_size=128, n_layer=2, n_head=2, n_embd=64)
+    model = GPT(GPTConfig(**args))
+    out = str(tmp_path_factory.mktemp('pretrain'))
+    save_checkpoint({'model': model.state_dict(), 'model_args': model.config.to_dict(), 'tokenizer': tok.spec,
+                     'config': {}, 'stage': 'pretrain', 'iter_num': 0, 'best_val_loss': float('inf')},
+                    os.path.join(out, 'ckpt.pt'))
+    return out
+
+
+def write_jsonl(path, records):
+    with open(path, 'w') as f:
+        f.writelines(json.dumps(r) + '\n' for r in records)
+    return str(path)
