@@ -106,7 +106,7 @@ FACTS = [
     ("How many sides does a square have?", "A square has 4 sides.")]
 
 SIZES = {  # records per split and task; tests hold out phrasings, problems, functions and facts
-    'sft_train': {'identity': 400, 'arithmetic': 3000, 'code': 400, 'chat': 600},
+    'sft_train': {'identity': 400, 'arithmetic': 12000, 'code': 400, 'chat': 600},
     'sft_test': {'identity': 40, 'arithmetic': 200, 'code': 40, 'chat': 40},
     'pref_train': {'identity': 300, 'arithmetic': 1000, 'code': 300},
     'pref_test': {'identity': 40, 'arithmetic': 100, 'code': 30},
