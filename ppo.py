@@ -130,38 +130,28 @@ policy = common.model_from_checkpoint(ckpt, dropout=0.0)
 reference = common.model_from_checkpoint(sft_ckpt, dropout=0.0).requires_grad_(False).eval()
 if max_new_tokens + 8 > policy.config.block_size:
     raise SystemExit(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in block_size {policy.config.block_size}")
-
-
-def load_reward_model(path):
-    """(reward model, score function rows -> (B,) tensor) from a reward.py out_dir. Isolated here
-    until rewardmodel.py lands; the rest of the script only calls score(rows)."""
-    try:
-        import rewardmodel
-    except ImportError:
-        raise SystemExit("reward_model is set but rewardmodel.py is not in this checkout; "
-                         "use verifiable_weight only (reward_model='')") from None
-    rm, rm_tokenizer = rewardmodel.load(path, device=device)
+reward_net = None  # the reward model (rewardmodel.py), frozen: scores each response at its last token
+if reward_model:
+    import rewardmodel
+    reward_net, rm_tokenizer = rewardmodel.load_reward_model(reward_model, device)
+    reward_net.requires_grad_(False)
     if rm_tokenizer.identity != tokenizer.identity:
-        raise SystemExit(f"reward model {path} uses another tokenizer ({rm_tokenizer.identity}) than the policy "
-                         f"({tokenizer.identity}): train it from the same SFT/pretrain lineage")
-    return rm, lambda rows: rewardmodel.score(rm, rows, pad_id=tokenizer.pad_id)
-
-
-reward_net, rm_score = load_reward_model(reward_model) if reward_model else (None, None)
-critic, value_head = None, None
+        raise SystemExit(f"reward model {reward_model} uses another tokenizer ({rm_tokenizer.identity}) than the policy "
+                         f"({tokenizer.identity}): train it from the same pretrain/SFT lineage")
+critic, value_head, critic_ckpt = None, None, None  # PPO's value function: a head on a transformer
 if algorithm == 'ppo':
+    if critic_init not in ('policy', 'reward') or (critic_init == 'reward' and not reward_model):
+        raise SystemExit(f"critic_init={critic_init!r}: use 'policy', or 'reward' together with reward_model=<out_dir>")
+    from_rm = critic_init == 'reward' and not share_backbone
     if not share_backbone:
-        critic = common.model_from_checkpoint(sft_ckpt, dropout=0.0)
-        if critic_init == 'reward':
-            if reward_net is None:
-                raise SystemExit("critic_init='reward' needs reward_model=<a reward-model out_dir>")
-            critic.load_state_dict(reward_net.backbone.state_dict())
-        elif critic_init != 'policy':
-            raise SystemExit(f"critic_init={critic_init!r}: use 'policy' or 'reward'")
-    value_head = nn.Linear(policy.config.n_embd, 1)
-    nn.init.zeros_(value_head.weight), nn.init.zeros_(value_head.bias)  # V = 0 until it learns
-    if critic_init == 'reward' and not resume:
-        value_head.load_state_dict(reward_net.head.state_dict())
+        critic_ckpt = common.load_checkpoint(reward_model) if from_rm else sft_ckpt
+        critic = common.model_from_checkpoint(critic_ckpt, dropout=0.0)
+        critic.lm_head.requires_grad_(critic.config.tie_embeddings)  # an untied output head is unused (DDP)
+    value_head = nn.Linear(policy.config.n_embd if critic is None else critic.config.n_embd, 1)
+    if from_rm:  # the reward model's head: values start on the reward's scale
+        value_head.load_state_dict(critic_ckpt['reward_head'])
+    else:
+        nn.init.zeros_(value_head.weight), nn.init.zeros_(value_head.bias)  # V = 0 until it learns
 actor_critic = rl.ActorCritic(policy, critic, value_head)
 if resume:
     actor_critic.load_state_dict({**{'policy.' + k: v for k, v in ckpt['model'].items()}, **ckpt['value']})
@@ -230,7 +220,7 @@ if resume:
     optimizer.load_state_dict(ckpt['optimizer'])
     iter_num, kl_coef_now = ckpt['iter_num'], ckpt['kl_coef']
     common.set_rng_state(ckpt['rng'], data_generator)
-ckpt = sft_ckpt = None
+ckpt = sft_ckpt = critic_ckpt = None
 
 # compile, then wrap in DDP
 model = actor_critic
@@ -310,8 +300,10 @@ while True:
     texts = [tokenizer.decode([t for t in r if t not in special_ids]) for r in gen.rows()]
     verifiable = torch.tensor([data.verifiable_reward(t, p['answer']) for t, p in zip(texts, batch)], device=device)
     scores = verifiable_weight * verifiable
-    if reward_net is not None:
-        scores = scores + reward_model_weight * rm_score([q[p:].tolist() + r for q, p, r in zip(query, query_pad, gen.rows())])
+    if reward_net is not None:  # read at each response's last token: <|im_end|>, as the reward model was trained
+        real = torch.cat([torch.arange(Tq, device=device)[None, :] >= query_pad[:, None], mask], dim=1)  # (N, L)
+        with autocast:
+            scores = scores + reward_model_weight * rewardmodel.score_ids(reward_net, ids, real)
     scores = scores - missing_eos_penalty * (~gen.stopped).float()
 
     # 3. log-probs under the policy as it is now (the update's starting point) and the reference

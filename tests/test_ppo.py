@@ -40,7 +40,13 @@ def suite(tmp_path_factory):
     root = tmp_path_factory.mktemp('suite')
     task_dir = tasks.ensure_tasks(str(root / 'tasks'))
     text = ''.join(open(os.path.join(task_dir, f), encoding='utf-8').read() for f in os.listdir(task_dir))
-    return save_tiny(root / 'sft', char_tokenizer(text), block_size=256), str(root)
+    tok = char_tokenizer(text)
+    # a (random) reward model beside it, in rewardmodel.py's layout: the backbone plus 'reward_head'
+    rm = save_tiny(root / 'rm', tok, seed=1, block_size=256)
+    ckpt = torch.load(os.path.join(rm, 'ckpt.pt'), weights_only=True)
+    head = torch.nn.Linear(32, 1)
+    save_checkpoint(dict(ckpt, reward_head=head.state_dict(), stage='reward'), os.path.join(rm, 'ckpt.pt'))
+    return save_tiny(root / 'sft', tok, block_size=256), str(root)
 
 
 def rows(out_dir, key='objective/scores'):
@@ -57,7 +63,7 @@ def test_toy_verifiable_task_raises_mean_reward(toy, tmp_path):
     sft, prompts = toy
     out = str(tmp_path / 'grpo')
     run_script('ppo.py', f'--init_from={sft}', f'--rl_file={prompts}', f'--out_dir={out}', *TOY,
-               '--algorithm=grpo', '--num_generations=8', '--max_iters=30', '--lr_decay_iters=30')
+               '--algorithm=grpo', '--num_generations=8', '--max_iters=16', '--lr_decay_iters=16')
     h = rows(out, 'objective/verifiable')
     before = sum(r['objective/verifiable'] for r in h[:5]) / 5
     after = sum(r['objective/verifiable'] for r in h[-5:]) / 5
@@ -68,11 +74,13 @@ def test_toy_verifiable_task_raises_mean_reward(toy, tmp_path):
     ('ppo', []),
     ('ppo', ['--share_backbone=True', '--kl_target=1.0', '--kl_horizon=100', '--kl_estimator=k3', '--target_kl=1e-9',
              '--entropy_coef=0.01', '--micro_batch_size=2', '--loss_norm=sequence', '--whiten_rewards=True']),
+    ('ppo', ['--reward_model={root}/rm', '--critic_init=reward', '--verifiable_weight=0', '--reward_model_weight=2']),
     ('grpo', ['--num_generations=4', '--kl_estimator=k3', '--scale_rewards=False']),
-], ids=['ppo', 'ppo-shared-adaptive-earlystop', 'grpo'])
+], ids=['ppo', 'ppo-shared-adaptive-earlystop', 'ppo-reward-model', 'grpo'])
 def test_end_to_end_on_the_builtin_arithmetic_prompts(suite, tmp_path, algorithm, args):
     sft, data_root = suite
     out = str(tmp_path / 'out')
+    args = [a.format(root=data_root) for a in args]
     proc = run_script('ppo.py', f'--init_from={sft}', f'--data_root={data_root}', f'--out_dir={out}', f'--algorithm={algorithm}',
                       '--max_iters=2', '--eval_interval=2', '--eval_items_per_task=4', '--batch_size=4',
                       '--num_minibatches=2', '--max_new_tokens=6', '--learning_rate=1e-3', *args)
@@ -88,6 +96,9 @@ def test_end_to_end_on_the_builtin_arithmetic_prompts(suite, tmp_path, algorithm
     assert ckpt['stage'] == algorithm and ckpt['iter_num'] == 2 and ckpt['config']['init_from'] == sft
     reference = torch.load(os.path.join(sft, 'ckpt.pt'), weights_only=True)['model']
     assert any(not torch.equal(ckpt['model'][k], reference[k]) for k in reference)  # the policy moved
+    if '--critic_init=reward' in args:  # the value head started as the reward model's head (and moved a little)
+        rm_head = torch.load(os.path.join(data_root, 'rm', 'ckpt.pt'), weights_only=True)['reward_head']['weight']
+        assert (ckpt['value']['value_head.weight'] - rm_head).abs().max() < 0.05 < rm_head.abs().max()
     if '--target_kl=1e-9' in args:
         # the first minibatch is at ratio 1 (approx KL 0: it passes); the step it takes moves the
         # policy, so the second minibatch is past any positive threshold and the update stops
