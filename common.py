@@ -282,3 +282,14 @@ def encode_pairs(tokenizer, pairs, max_len):
             ids[i, j, :len(seq)] = torch.tensor(seq)
             length[i, j] = len(seq)
     return ids, torch.tensor(prompt_lens, dtype=torch.long), length, kept
+
+
+def length_grouped_batch(lengths, batch_size, index, seed, pool=32):
+    """Example indices (batch_size,) of micro-batch number `index`: drawn with replacement like
+    torch.randint, but a pool of `pool` batches at a time is sorted by length, so that a batch
+    holds examples of similar length and pads little (HF's group_by_length). A pure function of
+    (index, seed): resuming needs no sampler state, and every rank can compute any batch."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + index // pool)
+    ix = torch.randint(len(lengths), (pool * batch_size,), generator=g)
+    ix = ix[lengths[ix].argsort(stable=True)].view(pool, batch_size)
+    return ix[torch.randperm(pool, generator=g)[index % pool]]
