@@ -90,6 +90,7 @@ resume = init_from == 'resume'
 ckpt = common.load_checkpoint(out_dir if resume else init_from)
 base_dir = ckpt['config'].get('init_from', init_from) if resume and lora_rank else None
 tokenizer = common.tokenizer_from_checkpoint(ckpt)
+pretrain_dataset = ckpt.get('dataset')  # carried forward, for eval.py's loss/bpb
 if resume and lora_rank:  # LoRA resumes from the base weights plus the saved adapters
     base = common.load_checkpoint(base_dir)
     model = common.model_from_checkpoint(base, dropout=dropout)
@@ -208,7 +209,8 @@ def save(reason):
     state = {'model': merged_state_dict(raw_model) if lora_rank else raw_model.state_dict(),
              'optimizer': optimizer.state_dict(), 'model_args': model_args, 'iter_num': iter_num,
              'best_val_loss': best_val_loss, 'config': config, 'tokenizer': tokenizer.spec,
-             'tokenizer_identity': tokenizer.identity, 'rng': common.rng_state(data_generator), 'stage': 'sft'}
+             'tokenizer_identity': tokenizer.identity, 'rng': common.rng_state(data_generator), 'stage': 'sft',
+             'dataset': pretrain_dataset}
     if lora_rank:
         state['lora'] = lora_state_dict(raw_model)
         state['config'] = dict(config, init_from=base_dir or init_from)

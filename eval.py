@@ -1,0 +1,80 @@
+"""
+Evaluate any stage's checkpoint on equal terms: held-out loss and bits per byte on a prepared
+dataset's val.bin, and the task metrics on the built-in suite's held-out items.
+    python eval.py --out_dir=out-sft
+    python eval.py --out_dir=out-tiny --tasks=False --json_out=eval.json
+"""
+
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+
+import common
+import evals
+import tasks as task_suite
+
+# ----------------------------------------------------------------------------- config
+out_dir = 'out-sft'  # the checkpoint to evaluate
+dataset = ''  # prepared dataset for loss/bpb; '' = the one the checkpoint's lineage pretrained on
+data_root = 'data'
+eval_batches = 20  # batches of batch_size x block_size tokens from val.bin
+batch_size = 8
+tasks = True  # task metrics by greedy generation on the held-out suite
+items_per_task = 200
+json_out = ''  # also write the metrics here
+device = 'auto'
+seed = 1337
+exec(open('configurator.py').read())
+# -----------------------------------------------------------------------------
+
+device = common.autodetect_device() if device == 'auto' else device
+ckpt = common.load_checkpoint(out_dir, device='cpu')
+model = common.model_from_checkpoint(ckpt).to(device).eval()
+tokenizer = common.tokenizer_from_checkpoint(ckpt)
+metrics = {'out_dir': out_dir, 'stage': ckpt.get('stage', '?'), 'iter': ckpt.get('iter_num')}
+t0 = time.time()
+
+
+@torch.no_grad()
+def val_loss(data_path):
+    """Mean loss over fixed random windows of val.bin, and bits per byte from meta.json."""
+    with open(os.path.join(data_path, 'meta.json')) as f:
+        meta = json.load(f)
+    if meta['tokenizer_identity'] != tokenizer.identity:
+        print(f"note: {data_path} uses another tokenizer than {out_dir}; skipping loss/bpb")
+        return {}
+    val = np.memmap(os.path.join(data_path, 'val.bin'), dtype=np.dtype(meta['dtype']), mode='r')
+    T = model.config.block_size
+    generator = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(eval_batches):
+        ix = torch.randint(len(val) - T - 1, (batch_size,), generator=generator).tolist()
+        chunk = torch.from_numpy(np.stack([val[i:i + T + 1] for i in ix]).astype(np.int64)).to(device)
+        losses.append(model(chunk[:, :-1], chunk[:, 1:])[1].item())
+    loss = sum(losses) / len(losses)
+    bpb = loss / math.log(2) / (meta['val_bytes'] / meta['val_tokens']) if meta.get('val_bytes') else float('nan')
+    return {'val_loss': loss, 'val_bpb': bpb}
+
+
+# held-out loss / bits per byte
+name = dataset or ckpt.get('dataset') or 'stdlib'  # stages carry their pretraining dataset forward
+data_path = os.path.join(data_root, name)
+if os.path.exists(os.path.join(data_path, 'meta.json')):
+    metrics.update(val_loss(data_path))
+else:
+    print(f"note: no prepared dataset at {data_path}; skipping loss/bpb (python prepare.py --dataset={name})")
+
+# task metrics
+if tasks:
+    items = task_suite.heldout(task_suite.ensure_tasks(os.path.join(data_root, 'tasks')))
+    metrics.update(evals.task_metrics(model, tokenizer, items, items_per_task))
+
+metrics['eval_seconds'] = time.time() - t0
+print(json.dumps(metrics, indent=1))
+if json_out:
+    with open(json_out, 'w') as f:
+        json.dump(metrics, f, indent=1)
