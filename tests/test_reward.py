@@ -1,0 +1,192 @@
+"""reward.py and rewardmodel.py: the reward is read at the last real token however the batch is
+padded, the Bradley-Terry loss and TRL's metrics by hand, and reward.py end to end on a tiny
+checkpoint: it separates a separable toy set, resumes exactly, freezes the backbone when asked,
+and names the file and line of bad data."""
+
+import json
+import math
+import os
+import random
+
+import pytest
+import torch
+
+from conftest import run_script
+
+import common
+from model import GPT, GPTConfig
+from rewardmodel import (RewardModel, bradley_terry_loss, load_reward_model, padding_inputs, reward_metrics,
+                         score, score_ids)
+from tokenizer import train_bpe
+
+WORDS = ['apple', 'river', 'stone', 'cloud', 'tiger', 'maple', 'ocean', 'pixel', 'lemon', 'comet', 'piano', 'delta']
+
+
+# ----------------------------------------------------------------------------- helpers (test_dpo uses them too)
+
+def toy_pairs(n=64, seed=0):
+    """A separable preference set: whatever the prompt, "good ..." is chosen over "bad ..."."""
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(n):
+        a, b = rng.sample(WORDS, 2)
+        prompt = [{'role': 'user', 'content': f"Say something about {a} and {b}."}]
+        pairs.append({'chosen': prompt + [{'role': 'assistant', 'content': f"good {a}"}],
+                      'rejected': prompt + [{'role': 'assistant', 'content': f"bad {b}"}]})
+    return pairs
+
+
+def write_jsonl(path, records):
+    with open(path, 'w') as f:
+        f.writelines((r if isinstance(r, str) else json.dumps(r)) + '\n' for r in records)
+    return str(path)
+
+
+def tiny_tokenizer():
+    """A byte-level BPE (any text encodes, the built-in task suite included)."""
+    text = ' '.join(p['chosen'][0]['content'] + ' good bad ' for p in toy_pairs())
+    return train_bpe([text + ' user assistant system What is 12+34? Complete this Python function:'], 300)
+
+
+def make_checkpoint(out_dir, seed=0, stage='sft'):
+    """A tiny random GPT saved as an SFT checkpoint, in sft.py's format."""
+    torch.manual_seed(seed)
+    tok = tiny_tokenizer()
+    config = GPTConfig(vocab_size=tok.n_vocab, block_size=128, n_layer=2, n_head=2, n_embd=32)
+    model = GPT(config)
+    common.save_checkpoint({'model': model.state_dict(), 'model_args': config.to_dict(), 'tokenizer': tok.spec,
+                            'config': {'init_from': 'scratch'}, 'stage': stage, 'iter_num': 0,
+                            'best_val_loss': float('inf'), 'optimizer': None, 'rng': None},
+                           os.path.join(out_dir, 'ckpt.pt'))
+    return str(out_dir)
+
+
+def history(out_dir):
+    with open(os.path.join(out_dir, 'history.jsonl')) as f:
+        return {row['iter']: row for row in map(json.loads, f)}
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """Tiny models: a second thread only adds overhead (and stalls on a busy machine)."""
+    monkeypatch.setenv('OMP_NUM_THREADS', '1')
+
+
+@pytest.fixture(scope='module')
+def sft_dir(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp('sft'))
+
+
+@pytest.fixture(scope='module')
+def toy_file(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp('toy') / 'toy.jsonl', toy_pairs())
+
+
+def run_reward(init_from, out_dir, *args, **kw):
+    return run_script('reward.py', f'--init_from={init_from}', f'--out_dir={out_dir}', '--batch_size=8',
+                      '--max_seq_len=64', '--log_interval=5', '--warmup_iters=5', '--learning_rate=3e-3',
+                      *args, **kw)
+
+
+# ----------------------------------------------------------------------------- the model and the loss
+
+def test_reward_is_read_at_the_last_real_token_right_and_left_padded():
+    torch.manual_seed(0)
+    model = RewardModel(GPT(GPTConfig(vocab_size=50, block_size=32, n_layer=2, n_head=2, n_embd=32))).eval()
+    seqs = [torch.randint(1, 50, (n,)) for n in (5, 9, 3)]
+    alone = torch.stack([model(s[None], torch.tensor([len(s) - 1]))[0][0] for s in seqs])
+    T = 12
+    for side in ('right', 'left'):
+        for pad_value in (0, 7):  # what sits in the pads must not matter
+            ids = torch.full((3, T), pad_value)
+            mask = torch.zeros(3, T, dtype=torch.bool)
+            for i, s in enumerate(seqs):
+                span = slice(0, len(s)) if side == 'right' else slice(T - len(s), T)
+                ids[i, span], mask[i, span] = s, True
+            torch.testing.assert_close(score_ids(model, ids, mask), alone, rtol=1e-5, atol=1e-5)
+    # right padding needs no mask at all: the plain forward with each row's last index agrees
+    ids = torch.zeros(3, T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = s
+    torch.testing.assert_close(model(ids, torch.tensor([4, 8, 2]))[0], alone, rtol=1e-5, atol=1e-5)
+    assert padding_inputs(torch.tensor([[0, 0, 1, 1, 0]], dtype=torch.bool))[0].tolist() == [3]
+
+
+def test_bradley_terry_loss_matches_hand_computed_values():
+    r_c, r_r = torch.tensor([2.0, -1.0]), torch.tensor([1.0, 0.5])
+    plain = (math.log(1 + math.exp(-1.0)) + math.log(1 + math.exp(1.5))) / 2
+    assert bradley_terry_loss(r_c, r_r).item() == pytest.approx(plain, rel=1e-6)
+    with_margin = (math.log(1 + math.exp(-(1.0 - 0.5))) + math.log(1 + math.exp(1.5 + 2.0))) / 2
+    assert bradley_terry_loss(r_c, r_r, torch.tensor([0.5, 2.0])).item() == pytest.approx(with_margin, rel=1e-6)
+    centered = plain + 0.01 * ((2.0 + 1.0) ** 2 + (-1.0 + 0.5) ** 2) / 2
+    assert bradley_terry_loss(r_c, r_r, center_coef=0.01).item() == pytest.approx(centered, rel=1e-6)
+
+
+def test_reward_metrics_have_trl_names_and_values():
+    m = reward_metrics(torch.tensor([2.0, -1.0, 3.0]), torch.tensor([1.0, 0.5, -2.0]))
+    assert {k: round(v.item(), 6) for k, v in m.items()} == {
+        'accuracy': round(2 / 3, 6), 'margin': round((1.0 - 1.5 + 5.0) / 3, 6), 'mean_reward': round(3.5 / 6, 6),
+        'min_reward': -2.0, 'max_reward': 3.0}
+
+
+# ----------------------------------------------------------------------------- reward.py end to end
+
+def test_reward_py_separates_a_separable_toy_set_and_saves_a_loadable_reward_model(sft_dir, toy_file, tmp_path):
+    out = str(tmp_path / 'rm')
+    proc = run_reward(sft_dir, out, f'--pref_files={toy_file}', '--val_fraction=0.25', '--max_iters=40',
+                      '--eval_interval=20', '--lr_decay_iters=40')
+    h = history(out)
+    assert h[0]['val/accuracy'] < 0.9 and h[40]['val/accuracy'] > 0.9, h
+    assert h[40]['val/loss'] < h[0]['val/loss'] - 0.3
+    assert {'val/margin', 'val/mean_reward', 'val/min_reward', 'val/max_reward'} <= set(h[40])
+    assert 'accuracy' in proc.stdout and 'pairs/s' in proc.stdout and 'eta' in proc.stdout
+    ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+    assert ckpt['stage'] == 'reward' and set(ckpt['reward_head']) == {'weight', 'bias'}
+    assert common.model_from_checkpoint(ckpt) is not None  # the backbone loads as a plain GPT
+
+    model, tok = load_reward_model(out)
+    prompts = [[{'role': 'user', 'content': f"Say something about {w} and {w}."}] for w in ('tiger', 'lemon')]
+    good, bad = score(model, tok, prompts, ['good tiger', 'good lemon']), score(model, tok, prompts, ['bad tiger', 'bad lemon'])
+    assert good.shape == (2,) and (good > bad).all()
+    with pytest.raises(SystemExit, match='not a reward model'):
+        load_reward_model(sft_dir)
+
+
+def test_freeze_backbone_trains_only_the_head(sft_dir, toy_file, tmp_path):
+    out = str(tmp_path / 'frozen')
+    proc = run_reward(sft_dir, out, f'--pref_files={toy_file}', '--max_iters=10', '--eval_interval=10',
+                      '--freeze_backbone=True')
+    assert 'head only' in proc.stdout
+    before = torch.load(os.path.join(sft_dir, 'ckpt.pt'), weights_only=True)['model']
+    after = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+    assert all(torch.equal(before[k], after['model'][k]) for k in before)
+    h = history(out)
+    assert h[10]['val/loss'] < h[0]['val/loss']  # the head alone learned something
+
+
+def test_resume_reaches_the_same_metrics(sft_dir, toy_file, tmp_path):
+    args = [f'--pref_files={toy_file}', '--eval_interval=10', '--lr_decay_iters=20', '--always_save_checkpoint=True']
+    straight, split = str(tmp_path / 'straight'), str(tmp_path / 'split')
+    run_reward(sft_dir, straight, '--max_iters=20', *args)
+    run_reward(sft_dir, split, '--max_iters=10', *args)
+    run_reward('resume', split, '--max_iters=20', *args)
+    a, b = history(straight)[20], history(split)[20]
+    for key in ('val/loss', 'val/accuracy', 'val/margin', 'val/mean_reward'):
+        assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
+
+
+def test_reward_py_on_the_built_in_task_suite_reports_accuracy_per_task(sft_dir, tmp_path):
+    out = str(tmp_path / 'builtin')
+    run_reward(sft_dir, out, f'--data_root={tmp_path}', '--max_iters=2', '--eval_interval=2', '--max_seq_len=128')
+    h = history(out)[2]
+    assert {'val/accuracy_arithmetic', 'val/accuracy_identity'} <= set(h) and 0 <= h['val/accuracy'] <= 1
+
+
+@pytest.mark.parametrize('line,field', [('{"chosen": "a", "prompt": "q"}', "'rejected'"),
+                                        ('{"prompt": "q", "chosen": "a", "rejected": "b", "margin": "big"}', "'margin'")])
+def test_malformed_preference_data_names_file_line_and_field(sft_dir, tmp_path, line, field):
+    good = json.dumps({'prompt': 'q', 'chosen': 'a', 'rejected': 'b'})
+    path = write_jsonl(tmp_path / 'bad.jsonl', [good, good, line, good])
+    proc = run_reward(sft_dir, str(tmp_path / 'out'), f'--pref_files={path}', '--max_iters=1', check=False)
+    assert proc.returncode != 0
+    assert f'{path}:3' in proc.stderr and field in proc.stderr and 'Traceback' not in proc.stderr
