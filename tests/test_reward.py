@@ -52,7 +52,7 @@ def make_checkpoint(out_dir, seed=0, stage='sft'):
     """A tiny random GPT saved as an SFT checkpoint, in sft.py's format."""
     torch.manual_seed(seed)
     tok = tiny_tokenizer()
-    config = GPTConfig(vocab_size=tok.n_vocab, block_size=128, n_layer=2, n_head=2, n_embd=32)
+    config = GPTConfig(vocab_size=tok.n_vocab, block_size=256, n_layer=2, n_head=2, n_embd=32)
     model = GPT(config)
     common.save_checkpoint({'model': model.state_dict(), 'model_args': config.to_dict(), 'tokenizer': tok.spec,
                             'config': {'init_from': 'scratch'}, 'stage': stage, 'iter_num': 0,

@@ -1,0 +1,166 @@
+"""dpo.py and dpo_loss.py: log-probs cover the answer tokens only, the loss is log 2 while the
+policy is the reference, each loss type by hand, and dpo.py end to end on a tiny checkpoint: it
+separates a separable toy set, a precomputed reference gives the same run as a live one, it
+resumes exactly, and it names the file and line of bad data."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import run_script
+from test_reward import history, make_checkpoint, tiny_tokenizer, toy_pairs, write_jsonl
+
+import common
+import data
+from dpo_loss import answer_targets, dpo_loss, preference_metrics, rpo_nll, sequence_logps
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """Tiny models: a second thread only adds overhead (and stalls on a busy machine)."""
+    monkeypatch.setenv('OMP_NUM_THREADS', '1')
+
+
+@pytest.fixture(scope='module')
+def sft_dir(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp('sft'))
+
+
+@pytest.fixture(scope='module')
+def toy_file(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp('toy') / 'toy.jsonl', toy_pairs())
+
+
+def run_dpo(init_from, out_dir, *args, **kw):
+    return run_script('dpo.py', f'--init_from={init_from}', f'--out_dir={out_dir}', '--batch_size=8',
+                      '--max_seq_len=64', '--log_interval=1', '--warmup_iters=0', '--learning_rate=1e-3',
+                      '--eval_items_per_task=0', *args, **kw)
+
+
+def toy_batch(sft_dir, n=4):
+    """The first n toy pairs as dpo.py batches them: (model, ids (2n, T), targets (2n, T), prompt_len, length)."""
+    ckpt = common.load_checkpoint(sft_dir)
+    tok, model = common.tokenizer_from_checkpoint(ckpt), common.model_from_checkpoint(ckpt).eval()
+    pairs = [data.parse_pref(p) for p in toy_pairs()[:n]]
+    ids, prompt_len, length, _ = common.encode_pairs(tok, pairs, 64)
+    targets = answer_targets(ids, prompt_len[:, None], length)
+    T = int(length.max())
+    flat = lambda t: t[:, :, :T].transpose(0, 1).reshape(2 * n, T)
+    return model, flat(ids), flat(targets), prompt_len, length
+
+
+# ----------------------------------------------------------------------------- log-probs and losses
+
+def test_sequence_logps_sum_the_answer_tokens_only(sft_dir):
+    model, ids, targets, prompt_len, length = toy_batch(sft_dir)
+    with torch.no_grad():
+        logits = model(ids)[0]
+    got = sequence_logps(logits, targets)
+    logp = F.log_softmax(logits.float(), -1)
+    lengths = length.T.reshape(-1)  # (2n,) chosen rows then rejected rows
+    for row in range(ids.size(0)):
+        start, end = int(prompt_len[row % len(prompt_len)]), int(lengths[row])  # the answer: tokens start..end-1
+        by_hand = sum(logp[row, t - 1, ids[row, t]] for t in range(start, end))
+        assert got[row].item() == pytest.approx(by_hand.item(), rel=1e-5)
+        assert (targets[row] != -1).sum() == end - start  # nothing from the prompt or the pads
+
+
+def test_dpo_loss_at_step_zero_is_log_2_when_policy_equals_reference(sft_dir):
+    model, ids, targets, _, _ = toy_batch(sft_dir)
+    with torch.no_grad():
+        chosen, rejected = sequence_logps(model(ids)[0], targets).chunk(2)
+    loss = dpo_loss(chosen, rejected, chosen.clone(), rejected.clone(), beta=0.1).mean()
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-7)
+    m = preference_metrics(chosen, rejected, chosen, rejected, 0.1)
+    assert m['rewards/margins'].item() == 0 and m['rewards/accuracies'].item() == 0
+
+
+# policy chosen/rejected -3, -7; reference -4, -5: h = (-3 + 7) - (-4 + 5) = 3
+@pytest.mark.parametrize('loss_type,smoothing,expected', [
+    ('sigmoid', 0.0, math.log(1 + math.exp(-0.5 * 3))),
+    ('sigmoid', 0.2, 0.8 * math.log(1 + math.exp(-1.5)) + 0.2 * math.log(1 + math.exp(1.5))),  # conservative DPO
+    ('ipo', 0.0, (3 - 1 / (2 * 0.5)) ** 2),
+    ('hinge', 0.0, max(0.0, 1 - 0.5 * 3)),
+])
+def test_each_loss_type_matches_a_hand_computed_value(loss_type, smoothing, expected):
+    args = [torch.tensor([x]) for x in (-3.0, -7.0, -4.0, -5.0)]
+    got = dpo_loss(*args, beta=0.5, loss_type=loss_type, label_smoothing=smoothing)
+    assert got.item() == pytest.approx(expected, rel=1e-6, abs=1e-7)
+    h = torch.tensor([0.0])  # policy == reference
+    at_zero = dpo_loss(h, h, h, h, beta=0.5, loss_type=loss_type).item()
+    assert at_zero == pytest.approx({'sigmoid': math.log(2), 'ipo': 1 / (4 * 0.25), 'hinge': 1.0}[loss_type])
+
+
+def test_rpo_term_and_metrics_by_hand():
+    assert rpo_nll(torch.tensor([-6.0, -2.0]), torch.tensor(4)).item() == pytest.approx(2.0)
+    m = preference_metrics(torch.tensor([-3.0, -9.0]), torch.tensor([-7.0, -5.0]),
+                           torch.tensor([-4.0, -8.0]), torch.tensor([-5.0, -6.0]), beta=0.5)
+    # implicit rewards: chosen 0.5 * (1, -1), rejected 0.5 * (-2, 1)
+    assert {k: round(v.item(), 6) for k, v in m.items()} == {
+        'rewards/chosen': 0.0, 'rewards/rejected': -0.25, 'rewards/accuracies': 0.5, 'rewards/margins': 0.25,
+        'logps/chosen': -6.0, 'logps/rejected': -6.0}
+
+
+# ----------------------------------------------------------------------------- dpo.py end to end
+
+def test_dpo_py_raises_rewards_accuracies_above_09_on_a_separable_toy_set(sft_dir, toy_file, tmp_path):
+    out = str(tmp_path / 'dpo')
+    proc = run_dpo(sft_dir, out, f'--pref_files={toy_file}', '--val_fraction=0.25', '--max_iters=30',
+                   '--eval_interval=15', '--lr_decay_iters=30')
+    h = history(out)
+    assert h[0]['val/loss'] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference at step 0
+    assert 'iter 1: loss 0.6931' in proc.stdout  # the first training batch too
+    assert h[30]['val/rewards/accuracies'] > 0.9 and h[30]['val/rewards/margins'] > 0, h[30]
+    assert h[30]['val/rewards/chosen'] > h[30]['val/rewards/rejected']
+    assert {'val/logps/chosen', 'val/logps/rejected'} <= set(h[30])
+    ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+    assert ckpt['stage'] == 'dpo' and ckpt['config']['init_from'] == sft_dir
+    assert common.model_from_checkpoint(ckpt) is not None  # loads as a plain policy (sample.py, ppo.py)
+
+
+def test_precomputed_reference_logps_give_the_same_run_as_a_live_reference(sft_dir, toy_file, tmp_path):
+    args = [f'--pref_files={toy_file}', '--max_iters=6', '--eval_interval=3', '--lr_decay_iters=6']
+    pre, live = str(tmp_path / 'pre'), str(tmp_path / 'live')
+    run_dpo(sft_dir, pre, *args, '--precompute_ref_logps=True')
+    run_dpo(sft_dir, live, *args, '--precompute_ref_logps=False')
+    a, b = history(pre), history(live)
+    for it in (3, 6):
+        for key in ('val/loss', 'val/rewards/margins', 'val/logps/chosen'):
+            assert b[it][key] == pytest.approx(a[it][key], rel=1e-4, abs=1e-5), (it, key)
+
+
+def test_resume_reaches_the_same_metrics(sft_dir, toy_file, tmp_path):
+    args = [f'--pref_files={toy_file}', '--eval_interval=5', '--lr_decay_iters=10', '--always_save_checkpoint=True']
+    straight, split = str(tmp_path / 'straight'), str(tmp_path / 'split')
+    run_dpo(sft_dir, straight, '--max_iters=10', *args)
+    run_dpo(sft_dir, split, '--max_iters=5', *args)
+    run_dpo('resume', split, '--max_iters=10', *args)  # the reference comes from the saved init_from
+    a, b = history(straight)[10], history(split)[10]
+    for key in ('val/loss', 'val/rewards/accuracies', 'val/rewards/margins', 'val/logps/rejected'):
+        assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
+
+
+def test_dpo_py_on_the_built_in_task_suite_reports_task_accuracy(sft_dir, tmp_path):
+    out = str(tmp_path / 'builtin')
+    run_dpo(sft_dir, out, f'--data_root={tmp_path}', '--max_seq_len=128', '--max_iters=1', '--eval_interval=1',
+            '--eval_items_per_task=2', '--loss_type=ipo', '--rpo_alpha=0.5', '--eval_pairs=40')
+    h = history(out)
+    assert h[0]['val/loss'] == pytest.approx(1 / (4 * 0.1 ** 2), rel=1e-4)  # IPO's value at policy == reference
+    assert {'arith_acc', 'identity_acc', 'val/rewards/accuracies'} <= set(h[1])
+
+
+def test_malformed_preference_data_names_file_line_and_field(sft_dir, tmp_path):
+    good = json.dumps({'prompt': 'q', 'chosen': 'a', 'rejected': 'b'})
+    path = write_jsonl(tmp_path / 'bad.jsonl', [good, good, '{"prompt": "q", "chosen": "a", "rejected": ""}'])
+    proc = run_dpo(sft_dir, str(tmp_path / 'out'), f'--pref_files={path}', check=False)
+    assert proc.returncode != 0
+    assert f'{path}:3' in proc.stderr and "'rejected'" in proc.stderr and 'Traceback' not in proc.stderr
+
+
+def test_unknown_loss_type_names_the_choices(sft_dir, tmp_path):
+    proc = run_dpo(sft_dir, str(tmp_path / 'out'), '--loss_type=kto', check=False)
+    assert proc.returncode != 0 and "sigmoid, ipo, hinge" in proc.stderr
