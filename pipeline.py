@@ -1,0 +1,209 @@
+"""
+The whole chain on tiny configs, offline, each stage starting from the previous stage's out_dir:
+    prepare -> pretrain -> sft -> reward -> dpo -> ppo -> grpo -> eval -> a sample chat
+then a report card, run_dir/report.md, with per-stage times, metrics (before -> after for the
+alignment stages), sample completions and curves.
+
+    python pipeline.py                  # ~30-45 minutes on 2 CPU cores
+    python pipeline.py --quick=True     # a few minutes: tiny everything (what CI runs)
+
+Re-running skips the stages that finished (run_dir/<stage>/done.json); a stage that was killed
+resumes from its last checkpoint.
+"""
+
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+
+import torch
+
+# ----------------------------------------------------------------------------- config
+run_dir = 'runs/main'
+quick = False  # minutes instead of tens of minutes, for CI and a first look
+data_root = 'data'
+stages = 'prepare,pretrain,sft,reward,dpo,ppo,grpo,eval,chat'  # a subset runs only those
+dtype = 'auto'  # passed to every training stage; 'bfloat16' is faster on CPUs with AMX/AVX-512 bf16
+exec(open('configurator.py').read())
+# -----------------------------------------------------------------------------
+
+R = run_dir
+STAGES = {  # stage: (script, config file, extra args); each writes R/<stage>
+    'pretrain': ('train.py', 'config/pretrain_tiny.py', []),
+    'sft': ('sft.py', 'config/sft_tiny.py', [f'--init_from={R}/pretrain']),
+    'reward': ('reward.py', 'config/reward_tiny.py', [f'--init_from={R}/sft']),
+    'dpo': ('dpo.py', 'config/dpo_tiny.py', [f'--init_from={R}/sft']),
+    'ppo': ('ppo.py', 'config/ppo_tiny.py', [f'--init_from={R}/sft', f'--reward_model={R}/reward']),
+    'grpo': ('ppo.py', 'config/grpo_tiny.py', [f'--init_from={R}/sft']),
+}
+QUICK = {  # --quick: shorter, still learning something measurable
+    'pretrain': ['--max_iters=200', '--lr_decay_iters=200', '--eval_interval=100', '--eval_iters=5', '--warmup_iters=20'],
+    'sft': ['--max_iters=200', '--lr_decay_iters=200', '--eval_interval=100', '--batch_size=8', '--eval_items_per_task=30',
+            '--eval_iters=5', '--warmup_iters=10'],
+    'reward': ['--max_iters=40', '--eval_interval=20'],
+    'dpo': ['--max_iters=20', '--eval_interval=10'],
+    'ppo': ['--max_iters=5', '--eval_interval=5'],
+    'grpo': ['--max_iters=5', '--eval_interval=5'],
+}
+MODEL_STAGES = ['pretrain', 'sft', 'dpo', 'ppo', 'grpo']  # evaluated by eval.py on equal terms
+CHAT_PROMPTS = ['Who are you?', 'What is 23+45?', 'What is the capital of France?']
+
+
+def run(stage, cmd):
+    """Run a stage's command, its output both on the console and in R/<stage>/log.txt."""
+    os.makedirs(f'{R}/{stage}', exist_ok=True)
+    print(f"\n=== {stage}: {' '.join(cmd)}", flush=True)
+    t0 = time.time()
+    with open(f'{R}/{stage}/log.txt', 'a') as log:
+        proc = subprocess.Popen([sys.executable, *cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                stdin=subprocess.PIPE if stage == 'chat' else None)
+        if stage == 'chat':
+            proc.stdin.write('\n'.join(CHAT_PROMPTS) + '\n')
+            proc.stdin.close()
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            log.write(line)
+        rc = proc.wait()
+    if rc != 0:
+        raise SystemExit(f"stage {stage} failed (exit code {rc}); see {R}/{stage}/log.txt. "
+                         f"Fix it and re-run: finished stages are skipped, this one resumes.")
+    with open(f'{R}/{stage}/done.json', 'w') as f:
+        json.dump({'stage': stage, 'command': ' '.join(cmd), 'seconds': time.time() - t0}, f)
+
+
+def stage_command(stage):
+    script, config_file, extra = STAGES[stage]
+    cmd = [script, config_file, *extra, f'--out_dir={R}/{stage}', f'--dtype={dtype}', f'--data_root={data_root}']
+    if quick:
+        cmd += QUICK[stage]
+    if os.path.exists(f'{R}/{stage}/ckpt.pt'):
+        cmd.append('--init_from=resume')  # a killed run continues where it stopped
+    return cmd
+
+
+def done(stage):
+    return os.path.exists(f'{R}/{stage}/done.json')
+
+
+# ----------------------------------------------------------------------------- the report card
+
+def read_json(path, default=None):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return default
+
+
+def history(stage):
+    try:
+        with open(f'{R}/{stage}/history.jsonl') as f:
+            return [json.loads(line) for line in f if line.strip()]
+    except OSError:
+        return []
+
+
+def last_throughput(stage):
+    """The last tokens/s the stage logged."""
+    try:
+        found = re.findall(r'([\d,]+) tok/s', open(f'{R}/{stage}/log.txt').read())
+    except OSError:
+        return ''
+    return found[-1] if found else ''
+
+
+def plot(stage, rows):
+    """Curves of every numeric metric of a stage's history, as a PNG; None without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    keys = [k for k in rows[0] if k not in ('iter', 'time') and isinstance(rows[0][k], (int, float))]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.6), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        ax.plot([r['iter'] for r in rows], [r.get(key) for r in rows], marker='.')
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel('iter', fontsize=8)
+    fig.tight_layout()
+    fig.savefig(f'{R}/{stage}_curves.png', dpi=80)
+    plt.close(fig)
+    return f'{stage}_curves.png'
+
+
+def fmt(v):
+    return f'{v:.4f}' if isinstance(v, float) else str(v)
+
+
+def write_report():
+    lines = [f"# Mini-LLM pipeline report{' (quick)' if quick else ''}", '',
+             f"Machine: {platform.node()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+             f"Python {platform.python_version()}, torch {torch.__version__}; "
+             f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}.", '',
+             '## Stages', '', '| stage | wall time | tokens/s | final metrics (last eval) | command |', '|---|---|---|---|---|']
+    for stage in ['prepare', *STAGES]:
+        info = read_json(f'{R}/{stage}/done.json')
+        if not info:
+            continue
+        rows = history(stage)
+        final = ', '.join(f"{k} {fmt(v)}" for k, v in (rows[-1] if rows else {}).items() if k not in ('time',))
+        lines.append(f"| {stage} | {info['seconds']:.0f} s | {last_throughput(stage)} | {final} | `{info['command']}` |")
+    evals = {s: read_json(f'{R}/{s}/eval.json') for s in MODEL_STAGES}
+    evals = {s: e for s, e in evals.items() if e}
+    if evals:
+        keys = [k for k in ('val_loss', 'val_bpb', 'identity_acc', 'arith_acc', 'chat_acc', 'code_loss')
+                if any(k in e for e in evals.values())]
+        lines += ['', '## Every checkpoint on the same held-out data (eval.py)', '',
+                  '| stage | ' + ' | '.join(keys) + ' |', '|---' * (len(keys) + 1) + '|']
+        lines += [f"| {s} | " + ' | '.join(fmt(e.get(k, '')) for k in keys) + ' |' for s, e in evals.items()]
+        if 'sft' in evals:
+            lines += ['', 'Alignment stages, before (SFT) -> after:', '']
+            for s in ('dpo', 'ppo', 'grpo'):
+                if s in evals:
+                    lines.append(f"- {s}: " + ', '.join(f"{k} {fmt(evals['sft'].get(k))} -> {fmt(evals[s].get(k))}"
+                                                      for k in ('identity_acc', 'arith_acc', 'chat_acc') if k in evals[s]))
+    chat_log = f'{R}/chat/log.txt'
+    if os.path.exists(chat_log):
+        lines += ['', '## A sample chat', '', '```', open(chat_log).read().strip()[-3000:], '```']
+    pictures = [(s, plot(s, history(s))) for s in STAGES if len(history(s)) > 1]
+    lines += ['', '## Curves', '']
+    if any(p for _, p in pictures):
+        lines += [f"![{s}]({p})" for s, p in pictures if p]
+    else:
+        lines.append('Plots skipped: matplotlib is not installed (pip install matplotlib).')
+    with open(f'{R}/report.md', 'w') as f:
+        f.write('\n'.join(lines) + '\n')
+
+
+# ----------------------------------------------------------------------------- the run
+wanted = stages.split(',')
+t_start = time.time()
+for stage in wanted:
+    if done(stage):
+        print(f"=== {stage}: done already ({R}/{stage}/done.json), skipped")
+        continue
+    if stage == 'prepare':
+        run('prepare-tasks', ['prepare.py', '--tasks=True', f'--data_root={data_root}'])
+        run(stage, ['prepare.py', f'--data_root={data_root}'])
+    elif stage in STAGES:
+        run(stage, stage_command(stage))
+    elif stage == 'eval':
+        for s in MODEL_STAGES:  # every model on the same held-out data
+            if os.path.exists(f'{R}/{s}/ckpt.pt'):
+                run(f'eval-{s}', ['eval.py', f'--out_dir={R}/{s}', f'--data_root={data_root}',
+                                  f'--json_out={R}/{s}/eval.json', f'--items_per_task={50 if quick else 200}'])
+        os.makedirs(f'{R}/eval', exist_ok=True)
+        with open(f'{R}/eval/done.json', 'w') as f:
+            json.dump({'stage': 'eval'}, f)
+    elif stage == 'chat':
+        last = next(s for s in reversed(MODEL_STAGES) if os.path.exists(f'{R}/{s}/ckpt.pt'))
+        run(stage, ['sample.py', f'--out_dir={R}/{last}', '--chat=True', '--temperature=0', '--max_new_tokens=40'])
+    else:
+        raise SystemExit(f"unknown stage {stage!r}; stages are {', '.join(['prepare', *STAGES, 'eval', 'chat'])}")
+
+write_report()
+print(f"\npipeline finished in {time.time() - t_start:.0f} s; report: {R}/report.md")
