@@ -12,6 +12,7 @@ the merged weights (any script can load them) and, with LoRA, the adapters too.
 import json
 import math
 import os
+import sys
 import time
 
 import torch
@@ -228,6 +229,7 @@ stop_flag = common.StopFlag()
 t_start = t_last = time.time()
 iter_start, saved = iter_num, False
 history_path = os.path.join(out_dir, 'history.jsonl')
+interrupted = False
 while True:
     lr = common.get_lr(iter_num, learning_rate, min_lr, warmup_iters, lr_decay_iters, lr_schedule)
     for group in optimizer.param_groups:
@@ -286,6 +288,7 @@ while True:
     if stop_flag.should_stop(ddp, device):
         if master:
             save('interrupted')
+        interrupted = True
         break
 
 if master:
@@ -293,3 +296,5 @@ if master:
     if wandb_run:
         wandb_run.finish()
 common.cleanup_distributed(ddp)
+if interrupted:
+    sys.exit(130)  # saved, but not finished: a pipeline must not take this stage as done

@@ -11,6 +11,7 @@ gradient_accumulation_steps / N micro-steps, so a run's batch and curve do not d
 import json
 import math
 import os
+import sys
 import time
 
 import numpy as np
@@ -244,6 +245,7 @@ if master and peak_flops == 0.0:
 t_start = t_last = time.time()
 iter_start, running_mfu, saved = iter_num, -1.0, False
 history_path = os.path.join(out_dir, 'history.jsonl')
+interrupted = False
 while True:
     lr = lr_at(iter_num)
     for group in optimizer.param_groups:
@@ -326,6 +328,7 @@ while True:
     if stop_flag.should_stop(ddp, device):
         if master:
             save('interrupted')
+        interrupted = True
         break
 
 if master:
@@ -333,3 +336,5 @@ if master:
     if wandb_run:
         wandb_run.finish()
 common.cleanup_distributed(ddp)
+if interrupted:
+    sys.exit(130)  # saved, but not finished: a pipeline must not take this stage as done
