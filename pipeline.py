@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -63,10 +64,18 @@ def run(stage, cmd):
         if stage == 'chat':
             proc.stdin.write('\n'.join(CHAT_PROMPTS) + '\n')
             proc.stdin.close()
+        # Ctrl-C reaches the stage too (same process group): it saves a checkpoint and exits; we
+        # wait for that. A SIGTERM to the pipeline alone is passed on to the stage.
+        signal.signal(signal.SIGINT, lambda signum, frame: None)
+        signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signal.SIGTERM))
         for line in proc.stdout:
             sys.stdout.write(line)
             log.write(line)
         rc = proc.wait()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if rc == 130:
+        raise SystemExit(f"stage {stage} was interrupted (its checkpoint is saved); re-run the same command to continue")
     if rc != 0:
         raise SystemExit(f"stage {stage} failed (exit code {rc}); see {R}/{stage}/log.txt. "
                          f"Fix it and re-run: finished stages are skipped, this one resumes.")
