@@ -1,0 +1,60 @@
+"""pipeline.py --quick end to end: every stage runs from the previous stage's out_dir, metrics
+land in range, alignment does not undo SFT, and a killed run resumes where it stopped."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO
+
+
+def pipeline(run_dir, data_root, *args):
+    return subprocess.Popen([sys.executable, 'pipeline.py', '--quick=True', f'--run_dir={run_dir}',
+                             f'--data_root={data_root}', *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def read(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+@pytest.mark.slow
+def test_quick_pipeline_runs_every_stage_and_resumes_after_a_kill(tmp_path):
+    run_dir, data_root = str(tmp_path / 'run'), str(tmp_path / 'data')
+    # 1) start, and press Ctrl-C (SIGINT to the process group) once SFT is training
+    proc = pipeline(run_dir, data_root)
+    for line in proc.stdout:
+        if line.startswith('iter 20:') and os.path.exists(f'{run_dir}/sft/log.txt'):
+            time.sleep(1)
+            os.killpg(proc.pid, signal.SIGINT)
+            break
+    output = proc.stdout.read()
+    assert proc.wait(timeout=120) != 0 and 'stage sft was interrupted' in output, output[-2000:]
+    assert os.path.exists(f'{run_dir}/sft/ckpt.pt') and not os.path.exists(f'{run_dir}/sft/done.json')
+
+    # 2) run again: finished stages are skipped, SFT resumes from its checkpoint, the rest runs
+    proc = pipeline(run_dir, data_root)
+    output = proc.stdout.read()
+    assert proc.wait() == 0, output[-3000:]
+    assert 'pretrain: done already' in output and '--init_from=resume' in output
+
+    pre, sft = read(f'{run_dir}/pretrain/eval.json'), read(f'{run_dir}/sft/eval.json')
+    history = [json.loads(line) for line in open(f'{run_dir}/pretrain/history.jsonl')]
+    assert history[-1]['val_loss'] < history[0]['val_loss'] - 2.0  # pretraining learned
+    assert sft['identity_acc'] >= 0.8 > pre['identity_acc']  # SFT taught the identity answer
+    for stage in ('dpo', 'ppo', 'grpo'):  # alignment stages do not undo SFT
+        after = read(f'{run_dir}/{stage}/eval.json')
+        assert after['identity_acc'] >= sft['identity_acc'] - 0.15, (stage, after)
+        assert after['arith_acc'] >= sft['arith_acc'] - 0.1, (stage, after)
+    reward = [json.loads(line) for line in open(f'{run_dir}/reward/history.jsonl')]
+    assert max(r.get('val/accuracy', r.get('accuracy', 0)) for r in reward) > 0.7
+    report = open(f'{run_dir}/report.md').read()
+    for section in ('## Stages', '## Every checkpoint on the same held-out data', '## A sample chat', '## Curves'):
+        assert section in report
+    assert 'assistant>' in report
