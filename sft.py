@@ -117,11 +117,21 @@ if master:
 def load_conversations():
     """(train conversations, held-out conversations, held-out task items for generation)."""
     if sft_files:
+        # each file split on its own (seeded), before weighting: val draws from every file and no
+        # upsampled copy of a val conversation lands in train
         files = sft_files.split(',')
-        weights = [float(w) for w in sft_weights.split(',')] if sft_weights else None
-        convs = data.load_sft(files, weights, skip_bad_lines=skip_bad_lines, seed=seed)
-        n_val = max(1, int(len(convs) * val_fraction))
-        return convs[n_val:], convs[:n_val], []
+        weights = [float(w) for w in sft_weights.split(',')] if sft_weights else [1.0] * len(files)
+        assert len(weights) == len(files), f"{len(files)} sft_files but {len(weights)} sft_weights"
+        train, val = [], []
+        for path, weight in zip(files, weights):
+            convs = data.load_sft([path], skip_bad_lines=skip_bad_lines)
+            order = torch.randperm(len(convs), generator=torch.Generator().manual_seed(seed)).tolist()
+            n_val = max(1, int(len(convs) * val_fraction))
+            val += [convs[i] for i in order[:n_val]]
+            whole, frac = int(weight), weight - int(weight)
+            keep = [convs[i] for i in order[n_val:]]
+            train += keep * whole + keep[:round(frac * len(keep))]
+        return train, val, []
     task_dir = tasks.ensure_tasks(os.path.join(data_root, 'tasks'))  # generated once, offline
     train = data.load_sft([os.path.join(task_dir, 'sft_train.jsonl')])
     test = data.load_sft([os.path.join(task_dir, 'sft_test.jsonl')])
