@@ -6,12 +6,14 @@ resumes exactly, and it names the file and line of bad data."""
 import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import run_script
+from conftest import REPO, run_script
 from test_reward import history, make_checkpoint, tiny_tokenizer, toy_pairs, write_jsonl
 
 import common
@@ -35,10 +37,12 @@ def toy_file(tmp_path_factory):
     return write_jsonl(tmp_path_factory.mktemp('toy') / 'toy.jsonl', toy_pairs())
 
 
+TINY = ['--batch_size=8', '--max_seq_len=64', '--log_interval=1', '--warmup_iters=0', '--learning_rate=1e-3',
+        '--eval_items_per_task=0']
+
+
 def run_dpo(init_from, out_dir, *args, **kw):
-    return run_script('dpo.py', f'--init_from={init_from}', f'--out_dir={out_dir}', '--batch_size=8',
-                      '--max_seq_len=64', '--log_interval=1', '--warmup_iters=0', '--learning_rate=1e-3',
-                      '--eval_items_per_task=0', *args, **kw)
+    return run_script('dpo.py', f'--init_from={init_from}', f'--out_dir={out_dir}', *TINY, *args, **kw)
 
 
 def toy_batch(sft_dir, n=4):
@@ -142,6 +146,19 @@ def test_resume_reaches_the_same_metrics(sft_dir, toy_file, tmp_path):
     a, b = history(straight)[10], history(split)[10]
     for key in ('val/loss', 'val/rewards/accuracies', 'val/rewards/margins', 'val/logps/rejected'):
         assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_match_one_process(sft_dir, toy_file, tmp_path):
+    args = [f'--init_from={sft_dir}', *TINY, f'--pref_files={toy_file}', '--max_iters=4', '--eval_interval=4',
+            '--lr_decay_iters=4', '--gradient_accumulation_steps=2']
+    single, ddp = str(tmp_path / 'single'), str(tmp_path / 'ddp')
+    run_script('dpo.py', *args, f'--out_dir={single}')
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                           'dpo.py', *args, f'--out_dir={ddp}'], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    a, b = history(single)[4], history(ddp)[4]
+    assert b['val/loss'] == pytest.approx(a['val/loss'], rel=1e-4) and a['val/loss'] < math.log(2)
 
 
 def test_dpo_py_on_the_built_in_task_suite_reports_task_accuracy(sft_dir, tmp_path):
