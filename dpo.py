@@ -137,10 +137,12 @@ def build(pairs):
 train_pairs, val_pairs, task_items = load_splits()
 train, val = build(train_pairs), build(val_pairs)
 if master:
-    print(f"dpo data: {len(train['ids']):,} train pairs, {len(val['ids']):,} held out; {train['dropped'] + val['dropped']:,} "
-          f"dropped (longer than max_seq_len={max_seq_len}); {int((train['targets'] != -1).sum()):,} answer tokens")
+    print(f"dpo data: {len(train['ids']):,} train pairs, {len(val['ids']):,} held out; "
+          f"{train['dropped'] + val['dropped']:,} dropped (longer than max_seq_len={max_seq_len}); "
+          f"{int((train['targets'] != -1).sum()):,} answer tokens")
 if len(train['ids']) == 0 or len(val['ids']) == 0:
-    raise SystemExit(f"no {'training' if len(train['ids']) == 0 else 'held-out'} pair fits in max_seq_len={max_seq_len}")
+    which = 'training' if len(train['ids']) == 0 else 'held-out'
+    raise SystemExit(f"no {which} pair fits in max_seq_len={max_seq_len}: raise it (up to the block_size)")
 
 
 def pair_batch(split, rows):
@@ -185,7 +187,8 @@ if precompute_ref_logps:
         split['ref'] = ref  # (N, 2)
     ref_model = None  # freed: the lookup table replaces it
     if master:
-        print(f"reference log-probs of {len(train['ids']) + len(val['ids']):,} pairs precomputed in {time.time() - t0:.1f} s")
+        n_pairs = len(train['ids']) + len(val['ids'])
+        print(f"reference log-probs of {n_pairs:,} pairs precomputed in {time.time() - t0:.1f} s")
 
 
 def loss_fn(batch):
@@ -233,8 +236,9 @@ def evaluate():
         rows, ids, targets = pair_batch(val, rows)
         parts.append(torch.stack([*logps(raw_model, ids, targets)[:2], *reference_logps(val, rows, ids, targets)], 1))
     chosen, rejected, ref_chosen, ref_rejected = torch.cat(parts).unbind(1)
-    metrics = {'val/loss': dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta, loss_type, label_smoothing).mean()}
-    metrics.update({f'val/{k}': v for k, v in preference_metrics(chosen, rejected, ref_chosen, ref_rejected, beta).items()})
+    four = (chosen, rejected, ref_chosen, ref_rejected)
+    metrics = {'val/loss': dpo_loss(*four, beta, loss_type, label_smoothing).mean()}
+    metrics.update({f'val/{k}': v for k, v in preference_metrics(*four, beta).items()})
     correct = (chosen - ref_chosen > rejected - ref_rejected).cpu()
     row_tasks = [val['task'][i] for i in order.tolist()]
     for task in sorted({t for t in row_tasks if t}):
@@ -280,11 +284,12 @@ while True:
             if wandb_run:
                 wandb_run.log(metrics, step=iter_num)
         if not math.isfinite(metrics['val/loss']):
-            raise SystemExit(f"val loss is {metrics['val/loss']} at step {iter_num}; the last good checkpoint was kept. "
-                             "Lower learning_rate or raise beta.")
+            raise SystemExit(f"val loss is {metrics['val/loss']} at step {iter_num}; the last good checkpoint "
+                             f"in {out_dir} was kept. Lower learning_rate or raise beta.")
         improved = metrics['val/loss'] < best_val_loss
         best_val_loss = min(best_val_loss, metrics['val/loss'])
-        if master and iter_num > iter_start and (improved or always_save_checkpoint or (iter_num >= max_iters and not saved)):
+        last_eval = iter_num >= max_iters
+        if master and iter_num > iter_start and (improved or always_save_checkpoint or (last_eval and not saved)):
             save('val loss improved' if improved else 'always_save_checkpoint' if always_save_checkpoint else 'final')
             saved = True
     if iter_num >= max_iters:

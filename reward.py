@@ -96,8 +96,9 @@ model.to(device)
 model_args = model.backbone.config.to_dict()
 n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
 if master:
-    print(f"reward model from {init_from} ({ckpt.get('stage', '?')} stage): {model.backbone.get_num_params() / 1e6:.2f}M "
-          f"params, training {n_train / 1e6:.3f}M{' (head only)' if freeze_backbone else ''}")
+    print(f"reward model from {init_from} ({ckpt.get('stage', '?')} stage): "
+          f"{model.backbone.get_num_params() / 1e6:.2f}M params, training {n_train / 1e6:.3f}M"
+          + (' (head only)' if freeze_backbone else ''))
 
 # data: pairs -> right-padded [chosen, rejected] rows, built once
 
@@ -127,10 +128,12 @@ def build(pairs):
 train_pairs, val_pairs = load_splits()
 train, val = build(train_pairs), build(val_pairs)
 if master:
-    print(f"reward data: {len(train['ids']):,} train pairs, {len(val['ids']):,} held out; {train['dropped'] + val['dropped']:,} "
-          f"dropped (longer than max_seq_len={max_seq_len}); {int(train['length'].sum()):,} train tokens")
+    print(f"reward data: {len(train['ids']):,} train pairs, {len(val['ids']):,} held out; "
+          f"{train['dropped'] + val['dropped']:,} dropped (longer than max_seq_len={max_seq_len}); "
+          f"{int(train['length'].sum()):,} train tokens")
 if len(train['ids']) == 0 or len(val['ids']) == 0:
-    raise SystemExit(f"no {'training' if len(train['ids']) == 0 else 'held-out'} pair fits in max_seq_len={max_seq_len}")
+    which = 'training' if len(train['ids']) == 0 else 'held-out'
+    raise SystemExit(f"no {which} pair fits in max_seq_len={max_seq_len}: raise it (up to the block_size)")
 
 
 def pair_batch(split, rows):
@@ -244,11 +247,12 @@ while True:
             if wandb_run:
                 wandb_run.log(metrics, step=iter_num)
         if not math.isfinite(metrics['val/loss']):
-            raise SystemExit(f"val loss is {metrics['val/loss']} at step {iter_num}; the last good checkpoint was kept. "
-                             "Lower learning_rate or raise warmup_iters.")
+            raise SystemExit(f"val loss is {metrics['val/loss']} at step {iter_num}; the last good checkpoint "
+                             f"in {out_dir} was kept. Lower learning_rate or raise warmup_iters.")
         improved = metrics['val/loss'] < best_val_loss
         best_val_loss = min(best_val_loss, metrics['val/loss'])
-        if master and iter_num > iter_start and (improved or always_save_checkpoint or (iter_num >= max_iters and not saved)):
+        last_eval = iter_num >= max_iters
+        if master and iter_num > iter_start and (improved or always_save_checkpoint or (last_eval and not saved)):
             save('val loss improved' if improved else 'always_save_checkpoint' if always_save_checkpoint else 'final')
             saved = True
     if iter_num >= max_iters:

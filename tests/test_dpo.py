@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import REPO, run_script
-from test_reward import history, make_checkpoint, tiny_tokenizer, toy_pairs, write_jsonl
+from test_reward import history, make_checkpoint, toy_pairs, write_jsonl
 
 import common
 import data
@@ -168,6 +168,17 @@ def test_dpo_py_on_the_built_in_task_suite_reports_task_accuracy(sft_dir, tmp_pa
     h = history(out)
     assert h[0]['val/loss'] == pytest.approx(1 / (4 * 0.1 ** 2), rel=1e-4)  # IPO's value at policy == reference
     assert {'arith_acc', 'identity_acc', 'val/rewards/accuracies'} <= set(h[1])
+
+
+def test_nan_loss_stops_without_overwriting_the_last_checkpoint(sft_dir, toy_file, tmp_path):
+    out = str(tmp_path / 'out')
+    run_dpo(sft_dir, out, f'--pref_files={toy_file}', '--max_iters=2', '--eval_interval=2')
+    # an absurd learning rate with no clipping blows the weights up to inf/NaN within a few steps
+    proc = run_dpo('resume', out, f'--pref_files={toy_file}', '--max_iters=50', '--eval_interval=5',
+                   '--learning_rate=1e12', '--min_lr=1e12', '--grad_clip=0', '--always_save_checkpoint=True', check=False)
+    assert proc.returncode != 0 and 'loss is nan' in (proc.stdout + proc.stderr).lower()
+    after = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+    assert all(torch.isfinite(v).all() for v in after['model'].values())
 
 
 def test_malformed_preference_data_names_file_line_and_field(sft_dir, tmp_path):

@@ -146,7 +146,8 @@ def test_reward_py_separates_a_separable_toy_set_and_saves_a_loadable_reward_mod
 
     model, tok = load_reward_model(out)
     prompts = [[{'role': 'user', 'content': f"Say something about {w} and {w}."}] for w in ('tiger', 'lemon')]
-    good, bad = score(model, tok, prompts, ['good tiger', 'good lemon']), score(model, tok, prompts, ['bad tiger', 'bad lemon'])
+    good = score(model, tok, prompts, ['good tiger', 'good lemon'])
+    bad = score(model, tok, prompts, ['bad tiger', 'bad lemon'])
     assert good.shape == (2,) and (good > bad).all()
     with pytest.raises(SystemExit, match='not a reward model'):
         load_reward_model(sft_dir)
@@ -182,8 +183,9 @@ def test_reward_py_on_the_built_in_task_suite_reports_accuracy_per_task(sft_dir,
     assert {'val/accuracy_arithmetic', 'val/accuracy_identity'} <= set(h) and 0 <= h['val/accuracy'] <= 1
 
 
-@pytest.mark.parametrize('line,field', [('{"chosen": "a", "prompt": "q"}', "'rejected'"),
-                                        ('{"prompt": "q", "chosen": "a", "rejected": "b", "margin": "big"}', "'margin'")])
+@pytest.mark.parametrize('line,field', [
+    ('{"chosen": "a", "prompt": "q"}', "'rejected'"),
+    ('{"prompt": "q", "chosen": "a", "rejected": "b", "margin": "big"}', "'margin'")])
 def test_malformed_preference_data_names_file_line_and_field(sft_dir, tmp_path, line, field):
     good = json.dumps({'prompt': 'q', 'chosen': 'a', 'rejected': 'b'})
     path = write_jsonl(tmp_path / 'bad.jsonl', [good, good, line, good])
