@@ -8,7 +8,7 @@ the chosen answer scores above the rejected one.
 The checkpoint is the usual one (the backbone in 'model') plus 'reward_head', stage 'reward':
 rewardmodel.load_reward_model(out_dir) loads it and rewardmodel.score() scores pairs (ppo.py).
 Batches put the chosen and rejected rows of every pair in one forward pass, right-padded to the
-longest row of the batch.
+longest row of the batch; pairs of similar length are batched together, so little is padding.
 """
 
 import json
