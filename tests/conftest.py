@@ -15,7 +15,7 @@ sys.path.insert(0, REPO)
 
 def run_script(script, *args, env=None, check=True, timeout=600):
     """Run `python script args...` from the repo root (scripts exec configurator.py from there)."""
-    full_env = dict(os.environ, OMP_NUM_THREADS=os.environ.get('OMP_NUM_THREADS', '2'), **(env or {}))
+    full_env = {**os.environ, 'OMP_NUM_THREADS': os.environ.get('OMP_NUM_THREADS', '2'), **(env or {})}
     proc = subprocess.run([sys.executable, script, *args], cwd=REPO, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
     if check and proc.returncode != 0:
