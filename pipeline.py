@@ -177,7 +177,9 @@ def write_report():
                                                       for k in ('identity_acc', 'arith_acc', 'chat_acc') if k in evals[s]))
     chat_log = f'{R}/chat/log.txt'
     if os.path.exists(chat_log):
-        lines += ['', '## A sample chat', '', '```', open(chat_log).read().strip()[-3000:], '```']
+        replies = [l for l in open(chat_log).read().splitlines() if l.startswith('assistant>')]
+        turns = [f"user> {q}\n{a}" for q, a in zip(CHAT_PROMPTS, replies[-len(CHAT_PROMPTS):])]
+        lines += ['', '## A sample chat (greedy, the last stage)', '', '```', '\n'.join(turns), '```']
     pictures = [(s, plot(s, history(s))) for s in STAGES if len(history(s)) > 1]
     lines += ['', '## Curves', '']
     if any(p for _, p in pictures):
