@@ -14,6 +14,7 @@ step. Either way the reference is the init_from checkpoint, on resume too.
 import json
 import math
 import os
+import sys
 import random
 import time
 
@@ -93,6 +94,7 @@ if master:
 # policy, reference and tokenizer: the reference is always the checkpoint the run started from
 resume = init_from == 'resume'
 ckpt = common.load_checkpoint(out_dir if resume else init_from)
+pretrain_dataset = ckpt.get('dataset')  # carried forward, for eval.py's loss/bpb
 ref_dir = ckpt['config']['init_from'] if resume else init_from
 tokenizer = common.tokenizer_from_checkpoint(ckpt)
 model = common.model_from_checkpoint(ckpt, dropout=dropout).to(device)
@@ -254,7 +256,8 @@ def save(reason):
     state = {'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(), 'model_args': model_args,
              'iter_num': iter_num, 'best_val_loss': best_val_loss, 'config': dict(config, init_from=ref_dir),
              'tokenizer': tokenizer.spec, 'tokenizer_identity': tokenizer.identity,
-             'rng': common.rng_state(torch.Generator()), 'stage': 'dpo'}
+             'rng': common.rng_state(torch.Generator()), 'stage': 'dpo',
+             'dataset': pretrain_dataset}
     common.save_checkpoint(state, os.path.join(out_dir, 'ckpt.pt'))
     print(f"saved checkpoint to {out_dir}/ckpt.pt at step {iter_num} ({reason})")
 
@@ -269,6 +272,7 @@ stop_flag = common.StopFlag()
 t_start = t_last = time.time()
 iter_start, saved = iter_num, False
 history_path = os.path.join(out_dir, 'history.jsonl')
+interrupted = False
 while True:
     lr = common.get_lr(iter_num, learning_rate, min_lr, warmup_iters, lr_decay_iters, lr_schedule)
     for group in optimizer.param_groups:
@@ -336,6 +340,7 @@ while True:
     if stop_flag.should_stop(ddp, device):
         if master:
             save('interrupted')
+        interrupted = True
         break
 
 if master:
@@ -343,3 +348,5 @@ if master:
     if wandb_run:
         wandb_run.finish()
 common.cleanup_distributed(ddp)
+if interrupted:
+    sys.exit(130)  # saved, but not finished: a pipeline must not take this stage as done

@@ -213,6 +213,10 @@ def decode_steps(model, prompts, config, pad_id=0, tokenizer=None, step_fn=None)
     for t in range(cfg.max_new_tokens):
         logits = logits[:, -1].float()  # (B, V)
         processed = logits
+        if tokenizer is not None and tokenizer.n_vocab < logits.size(-1):
+            # the model's vocab is padded to a multiple of 64: never sample an id the tokenizer lacks
+            processed = logits.clone()
+            processed[:, tokenizer.n_vocab:] = float('-inf')
         if cfg.has_penalties:
             processed = apply_penalties(logits, seen, counts, cfg.repetition_penalty,
                                         cfg.presence_penalty, cfg.frequency_penalty)
@@ -293,6 +297,8 @@ def beam_search(model, prompts, config, pad_id=0, tokenizer=None):
     logits, _ = model(idx, positions=positions[..., :T], attn_mask=prefill_mask, kv_cache=cache, last_only=True)
     for t in range(cfg.max_new_tokens):
         raw = logits[:, -1].float()  # (B*W, V)
+        if tokenizer is not None and tokenizer.n_vocab < raw.size(-1):
+            raw[:, tokenizer.n_vocab:] = float('-inf')  # padded ids the tokenizer lacks
         V = raw.size(-1)
         logp_raw = F.log_softmax(raw, dim=-1)
         logp = logp_raw

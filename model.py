@@ -7,8 +7,8 @@ The whole transformer in one file: a GPT with the modern options behind flags.
     attn:  multi-head, grouped-query (n_kv_head < n_head) or multi-query (n_kv_head == 1)
     moe:   token-choice top-k mixture of experts with optional shared experts (n_experts > 0)
 
-A preallocated KVCache makes generation cost O(T) per token; `generate()` is the plain decode
-loop the later stages build on (sample.py has the full-featured one).
+A preallocated KVCache makes generation cost O(T) per token; `generate()` is a plain reference
+decode loop (generate.py has the full-featured one that the stages use).
 """
 
 import math
@@ -350,8 +350,7 @@ class GPT(nn.Module):
             # a chunk after a cached prefix: query i (at start+i) sees keys 0..start+i
             keys = torch.arange(start + T, device=idx.device)
             attn_mask = keys[None, :] <= positions[:, None]  # (T, S)
-        assert start + T <= self.config.block_size or self.config.pos == 'rope', \
-            f"sequence of length {start + T} exceeds block_size {self.config.block_size}"
+        assert start + T <= self.config.block_size, f"sequence of length {start + T} exceeds block_size {self.config.block_size}"
 
         x = self.transformer.wte(idx)  # (B, T, C)
         rope = None
@@ -383,7 +382,7 @@ class GPT(nn.Module):
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-            if self.config.n_experts:
+            if self.config.n_experts and self.training:  # eval losses stay pure cross-entropy
                 loss = loss + self.config.moe_aux_loss_coef * aux_loss
         return (logits, loss, aux_loss) if return_aux else (logits, loss)
 

@@ -14,6 +14,7 @@ longest row of the batch; pairs of similar length are batched together, so littl
 import json
 import math
 import os
+import sys
 import random
 import time
 
@@ -82,6 +83,7 @@ if master:
 # model and tokenizer: the backbone of the previous stage and a new head, or all resumed
 resume = init_from == 'resume'
 ckpt = common.load_checkpoint(out_dir if resume else init_from)
+pretrain_dataset = ckpt.get('dataset')  # carried forward, for eval.py's loss/bpb
 tokenizer = common.tokenizer_from_checkpoint(ckpt)
 model = RewardModel(common.model_from_checkpoint(ckpt, dropout=dropout))
 if 'reward_head' in ckpt:  # resuming, or going on from another reward model
@@ -217,7 +219,8 @@ def save(reason):
     state = {'model': raw_model.backbone.state_dict(), 'reward_head': raw_model.head.state_dict(),
              'optimizer': optimizer.state_dict(), 'model_args': model_args, 'iter_num': iter_num,
              'best_val_loss': best_val_loss, 'config': config, 'tokenizer': tokenizer.spec,
-             'tokenizer_identity': tokenizer.identity, 'rng': common.rng_state(torch.Generator()), 'stage': 'reward'}
+             'tokenizer_identity': tokenizer.identity, 'rng': common.rng_state(torch.Generator()), 'stage': 'reward',
+             'dataset': pretrain_dataset}
     common.save_checkpoint(state, os.path.join(out_dir, 'ckpt.pt'))
     print(f"saved checkpoint to {out_dir}/ckpt.pt at step {iter_num} ({reason})")
 
@@ -232,6 +235,7 @@ stop_flag = common.StopFlag()
 t_start = t_last = time.time()
 iter_start, saved = iter_num, False
 history_path = os.path.join(out_dir, 'history.jsonl')
+interrupted = False
 while True:
     lr = common.get_lr(iter_num, learning_rate, min_lr, warmup_iters, lr_decay_iters, lr_schedule)
     for group in optimizer.param_groups:
@@ -299,6 +303,7 @@ while True:
     if stop_flag.should_stop(ddp, device):
         if master:
             save('interrupted')
+        interrupted = True
         break
 
 if master:
@@ -306,3 +311,5 @@ if master:
     if wandb_run:
         wandb_run.finish()
 common.cleanup_distributed(ddp)
+if interrupted:
+    sys.exit(130)  # saved, but not finished: a pipeline must not take this stage as done

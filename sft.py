@@ -97,12 +97,16 @@ if resume and lora_rank:  # LoRA resumes from the base weights plus the saved ad
     model = common.model_from_checkpoint(base, dropout=dropout)
 else:
     model = common.model_from_checkpoint(ckpt, dropout=dropout)
-if max_seq_len + 1 > model.config.block_size:
-    raise SystemExit(f"max_seq_len={max_seq_len} needs block_size > {max_seq_len}; the model has {model.config.block_size}")
+if max_seq_len > model.config.block_size:
+    raise SystemExit(f"max_seq_len={max_seq_len} is longer than the model's context ({model.config.block_size})")
 if lora_rank:
     n_train = apply_lora(model, lora_rank, lora_alpha, lora_targets.split(','), lora_dropout)
-    if resume:
-        model.load_state_dict(ckpt['lora'], strict=False)
+    if resume:  # the adapters must match this run's lora_targets/rank exactly
+        unexpected = model.load_state_dict(ckpt['lora'], strict=False).unexpected_keys
+        missing = [k for k in model.state_dict() if 'lora_' in k and k not in ckpt['lora']]
+        if unexpected or missing:
+            raise SystemExit(f"the LoRA adapters in {out_dir} do not fit lora_targets={lora_targets!r}, "
+                             f"lora_rank={lora_rank}: resume with the settings of the first run")
 else:
     n_train = sum(p.numel() for p in model.parameters())
 model.to(device)
@@ -138,26 +142,32 @@ def load_conversations():
     return train, test, tasks.heldout(task_dir)
 
 
-def encode(conv, rng):
-    """Render one conversation (with augmentation); None if truncation left nothing to learn."""
-    if drop_turns_prob and torch.rand((), generator=rng) < drop_turns_prob:
-        ends = [i + 1 for i, m in enumerate(conv) if m['role'] == 'assistant']
-        conv = conv[:ends[int(torch.randint(len(ends), (), generator=rng))]] if ends else conv
-    if system_prompt_rate and conv[0]['role'] != 'system' and torch.rand((), generator=rng) < system_prompt_rate:
-        conv = [{'role': 'system', 'content': SYSTEM_PROMPTS[int(torch.randint(len(SYSTEM_PROMPTS), (), generator=rng))]}] + conv
-    return common.encode_conversation(tokenizer, conv, max_seq_len)
+def augment(convs, rng):
+    """The seed's augmentations, drawn once (seeded): with drop_turns_prob a copy cut after a
+    random assistant turn is added (the whole conversation stays too); with system_prompt_rate
+    a generic system prompt is put in front."""
+    out = []
+    for conv in convs:
+        ends = [i + 1 for i, m in enumerate(conv) if m['role'] == 'assistant'][:-1]
+        if drop_turns_prob and ends and torch.rand((), generator=rng) < drop_turns_prob:
+            out.append(conv[:ends[int(torch.randint(len(ends), (), generator=rng))]])
+        if system_prompt_rate and conv[0]['role'] != 'system' and torch.rand((), generator=rng) < system_prompt_rate:
+            conv = [{'role': 'system', 'content': SYSTEM_PROMPTS[int(torch.randint(len(SYSTEM_PROMPTS), (), generator=rng))]}] + conv
+        out.append(conv)
+    return out
 
 
-def build_rows(convs, rng):
-    encoded = [encode(c, rng) for c in convs]
+def build_rows(convs):
+    """Conversations -> packed/padded rows; those left with no assistant token are dropped and counted."""
+    encoded = [common.encode_conversation(tokenizer, c, max_seq_len) for c in convs]
     kept = [e for e in encoded if e is not None]
     return (*common.pack_rows(kept, max_seq_len, tokenizer.pad_id, packing), len(encoded) - len(kept), len(kept))
 
 
 rng = torch.Generator().manual_seed(seed)
 train_convs, val_convs, task_items = load_conversations()
-train_ids, train_tgt, train_doc, dropped, kept = build_rows(train_convs, rng)
-val_ids, val_tgt, val_doc, _, _ = build_rows(val_convs, rng)
+train_ids, train_tgt, train_doc, dropped, kept = build_rows(augment(train_convs, rng))
+val_ids, val_tgt, val_doc, _, _ = build_rows(val_convs)  # held out as it is
 if master:
     print(f"sft data: {kept:,} conversations -> {len(train_ids):,} rows of {max_seq_len} "
           f"({'packed' if packing else 'padded'}); {dropped:,} dropped (no assistant token left after truncation); "
@@ -181,14 +191,16 @@ def forward(m, x, y, d):
 # optimizer
 iter_num, best_val_loss = 0, float('inf')
 data_generator = torch.Generator().manual_seed(seed)
-params = [p for p in model.parameters() if p.requires_grad]
-optimizer = torch.optim.AdamW([{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
-                               {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}],
-                              lr=learning_rate, betas=(beta1, beta2), fused=device_type == 'cuda')
+params = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters only
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 if resume:
     optimizer.load_state_dict(ckpt['optimizer'])
+    if 'scaler' in ckpt:
+        scaler.load_state_dict(ckpt['scaler'])
     iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
     common.set_rng_state(ckpt['rng'], data_generator)
+    if ddp:  # only rank 0's state was saved: give each rank its own dropout stream again
+        torch.manual_seed(seed + rank + iter_num)
 ckpt = None
 
 # compile, then wrap in DDP
@@ -218,7 +230,7 @@ def evaluate():
 
 def save(reason):
     state = {'model': merged_state_dict(raw_model) if lora_rank else raw_model.state_dict(),
-             'optimizer': optimizer.state_dict(), 'model_args': model_args, 'iter_num': iter_num,
+             'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(), 'model_args': model_args, 'iter_num': iter_num,
              'best_val_loss': best_val_loss, 'config': config, 'tokenizer': tokenizer.spec,
              'tokenizer_identity': tokenizer.identity, 'rng': common.rng_state(data_generator), 'stage': 'sft',
              'dataset': pretrain_dataset}
@@ -259,7 +271,7 @@ while True:
         improved = metrics['val/loss'] < best_val_loss
         best_val_loss = min(best_val_loss, metrics['val/loss'])
         if master and iter_num > iter_start and (improved or always_save_checkpoint or (iter_num >= max_iters and not saved)):
-            save('val loss improved' if improved else 'final')
+            save('val loss improved' if improved else 'always_save_checkpoint' if always_save_checkpoint else 'final')
             saved = True
     if iter_num >= max_iters:
         break
@@ -295,7 +307,7 @@ while True:
             print(f"iter {iter_num}: loss {train_loss:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/step, {tokens / dt:,.0f} tok/s, "
                   f"eta {common.format_eta((max_iters - iter_num) * dt)}")
 
-    if stop_flag.should_stop(ddp, device):
+    if (not ddp or iter_num % log_interval == 0) and stop_flag.should_stop(ddp, device):
         if master:
             save('interrupted')
         interrupted = True

@@ -134,7 +134,9 @@ def get_batches(split, generator, n_micro):
         x, y = torch.from_numpy(chunk[:, :-1]), torch.from_numpy(chunk[:, 1:])
         if device_type == 'cuda':  # pinned memory lets the copy overlap with compute
             x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-        batches.append((x.to(device), y.to(device)))
+        else:
+            x, y = x.to(device), y.to(device)
+        batches.append((x, y))
     return batches
 
 
@@ -162,10 +164,15 @@ else:
     if block_size < model.config.block_size:
         model.crop_block_size(block_size)
         model_args['block_size'] = block_size
+    elif block_size > model.config.block_size:
+        raise SystemExit(f"block_size={block_size} is longer than the checkpoint's context ({model.config.block_size}); "
+                         f"use --block_size={model.config.block_size} or less")
     if init_from == 'resume':
         iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
         evals_without_improvement = ckpt.get('evals_without_improvement', 0)
         common.set_rng_state(ckpt['rng'], data_generator)
+        if ddp:  # only rank 0's state was saved: give each rank its own dropout stream again
+            torch.manual_seed(seed + rank + iter_num)
 model.to(device)
 if master:
     print(f"model: {model.get_num_params() / 1e6:.2f}M non-embedding parameters "
@@ -175,6 +182,8 @@ if master:
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 if init_from == 'resume':
     optimizer.load_state_dict(ckpt['optimizer'])
+    if 'scaler' in ckpt:
+        scaler.load_state_dict(ckpt['scaler'])  # fp16: the loss scale it had reached
 ckpt = None  # free the memory
 
 # compile, then wrap in DDP
@@ -223,7 +232,8 @@ def lr_at(it):
 def save(reason):
     """Atomic checkpoint of everything a resume needs, so the loss curve continues exactly."""
     common.save_checkpoint({
-        'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(), 'model_args': model_args,
+        'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
+        'model_args': model_args,
         'iter_num': iter_num, 'best_val_loss': best_val_loss, 'evals_without_improvement': evals_without_improvement,
         'config': config, 'tokenizer': tokenizer.spec, 'tokenizer_identity': tokenizer.identity,
         'rng': common.rng_state(data_generator), 'stage': 'pretrain', 'dataset': dataset,
@@ -302,7 +312,7 @@ while True:
     optimizer.zero_grad(set_to_none=True)
     iter_num += 1
 
-    # log (the only host sync of a step, and only every log_interval steps)
+    # log: the host syncs only every log_interval steps
     if iter_num % log_interval == 0:
         if ddp:
             torch.distributed.all_reduce(loss_sum)
@@ -324,8 +334,8 @@ while True:
             if wandb_run:
                 wandb_run.log({'train/loss_step': train_loss, 'lr': lr, 'tok_per_s': tokens_per_iter / dt}, step=iter_num)
 
-    # Ctrl-C / SIGTERM: save and leave cleanly
-    if stop_flag.should_stop(ddp, device):
+    # Ctrl-C / SIGTERM: save and leave cleanly (under DDP the ranks agree at log steps: a sync)
+    if (not ddp or iter_num % log_interval == 0) and stop_flag.should_stop(ddp, device):
         if master:
             save('interrupted')
         interrupted = True
