@@ -43,6 +43,9 @@ def setup_distributed(device):
 
 def cleanup_distributed(ddp):
     if ddp:
+        # wait for every rank (rank 0 may still be saving): tearing gloo down while a peer is
+        # still connected can abort the process
+        dist.barrier()
         dist.destroy_process_group()
 
 
