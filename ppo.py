@@ -21,6 +21,7 @@ The math is in rl.py; this file is the loop. Metrics carry TRL's names (objectiv
 import json
 import math
 import os
+import sys
 import time
 
 import torch
@@ -122,6 +123,7 @@ if master:
 # models: policy and frozen reference from the SFT checkpoint; the critic; the reward model
 resume = init_from == 'resume'
 ckpt = common.load_checkpoint(out_dir if resume else init_from)
+pretrain_dataset = ckpt.get('dataset')  # carried forward, for eval.py's loss/bpb
 sft_dir = ckpt['config']['init_from'] if resume else init_from  # the reference stays the SFT model
 sft_ckpt = common.load_checkpoint(sft_dir) if resume else ckpt
 tokenizer = common.tokenizer_from_checkpoint(ckpt)
@@ -240,7 +242,8 @@ def save(reason):
     state = {'model': policy.state_dict(), 'value': value_state, 'optimizer': optimizer.state_dict(),
              'model_args': model_args, 'iter_num': iter_num, 'kl_coef': kl_coef_now, 'best_val_loss': None,
              'config': dict(config, init_from=sft_dir), 'tokenizer': tokenizer.spec,
-             'tokenizer_identity': tokenizer.identity, 'rng': common.rng_state(data_generator), 'stage': algorithm}
+             'tokenizer_identity': tokenizer.identity, 'rng': common.rng_state(data_generator), 'stage': algorithm,
+             'dataset': pretrain_dataset}
     common.save_checkpoint(state, os.path.join(out_dir, 'ckpt.pt'))
     print(f"saved checkpoint to {out_dir}/ckpt.pt at iteration {iter_num} ({reason})")
 
@@ -263,6 +266,7 @@ stop_flag = common.StopFlag()
 # the training loop
 t_start = time.time()
 iter_start, history_path = iter_num, os.path.join(out_dir, 'history.jsonl')
+interrupted = False
 while True:
     lr = common.get_lr(iter_num, learning_rate, min_lr, warmup_iters, lr_decay_iters, lr_schedule)
     for group in optimizer.param_groups:
@@ -421,6 +425,7 @@ while True:
     if stop_flag.should_stop(ddp, device):
         if master:
             save('interrupted')
+        interrupted = True
         break
 
 if master:
@@ -428,3 +433,5 @@ if master:
     if wandb_run:
         wandb_run.finish()
 common.cleanup_distributed(ddp)
+if interrupted:
+    sys.exit(130)  # saved, but not finished: a pipeline must not take this stage as done
