@@ -110,7 +110,9 @@ SIZES = {  # records per split and task; tests hold out phrasings, problems, fun
     'sft_test': {'identity': 40, 'arithmetic': 200, 'code': 40, 'chat': 40},
     'pref_train': {'identity': 300, 'arithmetic': 1000, 'code': 300},
     'pref_test': {'identity': 40, 'arithmetic': 100, 'code': 30},
-    'rl_train': {'arithmetic': 2000},
+    # RL prompts: nearly every train-side problem. GRPO on a fixed 2,000 memorised those prompts
+    # (their greedy accuracy 31% -> 39%) and left held-out problems where they were (30%).
+    'rl_train': {'arithmetic': 12000},
     'rl_test': {'arithmetic': 200},
 }
 SPLITS = tuple(SIZES)
