@@ -88,6 +88,7 @@ share_backbone = False  # the value head sits on the policy's transformer: one m
 # optimizer
 max_iters = 100
 learning_rate = 1e-5
+critic_learning_rate = 0.0  # the value head and the critic's transformer; 0 = learning_rate
 min_lr = 1e-6
 warmup_iters = 0
 lr_decay_iters = 100
@@ -215,9 +216,14 @@ def forward_all(m, ids, positions, mask, n_query):
 iter_num, kl_coef_now = 0, kl_coef
 data_generator = torch.Generator().manual_seed(seed)
 params = [p for p in actor_critic.parameters() if p.requires_grad]
-optimizer = torch.optim.AdamW([{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
-                               {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}],
-                              lr=learning_rate, betas=(beta1, beta2), fused=device_type == 'cuda')
+actor_ids = {id(p) for p in policy.parameters()}
+groups = []  # (actor | critic) x (decayed matrices | the rest); lr_scale: the critic may learn faster
+for scale, members in ((1.0, [p for p in params if id(p) in actor_ids]),
+                       ((critic_learning_rate or learning_rate) / learning_rate, [p for p in params if id(p) not in actor_ids])):
+    groups += [{'params': [p for p in members if p.dim() >= 2], 'weight_decay': weight_decay, 'lr_scale': scale},
+               {'params': [p for p in members if p.dim() < 2], 'weight_decay': 0.0, 'lr_scale': scale}]
+optimizer = torch.optim.AdamW([g for g in groups if g['params']], lr=learning_rate, betas=(beta1, beta2),
+                              fused=device_type == 'cuda')
 if resume:
     optimizer.load_state_dict(ckpt['optimizer'])
     iter_num, kl_coef_now = ckpt['iter_num'], ckpt['kl_coef']
@@ -270,7 +276,7 @@ interrupted = False
 while True:
     lr = common.get_lr(iter_num, learning_rate, min_lr, warmup_iters, lr_decay_iters, lr_schedule)
     for group in optimizer.param_groups:
-        group['lr'] = lr
+        group['lr'] = lr * group['lr_scale']
 
     # evaluate and checkpoint
     if iter_num % eval_interval == 0 or iter_num >= max_iters:

@@ -71,7 +71,7 @@ def test_toy_verifiable_task_raises_mean_reward(toy, tmp_path):
 
 
 @pytest.mark.parametrize('algorithm,args', [
-    ('ppo', []),
+    ('ppo', ['--critic_learning_rate=5e-3']),
     ('ppo', ['--share_backbone=True', '--kl_target=1.0', '--kl_horizon=100', '--kl_estimator=k3', '--target_kl=1e-9',
              '--entropy_coef=0.01', '--micro_batch_size=2', '--loss_norm=sequence', '--whiten_rewards=True']),
     ('ppo', ['--reward_model={root}/rm', '--critic_init=reward', '--verifiable_weight=0', '--reward_model_weight=2']),
@@ -99,6 +99,8 @@ def test_end_to_end_on_the_builtin_arithmetic_prompts(suite, tmp_path, algorithm
     if '--critic_init=reward' in args:  # the value head started as the reward model's head (and moved a little)
         rm_head = torch.load(os.path.join(data_root, 'rm', 'ckpt.pt'), weights_only=True)['reward_head']['weight']
         assert (ckpt['value']['value_head.weight'] - rm_head).abs().max() < 0.05 < rm_head.abs().max()
+    if '--critic_learning_rate=5e-3' in args:  # the critic's groups learn at their own rate
+        assert sorted({g['lr'] for g in ckpt['optimizer']['param_groups']}) == pytest.approx([1e-3, 5e-3])
     if '--target_kl=1e-9' in args:
         # the first minibatch is at ratio 1 (approx KL 0: it passes); the step it takes moves the
         # policy, so the second minibatch is past any positive threshold and the update stops
