@@ -206,7 +206,7 @@ for stage in wanted:
         for s in MODEL_STAGES:  # every model on the same held-out data
             if os.path.exists(f'{R}/{s}/ckpt.pt'):
                 run(f'eval-{s}', ['eval.py', f'--out_dir={R}/{s}', f'--data_root={data_root}',
-                                  f'--json_out={R}/{s}/eval.json', f'--items_per_task={50 if quick else 200}'])
+                                  f'--json_out={R}/{s}/eval.json', f'--items_per_task={50 if quick else 1000}'])
         os.makedirs(f'{R}/eval', exist_ok=True)
         with open(f'{R}/eval/done.json', 'w') as f:
             json.dump({'stage': 'eval'}, f)

@@ -107,7 +107,7 @@ FACTS = [
 
 SIZES = {  # records per split and task; tests hold out phrasings, problems, functions and facts
     'sft_train': {'identity': 400, 'arithmetic': 12000, 'code': 400, 'chat': 600},
-    'sft_test': {'identity': 40, 'arithmetic': 200, 'code': 40, 'chat': 40},
+    'sft_test': {'identity': 40, 'arithmetic': 1000, 'code': 40, 'chat': 40},  # 1000: a few points' change shows
     'pref_train': {'identity': 300, 'arithmetic': 1000, 'code': 300},
     'pref_test': {'identity': 40, 'arithmetic': 100, 'code': 30},
     # RL prompts: nearly every train-side problem. GRPO on a fixed 2,000 memorised those prompts
@@ -356,9 +356,12 @@ def write_tasks(out_dir='data/tasks', **kwargs):
 
 
 def _effective_args(kwargs):
-    """make_tasks' arguments with defaults filled in, as JSON would store them."""
+    """make_tasks' arguments with defaults filled in, as JSON would store them; sizes in full,
+    so that editing SIZES makes ensure_tasks write the files again."""
     bound = inspect.signature(make_tasks).bind(**kwargs)
     bound.apply_defaults()
+    sizes = bound.arguments['sizes'] or {}
+    bound.arguments['sizes'] = {split: dict(SIZES[split], **sizes.get(split, {})) for split in SPLITS}
     return json.loads(json.dumps(bound.arguments))
 
 

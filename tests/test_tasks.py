@@ -121,6 +121,14 @@ def test_ensure_tasks_writes_once_and_rewrites_when_arguments_change(tmp_path):
     assert 'Other' in open(path).read()
 
 
+def test_ensure_tasks_rewrites_when_the_sizes_table_is_edited(tmp_path, monkeypatch):
+    out = str(tmp_path / 't')
+    tasks.ensure_tasks(out, seed=5)
+    monkeypatch.setitem(tasks.SIZES, 'rl_test', {'arithmetic': 7})  # what a user editing SIZES does
+    tasks.ensure_tasks(out, seed=5)
+    assert sum(1 for _ in open(os.path.join(out, 'rl_test.jsonl'))) == 7
+
+
 def test_heldout_items_score_one_when_answered_exactly(tmp_path):
     out = str(tmp_path / 'h')
     tasks.write_tasks(out, seed=5)
