@@ -37,7 +37,10 @@ STAGES = {  # stage: (script, config file, extra args); each writes R/<stage>
     'sft': ('sft.py', 'config/sft_tiny.py', [f'--init_from={R}/pretrain']),
     'reward': ('reward.py', 'config/reward_tiny.py', [f'--init_from={R}/sft']),
     'dpo': ('dpo.py', 'config/dpo_tiny.py', [f'--init_from={R}/sft']),
-    'ppo': ('ppo.py', 'config/ppo_tiny.py', [f'--init_from={R}/sft', f'--reward_model={R}/reward']),
+    # PPO's critic starts from the reward model; the reward is the verifiable one: PPO on this reward
+    # model's scores (68% right on held-out arithmetic pairs) games it, arithmetic 29.5% -> 11.5%
+    'ppo': ('ppo.py', 'config/ppo_tiny.py', [f'--init_from={R}/sft', f'--reward_model={R}/reward', '--critic_init=reward',
+                                             '--reward_model_weight=0']),
     'grpo': ('ppo.py', 'config/grpo_tiny.py', [f'--init_from={R}/sft']),
 }
 QUICK = {  # --quick: shorter, still learning something measurable

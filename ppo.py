@@ -54,7 +54,7 @@ skip_bad_lines = False
 # reward: score = verifiable_weight * exact match + reward_model_weight * RM score - missing_eos_penalty
 verifiable_weight = 1.0  # data.verifiable_reward: the final number (or the text answer) is right
 reward_model = ''  # a reward-model out_dir (reward.py); '' = none
-reward_model_weight = 1.0
+reward_model_weight = 1.0  # 0 with critic_init='reward': the reward model is the critic's start only
 missing_eos_penalty = 1.0  # a response cut off at max_new_tokens never answered
 # rollout
 batch_size = 32  # prompts per iteration per rank
@@ -166,7 +166,7 @@ if master:
     critic_desc = 'none' if algorithm == 'grpo' else 'shared backbone' if share_backbone else f'own transformer from {critic_init}'
     print(f"{algorithm}: policy from {init_from} ({policy.get_num_params() / 1e6:.2f}M params), reference {sft_dir}, "
           f"critic: {critic_desc}, reward: {verifiable_weight:g} x verifiable"
-          f"{f' + {reward_model_weight:g} x {reward_model}' if reward_model else ''}")
+          f"{f' + {reward_model_weight:g} x {reward_model}' if reward_model and reward_model_weight else ''}")
 
 # data: prompts rendered once as the chat prefix the policy continues
 task_dir = os.path.join(data_root, 'tasks')
@@ -310,7 +310,7 @@ while True:
     texts = [tokenizer.decode([t for t in r if t not in special_ids]) for r in gen.rows()]
     verifiable = torch.tensor([data.verifiable_reward(t, p['answer']) for t, p in zip(texts, batch)], device=device)
     scores = verifiable_weight * verifiable
-    if reward_net is not None:  # read at each response's last token: <|im_end|>, as the reward model was trained
+    if reward_net is not None and reward_model_weight:  # read at each response's last token: <|im_end|>, as trained
         real = torch.cat([torch.arange(Tq, device=device)[None, :] >= query_pad[:, None], mask], dim=1)  # (N, L)
         with autocast:
             scores = scores + reward_model_weight * rewardmodel.score_ids(reward_net, ids, real)
