@@ -22,7 +22,7 @@ ppo_epochs = 1
 num_minibatches = 1  # one optimizer step per rollout batch: the batch is the gradient's only average
 # 1e-4 wrecks this 1.3M-parameter model: with few of a batch's groups carrying signal, Adam turns
 # the gradient's noise into full-size steps on every weight; the KL reaches ~1 nat in 10 steps and
-# accuracy falls to ~10%. 2e-5 moves it (held-out 29.9% -> 32.2% on all 1,654 test problems).
+# accuracy falls to ~10%. 2e-5 moves it: held-out 29.9% -> 34.0% on all 1,654 test problems.
 learning_rate = 2e-5
 warmup_iters = 10
 lr_schedule = 'constant'
