@@ -4,7 +4,7 @@
 init_from = 'out-tiny'
 out_dir = 'out-sft'
 eval_interval = 200
-eval_items_per_task = 100
+eval_items_per_task = 1000  # all 1,000 held-out arithmetic problems (the other tasks have 40)
 log_interval = 20
 wandb_run_name = 'sft-tiny'
 
