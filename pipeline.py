@@ -4,7 +4,7 @@ The whole chain on tiny configs, offline, each stage starting from the previous 
 then a report card, run_dir/report.md, with per-stage times, metrics (before -> after for the
 alignment stages), sample completions and curves.
 
-    python pipeline.py                  # ~30-45 minutes on 2 CPU cores
+    python pipeline.py                  # ~23 minutes on 2 CPU cores
     python pipeline.py --quick=True     # a few minutes: tiny everything (what CI runs)
 
 Re-running skips the stages that finished (run_dir/<stage>/done.json); a stage that was killed
