@@ -314,9 +314,14 @@ def _pref(prompt_messages, chosen, rejected, task):
     return {'chosen': a(chosen), 'rejected': a(rejected), 'task': task}
 
 
+def resolved_sizes(sizes=None):
+    """SIZES with the overrides in sizes ({split: {task: n}}) applied."""
+    return {split: dict(SIZES[split], **(sizes or {}).get(split, {})) for split in SPLITS}
+
+
 def make_tasks(seed=1337, name='Mini', maker='the Mini-LLM project', add_digits=2, mul_digits=(2, 1), sizes=None):
     """All six splits as lists of records, in-process (no files). Same arguments, same records."""
-    sizes = {split: dict(SIZES[split], **(sizes or {}).get(split, {})) for split in SPLITS}
+    sizes = resolved_sizes(sizes)
     functions = stdlib_functions()
     out = {}
     for split in SPLITS:
@@ -360,8 +365,7 @@ def _effective_args(kwargs):
     so that editing SIZES makes ensure_tasks write the files again."""
     bound = inspect.signature(make_tasks).bind(**kwargs)
     bound.apply_defaults()
-    sizes = bound.arguments['sizes'] or {}
-    bound.arguments['sizes'] = {split: dict(SIZES[split], **sizes.get(split, {})) for split in SPLITS}
+    bound.arguments['sizes'] = resolved_sizes(bound.arguments['sizes'])
     return json.loads(json.dumps(bound.arguments))
 
 
