@@ -312,8 +312,9 @@ while True:
     scores = verifiable_weight * verifiable
     if reward_net is not None and reward_model_weight:  # read at each response's last token: <|im_end|>, as trained
         real = torch.cat([torch.arange(Tq, device=device)[None, :] >= query_pad[:, None], mask], dim=1)  # (N, L)
+        answer = torch.cat([torch.zeros_like(query, dtype=torch.bool), mask], dim=1)  # (N, L): for an RM's lm_coef
         with autocast:
-            scores = scores + reward_model_weight * rewardmodel.score_ids(reward_net, ids, real)
+            scores = scores + reward_model_weight * rewardmodel.score_ids(reward_net, ids, real, answer)
     scores = scores - missing_eos_penalty * (~gen.stopped).float()
 
     # 3. log-probs under the policy as it is now (the update's starting point) and the reference

@@ -1,7 +1,8 @@
 """
 Reward modelling on preference pairs: a backbone from an SFT (or pretrain) out_dir and a scalar
-head read at the last real token (rewardmodel.py), trained with the Bradley-Terry loss so that
-the chosen answer scores above the rejected one.
+head read at the last real token (rewardmodel.py), plus lm_coef times the backbone's mean
+log-likelihood of the response, trained with the Bradley-Terry loss so that the chosen answer
+scores above the rejected one.
     python reward.py config/reward_tiny.py            # from out-sft, on the built-in task suite
     torchrun --standalone --nproc_per_node=8 reward.py --init_from=out-sft --pref_files=prefs.jsonl
 
@@ -46,6 +47,7 @@ max_seq_len = 256  # prompt + answer; a longer pair is dropped (cutting could cu
 # loss
 use_margin = True  # subtract each pair's "margin" field (0 when absent) inside the sigmoid
 center_rewards_coef = 0.0  # > 0 keeps rewards near mean 0 (TRL suggests 0.01); a steadier scale for PPO
+lm_coef = 0.0  # > 0 adds lm_coef * mean log p(response) to the head's reward (SimPO's implicit reward)
 freeze_backbone = False  # train the head only: a linear probe on the SFT model's features
 # optimizer
 batch_size = 16  # pairs per micro-batch per rank (two rows each)
@@ -85,14 +87,14 @@ resume = init_from == 'resume'
 ckpt = common.load_checkpoint(out_dir if resume else init_from)
 pretrain_dataset = ckpt.get('dataset')  # carried forward, for eval.py's loss/bpb
 tokenizer = common.tokenizer_from_checkpoint(ckpt)
-model = RewardModel(common.model_from_checkpoint(ckpt, dropout=dropout))
+model = RewardModel(common.model_from_checkpoint(ckpt, dropout=dropout), lm_coef)
 if 'reward_head' in ckpt:  # resuming, or going on from another reward model
     model.head.load_state_dict(ckpt['reward_head'])
 if max_seq_len > model.backbone.config.block_size:
     raise SystemExit(f"max_seq_len={max_seq_len} exceeds the model's block_size {model.backbone.config.block_size}")
 if freeze_backbone:
     model.backbone.requires_grad_(False)
-if not model.backbone.config.tie_embeddings:
+if not model.backbone.config.tie_embeddings and not lm_coef:
     model.backbone.lm_head.requires_grad_(False)  # unused here (and DDP rejects unused parameters)
 model.to(device)
 model_args = model.backbone.config.to_dict()
@@ -121,9 +123,9 @@ def load_splits():
 
 
 def build(pairs):
-    ids, _, length, kept = common.encode_pairs(tokenizer, pairs, max_seq_len)
+    ids, prompt_len, length, kept = common.encode_pairs(tokenizer, pairs, max_seq_len)
     margin = torch.tensor([pairs[i]['margin'] if use_margin else 0.0 for i in kept])
-    return {'ids': ids, 'length': length, 'longest': length.max(1).values, 'margin': margin,
+    return {'ids': ids, 'prompt_len': prompt_len, 'length': length, 'longest': length.max(1).values, 'margin': margin,
             'task': [pairs[i]['task'] for i in kept], 'dropped': len(pairs) - len(kept)}
 
 
@@ -140,11 +142,14 @@ if len(train['ids']) == 0 or len(val['ids']) == 0:
 
 def pair_batch(split, rows):
     """Rows (B,) of a split -> ids (2B, T): B chosen then B rejected, T = the longest of them;
-    last (2B,) the index of each row's last real token; margin (B,)."""
+    last (2B,) the index of each row's last real token; response (2B, T) True on the answer's
+    tokens; margin (B,)."""
     T = int(split['length'][rows].max())  # a CPU tensor: no device sync
     ids = split['ids'][rows, :, :T].transpose(0, 1).reshape(-1, T)  # (2B, T)
-    last = split['length'][rows].T.reshape(-1) - 1  # (2B,)
-    return ids.to(device), last.to(device), split['margin'][rows].to(device)
+    length = split['length'][rows].T.reshape(-1)  # (2B,)
+    pos = torch.arange(T)
+    response = (pos >= split['prompt_len'][rows].repeat(2)[:, None]) & (pos < length[:, None])
+    return ids.to(device), (length - 1).to(device), response.to(device), split['margin'][rows].to(device)
 
 
 def get_batches(split, step, n_micro):
@@ -155,10 +160,10 @@ def get_batches(split, step, n_micro):
             for j in range(n_micro)]
 
 
-def pair_rewards(m, ids, last):
+def pair_rewards(m, ids, last, response):
     """(r_chosen (B,), r_rejected (B,), MoE aux loss) in one forward pass."""
     with autocast:
-        rewards, aux_loss = m(ids, last)
+        rewards, aux_loss = m(ids, last, response=response)
     r_chosen, r_rejected = rewards.chunk(2)
     return r_chosen, r_rejected, aux_loss
 
@@ -199,8 +204,8 @@ def evaluate():
     rows = val['longest'][:n].argsort()  # by length: little padding
     chosen, rejected = [], []
     for r in rows.split(2 * batch_size):
-        ids, last, _ = pair_batch(val, r)
-        r_chosen, r_rejected, _ = pair_rewards(raw_model, ids, last)
+        ids, last, response, _ = pair_batch(val, r)
+        r_chosen, r_rejected, _ = pair_rewards(raw_model, ids, last, response)
         chosen.append(r_chosen)
         rejected.append(r_rejected)
     chosen, rejected = torch.cat(chosen), torch.cat(rejected)
@@ -216,7 +221,7 @@ def evaluate():
 
 
 def save(reason):
-    state = {'model': raw_model.backbone.state_dict(), 'reward_head': raw_model.head.state_dict(),
+    state = {'model': raw_model.backbone.state_dict(), 'reward_head': raw_model.head.state_dict(), 'reward_lm_coef': lm_coef,
              'optimizer': optimizer.state_dict(), 'model_args': model_args, 'iter_num': iter_num,
              'best_val_loss': best_val_loss, 'config': config, 'tokenizer': tokenizer.spec,
              'tokenizer_identity': tokenizer.identity, 'rng': common.rng_state(torch.Generator()), 'stage': 'reward',
@@ -264,10 +269,10 @@ while True:
 
     # one optimizer step over the micro-batches
     sums = torch.zeros(3, device=device)  # loss, accuracy, margin
-    for micro_step, (ids, last, margin) in enumerate(get_batches(train, iter_num, accum_per_rank)):
+    for micro_step, (ids, last, response, margin) in enumerate(get_batches(train, iter_num, accum_per_rank)):
         if ddp:
             model.require_backward_grad_sync = micro_step == accum_per_rank - 1
-        r_chosen, r_rejected, aux_loss = pair_rewards(model, ids, last)
+        r_chosen, r_rejected, aux_loss = pair_rewards(model, ids, last, response)
         loss = loss_fn(r_chosen, r_rejected, margin, aux_loss) / accum_per_rank
         scaler.scale(loss).backward()
         stats = reward_metrics(r_chosen.detach(), r_rejected.detach())

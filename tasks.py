@@ -108,8 +108,8 @@ FACTS = [
 SIZES = {  # records per split and task; tests hold out phrasings, problems, functions and facts
     'sft_train': {'identity': 400, 'arithmetic': 12000, 'code': 400, 'chat': 600},
     'sft_test': {'identity': 40, 'arithmetic': 1000, 'code': 40, 'chat': 40},  # 1000: a few points' change shows
-    'pref_train': {'identity': 300, 'arithmetic': 1000, 'code': 300},
-    'pref_test': {'identity': 40, 'arithmetic': 100, 'code': 30},
+    'pref_train': {'identity': 300, 'arithmetic': 12000, 'code': 300},
+    'pref_test': {'identity': 40, 'arithmetic': 500, 'code': 30},
     # RL prompts: nearly every train-side problem. GRPO on a fixed 2,000 memorised those prompts
     # (their greedy accuracy 31% -> 39%) and left held-out problems where they were (30%).
     'rl_train': {'arithmetic': 12000},

@@ -112,6 +112,30 @@ def test_reward_is_read_at_the_last_real_token_right_and_left_padded():
     assert padding_inputs(torch.tensor([[0, 0, 1, 1, 0]], dtype=torch.bool))[0].tolist() == [3]
 
 
+def test_lm_coef_adds_the_mean_log_likelihood_of_the_response_however_padded():
+    torch.manual_seed(0)
+    backbone = GPT(GPTConfig(vocab_size=50, block_size=32, n_layer=2, n_head=2, n_embd=32))
+    plain, model = RewardModel(backbone).eval(), RewardModel(backbone, lm_coef=2.0).eval()
+    model.head.load_state_dict(plain.head.state_dict())
+    seqs, n_prompt = [torch.randint(1, 50, (n,)) for n in (6, 9, 4)], [2, 5, 1]
+    expected = []
+    for s, n in zip(seqs, n_prompt):  # by hand: the head, plus 2 x the mean of log p(s[t] | s[:t]) for t >= n
+        logp = backbone(s[None])[0][0, :-1].log_softmax(-1).gather(-1, s[1:, None]).squeeze(-1)
+        expected.append(plain(s[None], torch.tensor([len(s) - 1]))[0][0] + 2.0 * logp[n - 1:].mean())
+    expected = torch.stack(expected)
+    T = 12
+    for side in ('right', 'left'):
+        ids, mask, response = torch.zeros(3, T, dtype=torch.long), torch.zeros(3, T, dtype=torch.bool), \
+            torch.zeros(3, T, dtype=torch.bool)
+        for i, (s, n) in enumerate(zip(seqs, n_prompt)):
+            start = 0 if side == 'right' else T - len(s)
+            ids[i, start:start + len(s)], mask[i, start:start + len(s)] = s, True
+            response[i, start + n:start + len(s)] = True
+        torch.testing.assert_close(score_ids(model, ids, mask, response), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match='response='):
+        model(ids, torch.tensor([T - 1] * 3))
+
+
 def test_bradley_terry_loss_matches_hand_computed_values():
     r_c, r_r = torch.tensor([2.0, -1.0]), torch.tensor([1.0, 0.5])
     plain = (math.log(1 + math.exp(-1.0)) + math.log(1 + math.exp(1.5))) / 2
@@ -151,6 +175,22 @@ def test_reward_py_separates_a_separable_toy_set_and_saves_a_loadable_reward_mod
     assert good.shape == (2,) and (good > bad).all()
     with pytest.raises(SystemExit, match='not a reward model'):
         load_reward_model(sft_dir)
+
+
+def test_lm_coef_is_saved_and_scored_with(sft_dir, toy_file, tmp_path):
+    out = str(tmp_path / 'rm-lm')
+    run_reward(sft_dir, out, f'--pref_files={toy_file}', '--max_iters=4', '--eval_interval=4', '--lm_coef=0.5')
+    model, tok = load_reward_model(out)
+    assert model.lm_coef == 0.5
+    prompt = [[{'role': 'user', 'content': "Say something about tiger and tiger."}]]
+    head_only = RewardModel(model.backbone).eval()
+    head_only.head.load_state_dict(model.head.state_dict())
+    ids, n = common.encode_reply(tok, prompt[0], 'good tiger')
+    x = torch.tensor(ids)[None]
+    with torch.no_grad():
+        logp = model.backbone(x)[0][0, :-1].log_softmax(-1).gather(-1, x[0, 1:, None]).squeeze(-1)[n - 1:].mean()
+        want = head_only(x, torch.tensor([len(ids) - 1]))[0] + 0.5 * logp
+    torch.testing.assert_close(score(model, tok, prompt, ['good tiger']), want, rtol=1e-5, atol=1e-5)
 
 
 def test_freeze_backbone_trains_only_the_head(sft_dir, toy_file, tmp_path):
