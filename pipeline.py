@@ -37,17 +37,18 @@ STAGES = {  # stage: (script, config file, extra args); each writes R/<stage>
     'sft': ('sft.py', 'config/sft_tiny.py', [f'--init_from={R}/pretrain']),
     'reward': ('reward.py', 'config/reward_tiny.py', [f'--init_from={R}/sft']),
     'dpo': ('dpo.py', 'config/dpo_tiny.py', [f'--init_from={R}/sft']),
-    # PPO's critic starts from the reward model; the reward is the verifiable one: PPO on this reward
-    # model's scores (68% right on held-out arithmetic pairs) games it, arithmetic 29.5% -> 11.5%
+    # RLHF proper: PPO's reward is the reward model's score alone, its critic starts from the reward
+    # model. (An older reward model, 68% right on arithmetic pairs, got gamed: arithmetic 29.5% -> 11.5%;
+    # this one is ~92% right.) GRPO learns from the exact-match reward instead.
     'ppo': ('ppo.py', 'config/ppo_tiny.py', [f'--init_from={R}/sft', f'--reward_model={R}/reward', '--critic_init=reward',
-                                             '--reward_model_weight=0']),
+                                             '--verifiable_weight=0', '--reward_model_weight=1']),
     'grpo': ('ppo.py', 'config/grpo_tiny.py', [f'--init_from={R}/sft']),
 }
 QUICK = {  # --quick: shorter, still learning something measurable
     'pretrain': ['--max_iters=200', '--lr_decay_iters=200', '--eval_interval=100', '--eval_iters=5', '--warmup_iters=20'],
     'sft': ['--max_iters=200', '--lr_decay_iters=200', '--eval_interval=100', '--batch_size=8', '--eval_items_per_task=30',
             '--eval_iters=5', '--warmup_iters=10'],
-    'reward': ['--max_iters=40', '--eval_interval=20'],
+    'reward': ['--max_iters=40', '--eval_interval=20', '--learning_rate=1e-4'],
     'dpo': ['--max_iters=20', '--eval_interval=10'],
     'ppo': ['--max_iters=5', '--eval_interval=5'],
     'grpo': ['--max_iters=5', '--eval_interval=5'],

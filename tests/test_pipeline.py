@@ -53,7 +53,9 @@ def test_quick_pipeline_runs_every_stage_and_resumes_after_a_kill(tmp_path):
         assert after['arith_acc'] >= sft['arith_acc'] - 0.1, (stage, after)
         assert after['identity_acc'] >= sft['identity_acc'] - 0.15, (stage, after)  # nor what they do not
     reward = [json.loads(line) for line in open(f'{run_dir}/reward/history.jsonl')]
-    assert max(r.get('val/accuracy', r.get('accuracy', 0)) for r in reward) > 0.7
+    # the quick SFT model cannot do arithmetic yet, so the reward model learns on identity and code
+    assert reward[-1]['val/loss'] < reward[0]['val/loss'] - 0.03, reward
+    assert reward[-1]['val/accuracy_identity'] >= 0.9 and reward[-1]['val/accuracy_code'] >= 0.6, reward[-1]
     report = open(f'{run_dir}/report.md').read()
     for section in ('## Stages', '## Every checkpoint on the same held-out data', '## A sample chat', '## Curves'):
         assert section in report
