@@ -31,7 +31,8 @@ class RewardModel(nn.Module):
     The log-likelihood term is SimPO's reference-free implicit reward (Meng et al. 2024). It is
     here for what a last-token head finds hard: to see that one digit of "57" is wrong, the head's
     state must redo the sum and compare; the LM already scores each digit where it predicts it.
-    On the built-in arithmetic pairs the head alone reaches 75% held out, with the term ~90%."""
+    On the built-in held-out arithmetic pairs the head alone reached 75% (3,000 steps), with the
+    term 92% (600 steps; config/reward_tiny.py)."""
 
     def __init__(self, backbone, lm_coef=0.0):
         super().__init__()
