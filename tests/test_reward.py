@@ -124,11 +124,11 @@ def test_lm_coef_adds_the_mean_log_likelihood_of_the_response_however_padded():
         expected.append(plain(s[None], torch.tensor([len(s) - 1]))[0][0] + 2.0 * logp[n - 1:].mean())
     expected = torch.stack(expected)
     T = 12
-    for side in ('right', 'left'):
+    for side in ('right', 'left', 'both'):  # both: ppo.py's left-padded prompt, right-padded response
         ids, mask, response = torch.zeros(3, T, dtype=torch.long), torch.zeros(3, T, dtype=torch.bool), \
             torch.zeros(3, T, dtype=torch.bool)
         for i, (s, n) in enumerate(zip(seqs, n_prompt)):
-            start = 0 if side == 'right' else T - len(s)
+            start = {'right': 0, 'left': T - len(s), 'both': (T - len(s)) // 2}[side]
             ids[i, start:start + len(s)], mask[i, start:start + len(s)] = s, True
             response[i, start + n:start + len(s)] = True
         torch.testing.assert_close(score_ids(model, ids, mask, response), expected, rtol=1e-5, atol=1e-5)
