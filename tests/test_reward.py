@@ -1,17 +1,20 @@
 """reward.py and rewardmodel.py: the reward is read at the last real token however the batch is
-padded, the Bradley-Terry loss and TRL's metrics by hand, and reward.py end to end on a tiny
-checkpoint: it separates a separable toy set, resumes exactly, freezes the backbone when asked,
-and names the file and line of bad data."""
+padded, the log-likelihood term (lm_coef) and the Bradley-Terry loss and TRL's metrics by hand,
+and reward.py end to end on a tiny checkpoint: it separates a separable toy set, resumes exactly,
+runs the same on two DDP ranks, freezes the backbone when asked, and names the file and line of
+bad data."""
 
 import json
 import math
 import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from conftest import run_script
+from conftest import REPO, run_script
 
 import common
 from model import GPT, GPTConfig
@@ -214,6 +217,23 @@ def test_resume_reaches_the_same_metrics(sft_dir, toy_file, tmp_path):
     a, b = history(straight)[20], history(split)[20]
     for key in ('val/loss', 'val/accuracy', 'val/margin', 'val/mean_reward'):
         assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_match_one_process_with_the_lm_term(sft_dir, toy_file, tmp_path):
+    args = [f'--pref_files={toy_file}', '--max_iters=4', '--eval_interval=4', '--lr_decay_iters=4',
+            '--gradient_accumulation_steps=2', '--lm_coef=0.5']
+    single, ddp = str(tmp_path / 'single'), str(tmp_path / 'ddp')
+    run_reward(sft_dir, single, *args)
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                           'reward.py', f'--init_from={sft_dir}', f'--out_dir={ddp}', '--batch_size=8', '--max_seq_len=64',
+                           '--warmup_iters=5', '--learning_rate=3e-3', *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    a, b = history(single), history(ddp)
+    assert a[4]['val/loss'] < a[0]['val/loss']
+    for key in ('val/loss', 'val/accuracy', 'val/margin'):
+        assert b[4][key] == pytest.approx(a[4][key], rel=1e-4, abs=1e-5), key
 
 
 def test_reward_py_on_the_built_in_task_suite_reports_accuracy_per_task(sft_dir, tmp_path):
