@@ -54,7 +54,7 @@ skip_bad_lines = False
 # reward: score = verifiable_weight * exact match + reward_model_weight * RM score - missing_eos_penalty
 verifiable_weight = 1.0  # data.verifiable_reward: the final number (or the text answer) is right
 reward_model = ''  # a reward-model out_dir (reward.py); '' = none
-reward_model_weight = 1.0  # 0 with critic_init='reward': the reward model is the critic's start only
+reward_model_weight = 1.0  # 0 = the reward model only initialises the critic (critic_init='reward')
 missing_eos_penalty = 1.0  # a response cut off at max_new_tokens never answered
 # rollout
 batch_size = 32  # prompts per iteration per rank
@@ -133,7 +133,7 @@ policy = common.model_from_checkpoint(ckpt, dropout=0.0)
 reference = common.model_from_checkpoint(sft_ckpt, dropout=0.0).requires_grad_(False).eval()
 if max_new_tokens + 8 > policy.config.block_size:
     raise SystemExit(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in block_size {policy.config.block_size}")
-reward_net = None  # the reward model (rewardmodel.py), frozen: scores each response at its last token
+reward_net = None  # the reward model (rewardmodel.py), frozen: its head at each response's last token (+ lm_coef term)
 if reward_model:
     import rewardmodel
     reward_net, rm_tokenizer = rewardmodel.load_reward_model(reward_model, device)
@@ -151,7 +151,7 @@ if algorithm == 'ppo':
         critic = common.model_from_checkpoint(critic_ckpt, dropout=0.0)
         critic.lm_head.requires_grad_(critic.config.tie_embeddings)  # an untied output head is unused (DDP)
     value_head = nn.Linear(policy.config.n_embd if critic is None else critic.config.n_embd, 1)
-    if from_rm:  # the reward model's head: values start on the reward's scale
+    if from_rm:  # the reward model's head (not its lm_coef term): values start near the reward's scale
         value_head.load_state_dict(critic_ckpt['reward_head'])
     else:
         nn.init.zeros_(value_head.weight), nn.init.zeros_(value_head.bias)  # V = 0 until it learns
@@ -312,9 +312,9 @@ while True:
     scores = verifiable_weight * verifiable
     if reward_net is not None and reward_model_weight:  # read at each response's last token: <|im_end|>, as trained
         real = torch.cat([torch.arange(Tq, device=device)[None, :] >= query_pad[:, None], mask], dim=1)  # (N, L)
-        answer = torch.cat([torch.zeros_like(query, dtype=torch.bool), mask], dim=1)  # (N, L): for an RM's lm_coef
+        response_mask = torch.cat([torch.zeros_like(query, dtype=torch.bool), mask], dim=1)  # (N, L), for lm_coef
         with autocast:
-            scores = scores + reward_model_weight * rewardmodel.score_ids(reward_net, ids, real, answer)
+            scores = scores + reward_model_weight * rewardmodel.score_ids(reward_net, ids, real, response_mask)
     scores = scores - missing_eos_penalty * (~gen.stopped).float()
 
     # 3. log-probs under the policy as it is now (the update's starting point) and the reference

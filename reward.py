@@ -53,7 +53,7 @@ freeze_backbone = False  # train the head only: a linear probe on the SFT model'
 batch_size = 16  # pairs per micro-batch per rank (two rows each)
 gradient_accumulation_steps = 1  # total over ranks
 max_iters = 300
-learning_rate = 1e-4  # 3e-4 overfits the tiny model within 100 steps
+learning_rate = 1e-4  # the head alone; config/reward_tiny.py (head + lm_coef) needs 3e-5
 min_lr = 1e-5
 warmup_iters = 20
 lr_decay_iters = 300
@@ -90,6 +90,12 @@ tokenizer = common.tokenizer_from_checkpoint(ckpt)
 model = RewardModel(common.model_from_checkpoint(ckpt, dropout=dropout), lm_coef)
 if 'reward_head' in ckpt:  # resuming, or going on from another reward model
     model.head.load_state_dict(ckpt['reward_head'])
+    if ckpt.get('reward_lm_coef', 0.0) != lm_coef:  # the head was trained beside another log-likelihood term
+        source = out_dir if resume else init_from
+        message = f"{source} was trained with lm_coef={ckpt.get('reward_lm_coef', 0.0)}, this run has {lm_coef}"
+        if resume:
+            raise SystemExit(f"{message}: resume with the same --lm_coef")
+        print(f"note: {message}; the head starts from the old one")
 if max_seq_len > model.backbone.config.block_size:
     raise SystemExit(f"max_seq_len={max_seq_len} exceeds the model's block_size {model.backbone.config.block_size}")
 if freeze_backbone:
@@ -142,14 +148,14 @@ if len(train['ids']) == 0 or len(val['ids']) == 0:
 
 def pair_batch(split, rows):
     """Rows (B,) of a split -> ids (2B, T): B chosen then B rejected, T = the longest of them;
-    last (2B,) the index of each row's last real token; response (2B, T) True on the answer's
-    tokens; margin (B,)."""
+    last (2B,) the index of each row's last real token; response_mask (2B, T) True on the
+    answer's tokens; margin (B,)."""
     T = int(split['length'][rows].max())  # a CPU tensor: no device sync
     ids = split['ids'][rows, :, :T].transpose(0, 1).reshape(-1, T)  # (2B, T)
     length = split['length'][rows].T.reshape(-1)  # (2B,)
     pos = torch.arange(T)
-    response = (pos >= split['prompt_len'][rows].repeat(2)[:, None]) & (pos < length[:, None])
-    return ids.to(device), (length - 1).to(device), response.to(device), split['margin'][rows].to(device)
+    response_mask = (pos >= split['prompt_len'][rows].repeat(2)[:, None]) & (pos < length[:, None])
+    return ids.to(device), (length - 1).to(device), response_mask.to(device), split['margin'][rows].to(device)
 
 
 def get_batches(split, step, n_micro):
@@ -160,10 +166,10 @@ def get_batches(split, step, n_micro):
             for j in range(n_micro)]
 
 
-def pair_rewards(m, ids, last, response):
+def pair_rewards(m, ids, last, response_mask):
     """(r_chosen (B,), r_rejected (B,), MoE aux loss) in one forward pass."""
     with autocast:
-        rewards, aux_loss = m(ids, last, response=response)
+        rewards, aux_loss = m(ids, last, response_mask=response_mask)
     r_chosen, r_rejected = rewards.chunk(2)
     return r_chosen, r_rejected, aux_loss
 
@@ -204,8 +210,8 @@ def evaluate():
     rows = val['longest'][:n].argsort()  # by length: little padding
     chosen, rejected = [], []
     for r in rows.split(2 * batch_size):
-        ids, last, response, _ = pair_batch(val, r)
-        r_chosen, r_rejected, _ = pair_rewards(raw_model, ids, last, response)
+        ids, last, response_mask, _ = pair_batch(val, r)
+        r_chosen, r_rejected, _ = pair_rewards(raw_model, ids, last, response_mask)
         chosen.append(r_chosen)
         rejected.append(r_rejected)
     chosen, rejected = torch.cat(chosen), torch.cat(rejected)
@@ -221,9 +227,9 @@ def evaluate():
 
 
 def save(reason):
-    state = {'model': raw_model.backbone.state_dict(), 'reward_head': raw_model.head.state_dict(), 'reward_lm_coef': lm_coef,
-             'optimizer': optimizer.state_dict(), 'model_args': model_args, 'iter_num': iter_num,
-             'best_val_loss': best_val_loss, 'config': config, 'tokenizer': tokenizer.spec,
+    state = {'model': raw_model.backbone.state_dict(), 'reward_head': raw_model.head.state_dict(),
+             'reward_lm_coef': lm_coef, 'optimizer': optimizer.state_dict(), 'model_args': model_args,
+             'iter_num': iter_num, 'best_val_loss': best_val_loss, 'config': config, 'tokenizer': tokenizer.spec,
              'tokenizer_identity': tokenizer.identity, 'rng': common.rng_state(torch.Generator()), 'stage': 'reward',
              'dataset': pretrain_dataset}
     common.save_checkpoint(state, os.path.join(out_dir, 'ckpt.pt'))
@@ -269,10 +275,10 @@ while True:
 
     # one optimizer step over the micro-batches
     sums = torch.zeros(3, device=device)  # loss, accuracy, margin
-    for micro_step, (ids, last, response, margin) in enumerate(get_batches(train, iter_num, accum_per_rank)):
+    for micro_step, (ids, last, response_mask, margin) in enumerate(get_batches(train, iter_num, accum_per_rank)):
         if ddp:
             model.require_backward_grad_sync = micro_step == accum_per_rank - 1
-        r_chosen, r_rejected, aux_loss = pair_rewards(model, ids, last, response)
+        r_chosen, r_rejected, aux_loss = pair_rewards(model, ids, last, response_mask)
         loss = loss_fn(r_chosen, r_rejected, margin, aux_loss) / accum_per_rank
         scaler.scale(loss).backward()
         stats = reward_metrics(r_chosen.detach(), r_rejected.detach())

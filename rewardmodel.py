@@ -6,9 +6,9 @@ reward.py trains it; ppo.py (or anyone) loads it and scores (prompt, response) p
     model, tokenizer = load_reward_model('out-reward', device)
     rewards = score(model, tokenizer, prompts_messages, responses)     # (N,) float32
 
-    RewardModel(backbone, lm_coef) forward(idx, last, positions, attn_mask, response) -> (rewards (B,), aux loss)
+    RewardModel(backbone, lm_coef) forward(idx, last, positions, attn_mask, response_mask) -> (rewards (B,), aux loss)
     padding_inputs(mask)           last real index, positions and attention mask of a padded batch
-    score_ids(model, ids, mask, response)  rewards of token ids, padded on either side (or both)
+    score_ids(model, ids, mask, response_mask)  rewards of token ids, padded on either side (or both)
     bradley_terry_loss, reward_metrics, load_pairs (preference pairs with an optional "margin")
 """
 
@@ -43,21 +43,26 @@ class RewardModel(nn.Module):
         nn.init.normal_(self.head.weight, std=1 / math.sqrt(C + 1))
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, idx, last, positions=None, attn_mask=None, response=None):
-        """idx (B, T); last (B,) index of each row's last real token; response (B, T) True on the
-        response's tokens (its <|im_end|> included), needed when lm_coef > 0. Right-padded rows
+    def forward(self, idx, last, positions=None, attn_mask=None, response_mask=None):
+        """idx (B, T); last (B,) index of each row's last real token; response_mask (B, T) True on
+        the response's tokens (its <|im_end|> included), needed when lm_coef > 0. Right-padded rows
         need no positions or mask (causal attention never looks ahead at the pads); any other
         padding passes those of padding_inputs()."""
         h, aux_loss = self.backbone.hidden_states(idx, positions, attn_mask)  # (B, T, C)
-        rows = torch.arange(idx.size(0), device=idx.device)
-        reward = self.head(h[rows, last]).squeeze(-1).float()  # (B,)
+        B = idx.size(0)
+        reward = self.head(h[torch.arange(B, device=idx.device), last]).squeeze(-1).float()  # (B,)
         if self.lm_coef:
-            if response is None:
-                raise ValueError("this reward model adds the response's log-likelihood (lm_coef > 0): pass response=")
-            logits = self.backbone.lm_head(h[:, :-1]).float()  # position t predicts token t + 1
-            logp = logits.log_softmax(-1).gather(-1, idx[:, 1:, None]).squeeze(-1)  # (B, T-1)
-            target = response[:, 1:].float()
-            reward = reward + self.lm_coef * (logp * target).sum(1) / target.sum(1).clamp(min=1)
+            if response_mask is None:
+                raise ValueError("this reward model adds the response's log-likelihood (lm_coef > 0): "
+                                 "pass response_mask=")
+            # position t predicts token t + 1: the logits only where that token is the response's
+            # (all positions would be a (B, T, vocab) tensor: gigabytes with a 32k vocabulary)
+            row, col = response_mask[:, 1:].nonzero(as_tuple=True)
+            logits = self.backbone.lm_head(h[row, col]).float()  # (N, vocab)
+            logp = logits.log_softmax(-1).gather(-1, idx[row, col + 1, None]).squeeze(-1)  # (N,)
+            total = torch.zeros(B, device=idx.device).index_add_(0, row, logp)
+            count = torch.zeros(B, device=idx.device).index_add_(0, row, torch.ones_like(logp))
+            reward = reward + self.lm_coef * total / count.clamp(min=1)
         return reward, aux_loss
 
 
@@ -130,11 +135,11 @@ def load_reward_model(out_dir, device='cpu'):
 
 
 @torch.no_grad()
-def score_ids(model, ids, mask, response=None):
+def score_ids(model, ids, mask, response_mask=None):
     """Rewards (B,) of token ids (B, T) with mask (B, T) True on real tokens, padded anywhere;
-    response (B, T) True on the response's tokens (for a model with lm_coef > 0)."""
+    response_mask (B, T) True on the response's tokens (for a model with lm_coef > 0)."""
     last, positions, attn_mask = padding_inputs(mask)
-    return model(ids, last, positions, attn_mask, response)[0]
+    return model(ids, last, positions, attn_mask, response_mask)[0]
 
 
 @torch.no_grad()
@@ -152,8 +157,8 @@ def score(model, tokenizer, prompts_messages, responses, batch_size=32):
         batch = rows[i:i + batch_size]
         ids = torch.full((len(batch), max(len(row) for row, _ in batch)), tokenizer.pad_id, dtype=torch.long)
         mask = torch.zeros(ids.shape, dtype=torch.bool)
-        response = torch.zeros(ids.shape, dtype=torch.bool)
+        response_mask = torch.zeros(ids.shape, dtype=torch.bool)
         for j, (row, n_prompt) in enumerate(batch):
-            ids[j, :len(row)], mask[j, :len(row)], response[j, n_prompt:len(row)] = torch.tensor(row), True, True
-        out.append(score_ids(model, ids.to(device), mask.to(device), response.to(device)))
+            ids[j, :len(row)], mask[j, :len(row)], response_mask[j, n_prompt:len(row)] = torch.tensor(row), True, True
+        out.append(score_ids(model, ids.to(device), mask.to(device), response_mask.to(device)))
     return torch.cat(out) if out else torch.zeros(0, device=device)

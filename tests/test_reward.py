@@ -135,7 +135,7 @@ def test_lm_coef_adds_the_mean_log_likelihood_of_the_response_however_padded():
             ids[i, start:start + len(s)], mask[i, start:start + len(s)] = s, True
             response[i, start + n:start + len(s)] = True
         torch.testing.assert_close(score_ids(model, ids, mask, response), expected, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match='response='):
+    with pytest.raises(ValueError, match='response_mask='):
         model(ids, torch.tensor([T - 1] * 3))
 
 
@@ -194,6 +194,14 @@ def test_lm_coef_is_saved_and_scored_with(sft_dir, toy_file, tmp_path):
         logp = model.backbone(x)[0][0, :-1].log_softmax(-1).gather(-1, x[0, 1:, None]).squeeze(-1)[n - 1:].mean()
         want = head_only(x, torch.tensor([len(ids) - 1]))[0] + 0.5 * logp
     torch.testing.assert_close(score(model, tok, prompt, ['good tiger']), want, rtol=1e-5, atol=1e-5)
+
+
+def test_resume_with_another_lm_coef_is_an_error(sft_dir, toy_file, tmp_path):
+    out = str(tmp_path / 'rm-lm')
+    run_reward(sft_dir, out, f'--pref_files={toy_file}', '--max_iters=2', '--eval_interval=2', '--lm_coef=0.5')
+    proc = run_reward('resume', out, f'--pref_files={toy_file}', '--max_iters=4', check=False)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and 'lm_coef=0.5' in output and 'resume with the same --lm_coef' in output
 
 
 def test_freeze_backbone_trains_only_the_head(sft_dir, toy_file, tmp_path):
