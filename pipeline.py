@@ -35,8 +35,9 @@ exec(open('configurator.py').read())
 
 # On a CPU with native bf16 (AVX-512 bf16, AMX), --dtype=bfloat16 runs the whole pipeline in 877 s
 # instead of 1,388 s: pretrain 239 -> 115 s and SFT 536 -> 242 s compiled. It is opt-in because
-# that run's SFT model knew its identity less well (67.5% vs 95%; arithmetic 81.2% vs 81.5%),
-# and on a CPU without native bf16 it is slower.
+# that run's SFT model knew its identity less well (67.5% vs 95%; arithmetic 81.2% vs 81.5%; other
+# fp32/bf16 pretrain/SFT mixes gave 85-92.5%, so it may be chance), and on a CPU without native
+# bf16 it is slower.
 # compile=auto turns it on with bf16 on GPUs as well (where it is the usual choice; measured here on CPU only).
 if compile.lower() not in ('auto', 'true', 'false'):
     raise SystemExit(f"compile={compile!r}: use auto, True or False")
