@@ -42,7 +42,7 @@ exec(open('configurator.py').read())
 if compile.lower() not in ('auto', 'true', 'false'):
     raise SystemExit(f"compile={compile!r}: use auto, True or False")
 in_bf16 = dtype == 'bfloat16' or (dtype == 'auto' and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-compile = (in_bf16 and not quick) if compile.lower() == 'auto' else compile.lower() == 'true'
+compile = {'auto': in_bf16 and not quick, 'true': True, 'false': False}[compile.lower()]
 COMPILED = ('pretrain', 'sft')  # fixed-shape batches; the other stages' shapes vary (recompiles)
 
 R = run_dir

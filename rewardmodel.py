@@ -61,8 +61,7 @@ class RewardModel(nn.Module):
             logits = self.backbone.lm_head(h[row, col]).float()  # (N, vocab)
             logp = logits.log_softmax(-1).gather(-1, idx[row, col + 1, None]).squeeze(-1)  # (N,)
             total = torch.zeros(B, device=idx.device).index_add_(0, row, logp)
-            count = torch.zeros(B, device=idx.device).index_add_(0, row, torch.ones_like(logp))
-            reward = reward + self.lm_coef * total / count.clamp(min=1)
+            reward = reward + self.lm_coef * total / response_mask[:, 1:].sum(1).clamp(min=1)
         return reward, aux_loss
 
 
