@@ -1,16 +1,36 @@
 """
-The plumbing every stage script shares, as plain functions: device and DDP setup, autocast,
-learning-rate schedules, atomic checkpoints, signal handling, wandb, and log formatting.
+The plumbing every stage script shares, as plain functions. A stage script (train.py, sft.py,
+reward.py, dpo.py, ppo.py) runs, top to bottom:
+
+    ctx = setup(...)                          DDP, device, per-rank seed, autocast + GradScaler
+    ckpt, parent = start_from(ctx, ...)       the previous stage's checkpoint (or its own, to resume)
+    ... its model and data ...
+    optimizer = adamw(params, ...)            decay on matrices only
+    resume_training(ctx, ckpt, optimizer)     optimizer, loss scale, random streams
+    model = wrap(ctx, model, compile_model)   torch.compile, then DDP
+    log, stop = start_logging(ctx, ...)       config.json, history.jsonl, wandb (or a no-op), Ctrl-C
+    while True:                               the loop stays in the script
+        set_lr / evaluate / log_eval / save / optimizer_step / log_step / stop.requested
+    finish(ctx, log, interrupted, summary)
+
+Checkpoints: out_dir/ckpt.pt is always the latest state (what init_from=resume continues);
+out_dir/best.pt the best by validation loss, never overwritten by a worse model. The next stage
+starts from best.pt by default (init_checkpoint='latest' takes ckpt.pt). Each checkpoint names
+its `parent`: the checkpoint file its run started from (DPO's and PPO's reference, LoRA's base).
 """
 
+import json
 import math
 import os
 import signal
+import sys
 import time
 from contextlib import nullcontext
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer
@@ -112,9 +132,10 @@ def save_checkpoint(obj, path):
     os.replace(tmp, path)
 
 
-def load_checkpoint(out_dir, device='cpu'):
-    """Load out_dir/ckpt.pt (or a path to a .pt file) safely (weights_only: no code runs)."""
-    path = out_dir if out_dir.endswith('.pt') else os.path.join(out_dir, 'ckpt.pt')
+def load_checkpoint(out_dir, device='cpu', which='best'):
+    """Load a checkpoint safely (weights_only: no code runs): a .pt path, or an out_dir's best.pt
+    (which='best', when the run kept one) or its ckpt.pt, the latest state (which='latest')."""
+    path = checkpoint_path(out_dir, which)
     if not os.path.exists(path):
         raise SystemExit(f"no checkpoint at {path}: train that stage first, or check init_from/out_dir")
     try:
@@ -141,16 +162,20 @@ def tokenizer_from_checkpoint(ckpt):
     return Tokenizer(ckpt['tokenizer'])
 
 
-def rng_state(data_generator):
-    state = {'torch': torch.get_rng_state(), 'data': data_generator.get_state()}
+def rng_state(data_generator=None):
+    """The random streams of this process: torch's (dropout, sampling) and the data generator's."""
+    state = {'torch': torch.get_rng_state()}
+    if data_generator is not None:
+        state['data'] = data_generator.get_state()
     if torch.cuda.is_available():
         state['cuda'] = torch.cuda.get_rng_state_all()
     return state
 
 
-def set_rng_state(state, data_generator):
+def set_rng_state(state, data_generator=None):
     torch.set_rng_state(state['torch'].cpu())
-    data_generator.set_state(state['data'].cpu())
+    if data_generator is not None:
+        data_generator.set_state(state['data'].cpu())
     if 'cuda' in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state['cuda']])
 
@@ -219,11 +244,14 @@ class StopFlag:
         print(f"\n{signal.Signals(signum).name} received: finishing this step, saving a checkpoint, then exiting")
         self.stop = True
 
-    def should_stop(self, ddp, device):
-        """True on every rank if any rank was signalled (ranks must leave the loop together)."""
-        if not ddp:
+    def requested(self, ctx, iter_num, log_interval):
+        """True on every rank if any rank was signalled: ranks must leave the loop together. Under
+        DDP the ranks agree at log steps only (an all-reduce is a host sync); alone, at once."""
+        if not ctx.ddp:
             return self.stop
-        flag = torch.tensor([float(self.stop)], device=device)
+        if iter_num % log_interval:
+            return False
+        flag = torch.tensor([float(self.stop)], device=ctx.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -257,42 +285,238 @@ def format_eta(seconds):
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
-# ----------------------------------------------------------------------------- preference pairs
+# ----------------------------------------------------------------------------- a stage's life
 
-def encode_reply(tokenizer, prompt_messages, reply):
-    """(ids, prompt length): the rendered prompt (ending in the assistant header), then the reply
-    and its <|im_end|>, laid out as render_chat lays out an assistant turn."""
-    prompt = tokenizer.render_prompt(prompt_messages)
-    return prompt + tokenizer.encode(reply) + [tokenizer.im_end_id], len(prompt)
-
-
-def encode_pairs(tokenizer, pairs, max_len):
-    """Preference pairs [{'prompt_messages', 'chosen', 'rejected'}] -> tensors, built once:
-    ids (N, 2, max_len) with [chosen, rejected] right-padded, prompt_len (N,), length (N, 2),
-    and the indices of the pairs kept. A pair whose longer answer does not fit in max_len is
-    dropped, not cut: cutting could remove the very tokens that tell the two answers apart."""
-    rows, prompt_lens, kept = [], [], []
-    for i, pair in enumerate(pairs):
-        (c, n), (r, _) = (encode_reply(tokenizer, pair['prompt_messages'], pair[k]) for k in ('chosen', 'rejected'))
-        if max(len(c), len(r)) <= max_len:
-            rows.append((c, r))
-            prompt_lens.append(n)
-            kept.append(i)
-    ids = torch.full((len(rows), 2, max_len), tokenizer.pad_id, dtype=torch.long)
-    length = torch.zeros((len(rows), 2), dtype=torch.long)
-    for i, pair in enumerate(rows):
-        for j, seq in enumerate(pair):
-            ids[i, j, :len(seq)] = torch.tensor(seq)
-            length[i, j] = len(seq)
-    return ids, torch.tensor(prompt_lens, dtype=torch.long), length, kept
+def setup(device, dtype, seed, out_dir, gradient_accumulation_steps=None):
+    """DDP (under torchrun), the device, a per-rank seed (dropout and sampling differ per rank;
+    data order comes from seeded generators that every rank shares), TF32 on CUDA, autocast and
+    GradScaler, out_dir. gradient_accumulation_steps is the total over ranks (as in nanoGPT), so a
+    run's batch does not depend on the number of ranks. Returns a namespace of these facts."""
+    ddp, rank, local_rank, world_size, device = setup_distributed(device)
+    accum_per_rank = None
+    if gradient_accumulation_steps is not None:
+        if gradient_accumulation_steps % world_size:
+            raise SystemExit(f"gradient_accumulation_steps ({gradient_accumulation_steps}) must be divisible by "
+                             f"the number of ranks ({world_size})")
+        accum_per_rank = gradient_accumulation_steps // world_size
+    device_type = 'cuda' if device.startswith('cuda') else device.split(':')[0]
+    torch.manual_seed(seed + rank)
+    if device_type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    autocast, scaler, dtype = autocast_context(device_type, dtype)
+    if rank == 0:
+        os.makedirs(out_dir, exist_ok=True)
+    return SimpleNamespace(ddp=ddp, rank=rank, local_rank=local_rank, world_size=world_size, master=rank == 0,
+                           device=device, device_type=device_type, autocast=autocast, scaler=scaler, dtype=dtype,
+                           accum_per_rank=accum_per_rank, seed=seed, out_dir=out_dir)
 
 
-def length_grouped_batch(lengths, batch_size, index, seed, pool=32):
-    """Example indices (batch_size,) of micro-batch number `index`: drawn with replacement like
-    torch.randint, but a pool of `pool` batches at a time is sorted by length, so that a batch
-    holds examples of similar length and pads little (HF's group_by_length). A pure function of
-    (index, seed): resuming needs no sampler state, and every rank can compute any batch."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + index // pool)
-    ix = torch.randint(len(lengths), (pool * batch_size,), generator=g)
-    ix = ix[lengths[ix].argsort(stable=True)].view(pool, batch_size)
-    return ix[torch.randperm(pool, generator=g)[index % pool]]
+def checkpoint_path(path, which='best'):
+    """A .pt path as it is; an out_dir -> its best.pt (which='best', when the run kept one) or ckpt.pt."""
+    if path.endswith('.pt'):
+        return path
+    best = os.path.join(path, 'best.pt')
+    return best if which == 'best' and os.path.exists(best) else os.path.join(path, 'ckpt.pt')
+
+
+def start_from(ctx, init_from, init_checkpoint='best'):
+    """(checkpoint, parent) a stage starts from. init_from='resume': out_dir's ckpt.pt (the latest
+    state) and the parent it recorded. Otherwise the run in init_from: its best.pt (or ckpt.pt,
+    with init_checkpoint='latest' or when it kept no best); that file is the parent."""
+    if init_checkpoint not in ('best', 'latest'):
+        raise SystemExit(f"init_checkpoint={init_checkpoint!r}: use 'best' or 'latest'")
+    if init_from == 'resume':
+        ckpt = load_checkpoint(ctx.out_dir, which='latest')
+        return ckpt, ckpt.get('parent')
+    path = checkpoint_path(init_from, init_checkpoint)
+    return load_checkpoint(path), path
+
+
+def adamw(params, learning_rate, weight_decay, betas, device_type, scaled=(), lr_scale=1.0):
+    """AdamW with weight decay on matrices (Linear weights, embeddings, expert weights) and none on
+    vectors (biases, norm gains), as in GPT-2/nanoGPT. `scaled` parameters learn at lr_scale x the
+    learning rate (PPO's critic); set_lr applies each group's lr_scale."""
+    groups = []
+    for members, scale in ((list(params), 1.0), (list(scaled), lr_scale)):
+        groups += [{'params': [p for p in members if p.dim() >= 2], 'weight_decay': weight_decay, 'lr_scale': scale},
+                   {'params': [p for p in members if p.dim() < 2], 'weight_decay': 0.0, 'lr_scale': scale}]
+    fused = device_type == 'cuda'  # the fused kernel: one launch for all parameters
+    return torch.optim.AdamW([g for g in groups if g['params']], lr=learning_rate, betas=betas, fused=fused)
+
+
+def set_lr(optimizer, it, config):
+    """The learning rate of step `it` from the stage's schedule keys (learning_rate, min_lr,
+    warmup_iters, lr_decay_iters, lr_schedule, wsd_decay_frac), set on every group x its lr_scale."""
+    lr = get_lr(it, config['learning_rate'], config['min_lr'], config['warmup_iters'], config['lr_decay_iters'],
+                config['lr_schedule'], config['wsd_decay_frac'])
+    for group in optimizer.param_groups:
+        group['lr'] = lr * group.get('lr_scale', 1.0)
+    return lr
+
+
+def resume_training(ctx, ckpt, optimizer, generator=None):
+    """Restore what makes a resumed run continue the same curve: the optimizer, the fp16 loss scale
+    the GradScaler had reached, the random streams. Only rank 0's torch stream is saved, so under
+    DDP each rank is re-seeded (by rank and step): ranks never share a stream (dropout, rollouts)."""
+    optimizer.load_state_dict(ckpt['optimizer'])
+    ctx.scaler.load_state_dict(ckpt['scaler'])
+    set_rng_state(ckpt['rng'], generator)
+    if ctx.ddp:
+        torch.manual_seed(ctx.seed + ctx.world_size * ckpt['iter_num'] + ctx.rank)
+
+
+def wrap(ctx, model, compile_model):
+    """torch.compile (optional), then DDP under torchrun. Keep the unwrapped model for saving."""
+    if compile_model:
+        if ctx.master:
+            print("compiling the model (the first step takes a while)...")
+        model = torch.compile(model)
+    if ctx.ddp:
+        model = DDP(model, device_ids=[ctx.local_rank] if ctx.device_type == 'cuda' else None)
+    return model
+
+
+def sync_grads(ctx, model, last_micro_step):
+    """DDP all-reduces gradients on the last micro-step of an optimizer step only."""
+    if ctx.ddp:
+        model.require_backward_grad_sync = last_micro_step
+
+
+def optimizer_step(ctx, optimizer, params, grad_clip):
+    """Unscale (fp16), clip to grad_clip (0 = no clipping), step, update the loss scale, zero the
+    grads. Returns the gradient norm before clipping (a tensor: no host sync)."""
+    ctx.scaler.unscale_(optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float('inf'))
+    ctx.scaler.step(optimizer)
+    ctx.scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
+def mean_over_ranks(ctx, x):
+    """x (a tensor) averaged over the ranks (a collective: call it on every rank)."""
+    if ctx.ddp:
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= ctx.world_size
+    return x
+
+
+def checkpoint(ctx, stage, model_state, model_args, tokenizer, config, parent, dataset, optimizer, iter_num,
+               generator=None, **extra):
+    """The one checkpoint layout: what a sample needs (model, model_args, tokenizer, stage), the
+    lineage (config as the user ran it, parent, the pretraining dataset), what a resume needs
+    (optimizer, loss scale, random streams, iter_num; save() adds best_val_loss), and the stage's
+    extras (reward head, LoRA adapters, value head, ...)."""
+    return {'stage': stage, 'model': model_state, 'model_args': model_args, 'tokenizer': tokenizer.spec,
+            'tokenizer_identity': tokenizer.identity, 'config': config, 'parent': parent, 'dataset': dataset,
+            'optimizer': optimizer.state_dict(), 'scaler': ctx.scaler.state_dict(), 'rng': rng_state(generator),
+            'iter_num': iter_num, **extra}
+
+
+def save(ctx, state, best_val_loss, best=False, reason='latest'):
+    """Rank 0 writes state to out_dir/ckpt.pt (the latest) and, when best, to out_dir/best.pt
+    without the optimizer (the weights the next stage starts from). Each write is atomic."""
+    if not ctx.master:
+        return
+    state['best_val_loss'] = best_val_loss
+    save_checkpoint(state, os.path.join(ctx.out_dir, 'ckpt.pt'))
+    if best:
+        save_checkpoint({k: v for k, v in state.items() if k != 'optimizer'}, os.path.join(ctx.out_dir, 'best.pt'))
+    print(f"saved {ctx.out_dir}/ckpt.pt{' and best.pt' if best else ''} at step {state['iter_num']} ({reason})")
+
+
+def after_eval(ctx, log, iter_num, metrics, best_val_loss, trained, state):
+    """Log an eval, then the one save decision: once this run has trained a step, ckpt.pt (the
+    latest) at every eval, and best.pt as well when val/loss improved on the best so far.
+    state() builds the checkpoint. Returns (best val loss so far, improved)."""
+    log_eval(ctx, log, iter_num, metrics)
+    improved, best_val_loss = metrics['val/loss'] < best_val_loss, min(best_val_loss, metrics['val/loss'])
+    if trained:
+        save(ctx, state(), best_val_loss, best=improved, reason='val loss improved' if improved else 'latest')
+    return best_val_loss, improved
+
+
+class NoWandb:
+    """Stands in for a wandb run when there is none, so loops never ask `if wandb_run:`."""
+
+    def log(self, *args, **kwargs):
+        pass
+
+    def finish(self):
+        pass
+
+
+def start_logging(ctx, config, resume, wandb_log, wandb_project, wandb_run_name):
+    """Rank 0 writes config.json; a fresh run starts history.jsonl anew and drops a best.pt left
+    by an earlier run in out_dir (a resumed run appends and keeps it). Returns (log, stop flag):
+    log holds the history path, the wandb run (or a no-op) and the step timer."""
+    history = os.path.join(ctx.out_dir, 'history.jsonl')
+    if ctx.master:
+        with open(os.path.join(ctx.out_dir, 'config.json'), 'w') as f:
+            json.dump(config, f, indent=2)
+        if not resume:
+            open(history, 'w').close()
+            if os.path.exists(os.path.join(ctx.out_dir, 'best.pt')):
+                os.remove(os.path.join(ctx.out_dir, 'best.pt'))
+    wandb_run = init_wandb(wandb_log and ctx.master, wandb_project, wandb_run_name, config) or NoWandb()
+    now = time.time()
+    log = SimpleNamespace(history=history, wandb=wandb_run, t_start=now, t_last=now, iter_last=None)
+    return log, StopFlag()
+
+
+def _write_history(log, iter_num, kind, metrics):
+    with open(log.history, 'a') as f:
+        f.write(json.dumps({'iter': iter_num, 'kind': kind, **metrics, 'time': time.time() - log.t_start}) + '\n')
+
+
+def log_eval(ctx, log, iter_num, metrics):
+    """An eval's metrics (floats, named 'val/...'): one console line, a history.jsonl row, wandb.
+    A non-finite val/loss stops the run (the last good checkpoint stays as it was)."""
+    if ctx.master:
+        print(f"step {iter_num}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        _write_history(log, iter_num, 'eval', metrics)
+        log.wandb.log(metrics, step=iter_num)
+    if not math.isfinite(metrics.get('val/loss', 0.0)):
+        raise SystemExit(f"val loss is {metrics['val/loss']} at step {iter_num}; the last good checkpoint in "
+                         f"{ctx.out_dir} was kept. Lower learning_rate or raise warmup_iters.")
+
+
+def step_time(log, iter_num):
+    """Seconds per step since the previous call (the first call: since logging started)."""
+    now = time.time()
+    steps = iter_num - log.iter_last if log.iter_last is not None else 1
+    dt = (now - log.t_last) / max(steps, 1)
+    log.t_last, log.iter_last = now, iter_num
+    return dt
+
+
+def log_step(ctx, log, iter_num, max_iters, metrics, dt, per_step=None, show=None):
+    """Training metrics of a log step (floats; 'train/loss' first): one console line with the
+    speed and the ETA (of the keys in `show`, default all), a history.jsonl row, wandb.
+    per_step = (count, unit) processed per step, e.g. (tokens, 'tok'), shown per second.
+    A non-finite train/loss stops the run unsaved."""
+    loss = metrics.get('train/loss', 0.0)
+    if not math.isfinite(loss):
+        raise SystemExit(f"train loss is {loss} at step {iter_num}: stopping without saving; the last good "
+                         f"checkpoint in {ctx.out_dir} is intact. Lower learning_rate or raise warmup_iters.")
+    if not ctx.master:
+        return
+    speed = f", {per_step[0] / dt:,.0f} {per_step[1]}/s" if per_step else ''
+    shown = [(k.split('/')[-1], v) for k, v in metrics.items() if show is None or k in show]
+    fields = ", ".join(f"{name} {v:.2e}" if name == 'lr' else f"{name} {v:.4f}" for name, v in shown)
+    print(f"iter {iter_num}: {fields}, {dt * 1000:.0f} ms/step{speed}, eta {format_eta((max_iters - iter_num) * dt)}")
+    _write_history(log, iter_num, 'train', metrics)
+    log.wandb.log(metrics, step=iter_num)
+
+
+def finish(ctx, log, interrupted, summary):
+    """The end of every stage: a summary line, wandb finished, DDP torn down, and exit code 130
+    when interrupted (saved, but not finished: a pipeline must not take the stage as done)."""
+    if ctx.master:
+        print(f"done: {summary} in {time.time() - log.t_start:.1f} s")
+        log.wandb.finish()
+    cleanup_distributed(ctx.ddp)
+    if interrupted:
+        sys.exit(130)

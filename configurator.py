@@ -1,11 +1,12 @@
 """
-Poor man's configurator, after nanoGPT's, minus its type traps. Every stage script does
+Poor man's configurator, after nanoGPT's, minus its type traps. Every stage script ends its
+config globals with
 
-    exec(open('configurator.py').read())
+    config = configure(globals())  # overrides from config files and --key=value arguments
 
-after its config globals. Then `python train.py config/pretrain_tiny.py --batch_size=4` first
-runs the config file, then applies each --key=value. The known keys are the script's globals of
-plain types (int, float, bool, str, tuple, list, dict or None) not starting with '_'.
+Then `python train.py config/pretrain_tiny.py --batch_size=4` first runs the config file, then
+applies each --key=value. The known keys are the script's globals of plain types (int, float,
+bool, str, tuple, list, dict or None) not starting with '_'.
 
 Rules, each a trap in the original:
 - an unknown key is an error that names the closest known keys, on the command line and in a
@@ -13,7 +14,7 @@ Rules, each a trap in the original:
 - an int is accepted for a float key; an integral float ('1e5') for an int key;
 - 'true'/'false' (any case) work for bools; for a str key the text is taken as is;
 - a value may contain '='; a key whose default is None takes any value.
-Afterwards `config` holds the effective configuration (a dict), for printing and saving.
+configure() returns the effective configuration (a dict), for printing and saving.
 """
 
 import ast
@@ -108,8 +109,10 @@ def _apply_arg(arg, g, known):
     print(f"Overriding: {key} = {g[key]!r}")
 
 
-def configure(g, argv):
-    """Apply config files and --key=value args in argv to the globals dict g; return the config."""
+def configure(g, argv=None):
+    """Apply config files and --key=value args (argv, default sys.argv[1:]) to the globals dict
+    g; return the effective config."""
+    argv = sys.argv[1:] if argv is None else argv
     known = [k for k, v in g.items() if not k.startswith('_') and
              (v is None or isinstance(v, (int, float, bool, str, tuple, list, dict)))]
     for arg in argv:
@@ -121,5 +124,3 @@ def configure(g, argv):
             raise SystemExit(f"argument {arg!r}: expected --key=value")
     return {k: g[k] for k in known}
 
-
-config = configure(globals(), sys.argv[1:])

@@ -370,7 +370,7 @@ def download(url, dest, size=None, sha256=None, timeout=30):
     except (urllib.error.URLError, OSError, ValueError) as e:
         reason = getattr(e, 'reason', e)
         raise SystemExit(f"could not download {url} ({reason}); offline? Fetch it elsewhere and pass the "
-                         f"file with --input=PATH") from None
+                         f"file with --sources=PATH") from None
     resumable = response.headers.get('Accept-Ranges') == 'bytes' or response.status == 206
     mode = 'ab' if response.status == 206 else 'wb'
     length = response.headers.get('Content-Length')
@@ -384,7 +384,7 @@ def download(url, dest, size=None, sha256=None, timeout=30):
         if not resumable and os.path.exists(part):
             os.remove(part)
         raise SystemExit(f"download of {url} broke off ({e}); run again to "
-                         f"{'resume' if resumable else 'retry'}, or pass a local copy with --input=PATH") from None
+                         f"{'resume' if resumable else 'retry'}, or pass a local copy with --sources=PATH") from None
     got = os.path.getsize(part)
     digest = _sha256(part) if sha256 else None
     if (size is not None and got != size) or (sha256 and digest != sha256):
@@ -810,7 +810,7 @@ def _encoder(tok):
             if (ids < 0).any():
                 missing = sorted({c for c in text if c not in tok.stoi})[:5]
                 raise SystemExit(f"characters {missing} are not in the char tokenizer's vocabulary; "
-                                 f"build the tokenizer from this text (--tokenizer=char)")
+                                 f"build the tokenizer from this text (--tokenizer_type=char)")
             return ids
         return encode
     # encode_to_numpy skips the Python list of ints that encode_ordinary builds, and releases the

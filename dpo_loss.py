@@ -1,19 +1,27 @@
 """
 The DPO family of preference losses as pure functions of sequence log-probabilities, for dpo.py
-and its tests. Every loss sees four numbers per pair: log pi(y_c|x), log pi(y_r|x) under the
-policy and the same under the frozen reference, each summed over the response tokens.
+and its tests. The reference-based losses (LOSS_TYPES) see four numbers per pair: log pi(y_c|x),
+log pi(y_r|x) under the policy and the same under the frozen reference, each summed over the
+response tokens. The reference-free ones (REFERENCE_FREE_LOSS_TYPES) see two: the policy's
+per-token MEAN log-probs of the chosen and the rejected response (sequence_logps / sequence_token_counts).
 
     answer_targets(ids, prompt_len, length) next-token targets on the answer tokens, -1 elsewhere
-    sequence_logps(logits, targets)         (B, T, V), (B, T) -> (B,)
+    sequence_logps(logits, targets)         (B, T, V), (B, T) -> (B,) sums over the answer tokens
+    sequence_token_counts(targets)          (B, T) -> (B,) answer tokens per row, to turn sums into means
     dpo_loss(pc, pr, rc, rr, beta, type)    per-pair losses (B,): sigmoid | ipo | hinge, label smoothing
-    rpo_nll(chosen_logps, n_tokens)         the SFT term on chosen answers (RPO)
+    simpo_loss(c_avg, r_avg, beta, gamma)   per-pair SimPO losses (B,), reference-free, on mean log-probs
+    orpo_odds_ratio_loss(c_avg, r_avg)      per-pair ORPO odds-ratio term (B,), reference-free; ORPO = NLL + lambda * it
+    rpo_nll(chosen_logps, n_tokens)         the SFT term on chosen answers (RPO; also ORPO's L_SFT)
     preference_metrics(pc, pr, rc, rr, beta)  TRL's rewards/* and logps/*
 """
+
+import math
 
 import torch
 import torch.nn.functional as F
 
-LOSS_TYPES = ('sigmoid', 'ipo', 'hinge')
+LOSS_TYPES = ('sigmoid', 'ipo', 'hinge')  # reference-based: dpo_loss
+REFERENCE_FREE_LOSS_TYPES = ('simpo', 'orpo')  # simpo_loss, orpo_odds_ratio_loss (+ rpo_nll)
 
 
 def answer_targets(ids, prompt_len, length):
@@ -32,6 +40,13 @@ def sequence_logps(logits, targets):
     return logp.view(targets.shape).sum(-1)  # ignored positions contribute 0
 
 
+def sequence_token_counts(targets):
+    """Number of positions whose target is not -1 (the response tokens), targets (B, T) -> (B,) in
+    float32: sequence_logps(logits, targets) / sequence_token_counts(targets) is the per-token mean
+    log-prob that SimPO, ORPO and TRL's IPO use. A row with no answer token counts 0 (its mean is nan)."""
+    return (targets != -1).sum(-1).float()
+
+
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1, loss_type='sigmoid',
              label_smoothing=0.0):
     """Per-pair losses (B,). With h = (log pi(y_c) - log pi(y_r)) - (log ref(y_c) - log ref(y_r)),
@@ -40,9 +55,15 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1,
     sigmoid  DPO (Rafailov et al. 2023, eq. 7):         -log sigmoid(beta * h)
              with label_smoothing = eps, conservative DPO (Mitchell 2023, cDPO: each label is
              wrong with probability eps):  -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)
-    ipo      IPO (Azar et al. 2023, "A general theoretical paradigm..."):   (h - 1 / (2 beta))^2,
+    ipo      IPO (Azar et al. 2023, "A general theoretical paradigm...", eq. 17):   (h - 1 / (2 beta))^2,
              a target gap rather than an unbounded push, so deterministic preferences do not
-             drive h to infinity
+             drive h to infinity. The paper's h is built from whole-sequence log-probs (sums, as
+             above). TRL's DPOTrainer instead divides the log-probs (policy and reference) by the
+             completion length when loss_type == 'ipo' (TRL PR #1265, after the IPO authors pointed
+             it out to Hugging Face, per their "pref-tuning" blog post; the paper does not say it),
+             so h is a difference of per-token means and the target 1 / (2 beta) does not depend on
+             the answers' lengths. dpo.py's ipo_length_normalize chooses (True = TRL's normalised
+             form); this function uses whichever log-probs it is given.
     hinge    SLiC (Zhao et al. 2023), with the reference term as in RSO (Liu et al. 2023) and
              TRL:                                       max(0, 1 - beta * h)
 
@@ -55,6 +76,59 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1,
     if loss_type == 'hinge':
         return torch.relu(1 - beta * h)
     raise ValueError(f"unknown loss_type {loss_type!r}; use one of {', '.join(LOSS_TYPES)}")
+
+
+def simpo_loss(chosen_avg, rejected_avg, beta=2.0, gamma=0.5):
+    """Per-pair SimPO losses (B,) (Meng, Xia, Chen 2024, "SimPO: Simple Preference Optimization with
+    a Reference-Free Reward", eq. 6):
+
+        -log sigmoid(beta * avg_logp(y_c) - beta * avg_logp(y_r) - gamma)
+
+    chosen_avg, rejected_avg: the policy's per-token MEAN log-probs of each response,
+    (1/|y|) log pi(y|x), i.e. sequence_logps / sequence_token_counts. No reference model: the
+    length-normalised log-prob is the implicit reward, and gamma > 0 is a target reward margin.
+    TRL's CPOTrainer(loss_type='simpo', cpo_alpha=0.0) computes the same thing: it averages the
+    log-probs, subtracts simpo_gamma / beta from their difference and scales by beta, so its
+    simpo_gamma is this gamma. The authors' README: the preprint used beta 2.0 or 2.5 (sometimes a
+    larger beta, e.g. 10, does better); tune gamma / beta, starting at 0.5 and searching 0 to 1.
+    At chosen_avg == rejected_avg: log(1 + exp(gamma))."""
+    return -F.logsigmoid(beta * (chosen_avg - rejected_avg) - gamma)
+
+
+def _log1mexp(x):
+    """log(1 - exp(x)) for x < 0, accurate at both ends (Maechler 2012, "Accurately computing
+    log(1 - exp(-|a|))"): log(-expm1(x)) above -log 2, where 1 - exp(x) would cancel,
+    log1p(-exp(x)) below. Each branch is fed a harmless -1 where it is not used, so its inf (in
+    bfloat16 exp(-1e-3) is already 1) cannot turn the gradient into nan through torch.where."""
+    near_zero = x > -math.log(2)
+    return torch.where(near_zero, torch.log(-torch.expm1(torch.where(near_zero, x, -1.0))),
+                       torch.log1p(-torch.exp(torch.where(near_zero, -1.0, x))))
+
+
+ORPO_MAX_AVG_LOGP = -1e-6  # orpo_odds_ratio_loss clamps mean log-probs to at most this
+
+
+def orpo_odds_ratio_loss(chosen_avg, rejected_avg):
+    """Per-pair ORPO odds-ratio term L_OR (B,) (Hong, Lee, Thorne 2024, "ORPO: Monolithic
+    Preference Optimization without Reference Model", eqs. 4-7):
+
+        -log sigmoid(log odds(y_c) - log odds(y_r)),   log odds(y) = a - log(1 - exp(a))
+
+    where a = avg_logp(y) is the policy's per-token MEAN log-prob of the response (ORPO's
+    P(y|x) is exp of the mean, as in TRL's ORPOTrainer.odds_ratio_loss, which also computes
+    log(1 - exp(a)) as torch.log1p(-torch.exp(a))). The full ORPO objective is
+    L_SFT + lambda * L_OR (eq. 6), L_SFT the NLL of the chosen response per token: the caller adds
+    it, e.g. rpo_nll(chosen sums, sequence_token_counts(chosen targets).sum()) + lambda * this.mean()
+    (TRL's ORPOConfig calls lambda beta). No reference model.
+
+    log(1 - exp(a)) is _log1mexp (log1p(-exp(a)) below -log 2, log(-expm1(a)) above it). At a = 0
+    (every answer token at probability 1) the odds are infinite, so a is first clamped to at most
+    ORPO_MAX_AVG_LOGP = -1e-6: odds at most ~1e6, log odds at most ~13.8, loss and gradient finite
+    (the gradient w.r.t. a clamped value is 0). At chosen_avg == rejected_avg: log 2."""
+    def log_odds(a):
+        a = a.clamp(max=ORPO_MAX_AVG_LOGP)
+        return a - _log1mexp(a)
+    return -F.logsigmoid(log_odds(chosen_avg) - log_odds(rejected_avg))
 
 
 def rpo_nll(chosen_logps, n_tokens):

@@ -2,7 +2,7 @@
 Evaluate any stage's checkpoint on equal terms: held-out loss and bits per byte on a prepared
 dataset's val.bin, and the task metrics on the built-in suite's held-out items.
     python eval.py --out_dir=out-sft
-    python eval.py --out_dir=out-tiny --tasks=False --json_out=eval.json
+    python eval.py --out_dir=out-tiny --score_tasks=False --json_out=eval.json
 """
 
 import json
@@ -16,6 +16,7 @@ import torch
 import common
 import evals
 import tasks as task_suite
+from configurator import configure
 
 # ----------------------------------------------------------------------------- config
 out_dir = 'out-sft'  # the checkpoint to evaluate
@@ -23,12 +24,12 @@ dataset = ''  # prepared dataset for loss/bpb; '' = the one the checkpoint's lin
 data_root = 'data'
 eval_batches = 20  # batches of batch_size x block_size tokens from val.bin
 batch_size = 8
-tasks = True  # task metrics by greedy generation on the held-out suite
+score_tasks = True  # task metrics by greedy generation on the held-out suite
 items_per_task = 1000
 json_out = ''  # also write the metrics here
 device = 'auto'
 seed = 1337
-exec(open('configurator.py').read())
+config = configure(globals())  # overrides from config files and --key=value arguments
 # -----------------------------------------------------------------------------
 
 device = common.autodetect_device() if device == 'auto' else device
@@ -69,7 +70,7 @@ else:
     print(f"note: no prepared dataset at {data_path}; skipping loss/bpb (python prepare.py --dataset={name})")
 
 # task metrics
-if tasks:
+if score_tasks:
     items = task_suite.heldout(task_suite.ensure_tasks(os.path.join(data_root, 'tasks')))
     metrics.update(evals.task_metrics(model, tokenizer, items, items_per_task))
 

@@ -388,17 +388,6 @@ class GPT(nn.Module):
 
     # --------------------------------------------------------------------- training helpers
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        """AdamW with weight decay on matrices (Linear weights, embeddings, expert weights) and
-        none on vectors (biases, norm gains), as in GPT-2/nanoGPT."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [{'params': decay, 'weight_decay': weight_decay},
-                  {'params': no_decay, 'weight_decay': 0.0}]
-        fused = device_type == 'cuda'  # the fused kernel: one launch for all parameters
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
-
     # --------------------------------------------------------------------- generation
 
     @torch.no_grad()

@@ -23,14 +23,16 @@ import time
 
 import torch
 
+from configurator import configure
+
 # ----------------------------------------------------------------------------- config
 run_dir = 'runs/main'
 quick = False  # minutes instead of tens of minutes, for CI and a first look
 data_root = 'data'
 stages = 'prepare,pretrain,sft,reward,dpo,ppo,grpo,eval,chat'  # a subset runs only those
 dtype = 'auto'  # every training stage; 'auto' = bf16 on GPUs that have it, fp32 on CPUs (see below)
-compile = 'auto'  # torch.compile pretrain and SFT; 'auto' = when in bf16 and not quick (its ~20 s pays off in bf16)
-exec(open('configurator.py').read())
+compile_model = 'auto'  # torch.compile pretrain and SFT; 'auto' = when in bf16 and not quick (its ~20 s pays off in bf16)
+config = configure(globals())  # overrides from config files and --key=value arguments
 # -----------------------------------------------------------------------------
 
 # On a CPU with native bf16 (AVX-512 bf16, AMX), --dtype=bfloat16 runs the whole pipeline in 877 s
@@ -38,11 +40,11 @@ exec(open('configurator.py').read())
 # that run's SFT model knew its identity less well (67.5% vs 95%; arithmetic 81.2% vs 81.5%; other
 # fp32/bf16 pretrain/SFT mixes gave 85-92.5%, so it may be chance), and on a CPU without native
 # bf16 it is slower.
-# compile=auto turns it on with bf16 on GPUs as well (where it is the usual choice; measured here on CPU only).
-if compile.lower() not in ('auto', 'true', 'false'):
-    raise SystemExit(f"compile={compile!r}: use auto, True or False")
+# compile_model=auto turns it on with bf16 on GPUs as well (where it is the usual choice; measured here on CPU only).
+if compile_model.lower() not in ('auto', 'true', 'false'):
+    raise SystemExit(f"compile_model={compile_model!r}: use auto, True or False")
 in_bf16 = dtype == 'bfloat16' or (dtype == 'auto' and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-compile = {'auto': in_bf16 and not quick, 'true': True, 'false': False}[compile.lower()]
+compile_model = {'auto': in_bf16 and not quick, 'true': True, 'false': False}[compile_model.lower()]
 COMPILED = ('pretrain', 'sft')  # fixed-shape batches; the other stages' shapes vary (recompiles)
 
 R = run_dir
@@ -104,8 +106,8 @@ def run(stage, cmd):
 def stage_command(stage):
     script, config_file, extra = STAGES[stage]
     cmd = [script, config_file, *extra, f'--out_dir={R}/{stage}', f'--dtype={dtype}', f'--data_root={data_root}']
-    if compile and stage in COMPILED:
-        cmd.append('--compile=True')
+    if compile_model and stage in COMPILED:
+        cmd.append('--compile_model=True')
     if quick:
         cmd += QUICK[stage]
     if os.path.exists(f'{R}/{stage}/ckpt.pt'):
@@ -218,7 +220,7 @@ for stage in wanted:
         print(f"=== {stage}: done already ({R}/{stage}/done.json), skipped")
         continue
     if stage == 'prepare':
-        run('prepare-tasks', ['prepare.py', '--tasks=True', f'--data_root={data_root}'])
+        run('prepare-tasks', ['prepare.py', '--write_tasks=True', f'--data_root={data_root}'])
         run(stage, ['prepare.py', f'--data_root={data_root}'])
     elif stage in STAGES:
         run(stage, stage_command(stage))

@@ -18,27 +18,26 @@ One iteration:
 The math is in rl.py; this file is the loop. Metrics carry TRL's names (objective/kl, ...).
 """
 
-import json
 import math
 import os
-import sys
 import time
 
 import torch
 import torch.nn as nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
 import data
 import evals
 import rl
 import tasks
+from configurator import configure
 from generate import GenerationConfig, generate_ids, pad_prompts, ragged_inputs
 
 # ----------------------------------------------------------------------------- config
 # I/O
 out_dir = 'out-ppo'
 init_from = 'out-sft'  # an SFT out_dir (the policy and the frozen reference); 'resume' continues out_dir
+init_checkpoint = 'best'  # of init_from: 'best' (by val loss) | 'latest'
 eval_interval = 20  # iterations (one iteration = one rollout batch and its update)
 log_interval = 1
 eval_items_per_task = 200  # held-out items per task, greedy (0 = skip)
@@ -92,7 +91,8 @@ critic_learning_rate = 0.0  # the value head and the critic's transformer; 0 = l
 min_lr = 1e-6
 warmup_iters = 0
 lr_decay_iters = 100
-lr_schedule = 'constant'
+lr_schedule = 'constant'  # 'cosine' | 'wsd' | 'constant'
+wsd_decay_frac = 0.2  # wsd: fraction of lr_decay_iters spent decaying
 weight_decay = 0.0
 beta1 = 0.9
 beta2 = 0.95
@@ -100,9 +100,9 @@ grad_clip = 1.0
 # system
 device = 'auto'
 dtype = 'auto'
-compile = False
+compile_model = False
 seed = 1337
-exec(open('configurator.py').read())
+config = configure(globals())  # overrides from config files and --key=value arguments
 # -----------------------------------------------------------------------------
 
 if algorithm not in ('ppo', 'grpo'):
@@ -112,21 +112,14 @@ if algorithm == 'grpo' and num_generations < 2:
 if not verifiable_weight and not reward_model:
     raise SystemExit("no reward: set verifiable_weight > 0 or reward_model=<a reward-model out_dir>")
 
-# distributed setup and device
-ddp, rank, local_rank, world_size, device = common.setup_distributed(device)
-master = rank == 0
-device_type = 'cuda' if device.startswith('cuda') else device.split(':')[0]
-torch.manual_seed(seed + rank)  # each rank samples its own rollouts
-autocast, scaler, dtype = common.autocast_context(device_type, dtype)
-if master:
-    os.makedirs(out_dir, exist_ok=True)
+ctx = common.setup(device, dtype, seed, out_dir)  # each rank samples its own rollouts (its own seed)
+device = ctx.device
 
 # models: policy and frozen reference from the SFT checkpoint; the critic; the reward model
 resume = init_from == 'resume'
-ckpt = common.load_checkpoint(out_dir if resume else init_from)
+ckpt, parent = common.start_from(ctx, init_from, init_checkpoint)
 pretrain_dataset = ckpt.get('dataset')  # carried forward, for eval.py's loss/bpb
-sft_dir = ckpt['config']['init_from'] if resume else init_from  # the reference stays the SFT model
-sft_ckpt = common.load_checkpoint(sft_dir) if resume else ckpt
+sft_ckpt = common.load_checkpoint(parent) if resume else ckpt  # the reference stays the SFT model
 tokenizer = common.tokenizer_from_checkpoint(ckpt)
 # dropout off: the log-probs of the rollout and of the update's first minibatch must agree exactly
 policy = common.model_from_checkpoint(ckpt, dropout=0.0)
@@ -162,9 +155,9 @@ actor_critic.to(device)
 reference.to(device)
 ref_model = rl.ActorCritic(reference)
 model_args = policy.config.to_dict()
-if master:
+if ctx.master:
     critic_desc = 'none' if algorithm == 'grpo' else 'shared backbone' if share_backbone else f'own transformer from {critic_init}'
-    print(f"{algorithm}: policy from {init_from} ({policy.get_num_params() / 1e6:.2f}M params), reference {sft_dir}, "
+    print(f"{algorithm}: policy from {init_from} ({policy.get_num_params() / 1e6:.2f}M params), reference {parent}, "
           f"critic: {critic_desc}, reward: {verifiable_weight:g} x verifiable"
           f"{f' + {reward_model_weight:g} x {reward_model}' if reward_model and reward_model_weight else ''}")
 
@@ -190,7 +183,7 @@ minibatch_size = n_rollouts // num_minibatches
 if minibatch_size < 1 or n_rollouts % num_minibatches:
     raise SystemExit(f"batch_size * num_generations = {n_rollouts} rollouts do not split into num_minibatches={num_minibatches}")
 micro = micro_batch_size or minibatch_size
-if master:
+if ctx.master:
     print(f"rl data: {len(prompts):,} prompts ({too_long} too long for block_size dropped); {n_rollouts} rollouts "
           f"per rank per iteration, {ppo_epochs} epochs x {num_minibatches} minibatches of {minibatch_size}")
 
@@ -205,96 +198,70 @@ def forward_all(m, ids, positions, mask, n_query):
     logprobs, values = [], []
     with torch.no_grad():
         for index in torch.arange(len(ids), device=ids.device).split(micro):
-            with autocast:
+            with ctx.autocast:
                 logits, v = m(ids[index], rows(positions, index), rows(mask, index), n_query)
             logprobs.append(rl.logprobs_from_logits(logits, ids[index, n_query:], temperature))
             values.append(v)
     return torch.cat(logprobs), None if values[0] is None else torch.cat(values)
 
 
-# optimizer
+# optimizer: the critic (value head and its transformer) may learn at its own rate
 iter_num, kl_coef_now = 0, kl_coef
 data_generator = torch.Generator().manual_seed(seed)
 params = [p for p in actor_critic.parameters() if p.requires_grad]
 actor_ids = {id(p) for p in policy.parameters()}
-groups = []  # (actor | critic) x (decayed matrices | the rest); lr_scale: the critic may learn faster
-for scale, members in ((1.0, [p for p in params if id(p) in actor_ids]),
-                       ((critic_learning_rate or learning_rate) / learning_rate, [p for p in params if id(p) not in actor_ids])):
-    groups += [{'params': [p for p in members if p.dim() >= 2], 'weight_decay': weight_decay, 'lr_scale': scale},
-               {'params': [p for p in members if p.dim() < 2], 'weight_decay': 0.0, 'lr_scale': scale}]
-optimizer = torch.optim.AdamW([g for g in groups if g['params']], lr=learning_rate, betas=(beta1, beta2),
-                              fused=device_type == 'cuda')
+optimizer = common.adamw([p for p in params if id(p) in actor_ids], learning_rate, weight_decay, (beta1, beta2),
+                         ctx.device_type, scaled=[p for p in params if id(p) not in actor_ids],
+                         lr_scale=(critic_learning_rate or learning_rate) / learning_rate)
 if resume:
-    optimizer.load_state_dict(ckpt['optimizer'])
+    common.resume_training(ctx, ckpt, optimizer, data_generator)
     iter_num, kl_coef_now = ckpt['iter_num'], ckpt['kl_coef']
-    common.set_rng_state(ckpt['rng'], data_generator)
 ckpt = sft_ckpt = critic_ckpt = None
-
-# compile, then wrap in DDP
-model = actor_critic
-if compile:
-    model = torch.compile(model)
-if ddp:
-    model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
+model = common.wrap(ctx, actor_critic, compile_model)
 
 
 def evaluate():
-    """Held-out task metrics by greedy generation (arith_acc = exact match of the final number)."""
-    return evals.task_metrics(policy, tokenizer, task_items, eval_items_per_task) if task_items else {}
+    """Held-out task metrics by greedy generation (val/arith_acc = exact match of the final number)."""
+    metrics = evals.task_metrics(policy, tokenizer, task_items, eval_items_per_task) if task_items and ctx.master else {}
+    return {f'val/{k}': v for k, v in metrics.items()}
 
 
-def save(reason):
+def state():
     value_state = {k: v for k, v in actor_critic.state_dict().items() if not k.startswith('policy.')}
-    state = {'model': policy.state_dict(), 'value': value_state, 'optimizer': optimizer.state_dict(),
-             'model_args': model_args, 'iter_num': iter_num, 'kl_coef': kl_coef_now, 'best_val_loss': None,
-             'config': dict(config, init_from=sft_dir), 'tokenizer': tokenizer.spec,
-             'tokenizer_identity': tokenizer.identity, 'rng': common.rng_state(data_generator), 'stage': algorithm,
-             'dataset': pretrain_dataset}
-    common.save_checkpoint(state, os.path.join(out_dir, 'ckpt.pt'))
-    print(f"saved checkpoint to {out_dir}/ckpt.pt at iteration {iter_num} ({reason})")
+    return common.checkpoint(ctx, algorithm, policy.state_dict(), model_args, tokenizer, config, parent, pretrain_dataset,
+                             optimizer, iter_num, data_generator, value=value_state, kl_coef=kl_coef_now)
+
+
+CONSOLE_KEYS = {  # of the metrics below, those on the console line (all go to history.jsonl and wandb)
+    'ppo': ('objective/scores', 'objective/kl', 'objective/entropy', 'val/response_length', 'policy/approxkl_avg',
+            'policy/clipfrac_avg', 'loss/policy_avg', 'loss/value_avg', 'lr', 'time/rollout_frac'),
+}
+CONSOLE_KEYS['grpo'] = tuple(k for k in CONSOLE_KEYS['ppo'] if k != 'loss/value_avg')
 
 
 def mean_all(x):
     """Mean over ranks of a scalar tensor, as a float (a host sync: only once per iteration)."""
-    if ddp:
-        x = x.clone()
-        torch.distributed.all_reduce(x)
-        x /= world_size
-    return x.item()
+    return common.mean_over_ranks(ctx, x).item()
 
 
-if master:
-    with open(os.path.join(out_dir, 'config.json'), 'w') as f:
-        json.dump(config, f, indent=2)
-wandb_run = common.init_wandb(wandb_log and master, wandb_project, wandb_run_name, config)
-stop_flag = common.StopFlag()
+log, stop = common.start_logging(ctx, config, resume, wandb_log, wandb_project, wandb_run_name)
 
 # the training loop
-t_start = time.time()
-iter_start, history_path = iter_num, os.path.join(out_dir, 'history.jsonl')
-interrupted = False
+iter_start, interrupted = iter_num, False
 while True:
-    lr = common.get_lr(iter_num, learning_rate, min_lr, warmup_iters, lr_decay_iters, lr_schedule)
-    for group in optimizer.param_groups:
-        group['lr'] = lr * group['lr_scale']
+    lr = common.set_lr(optimizer, iter_num, config)
 
-    # evaluate and checkpoint
+    # evaluate and checkpoint: no validation loss here, so ckpt.pt (the latest) is the product
     if iter_num % eval_interval == 0 or iter_num >= max_iters:
-        metrics = evaluate() if master else {}
-        if master and metrics:
-            print(f"eval at iteration {iter_num}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-            with open(history_path, 'a') as f:
-                f.write(json.dumps({'iter': iter_num, **metrics, 'time': time.time() - t_start}) + '\n')
-            if wandb_run:
-                wandb_run.log(metrics, step=iter_num)
-        if master and iter_num > iter_start:
-            save('final' if iter_num >= max_iters else 'eval')
+        common.log_eval(ctx, log, iter_num, evaluate())
+        if iter_num > iter_start:
+            common.save(ctx, state(), None)
     if iter_num >= max_iters:
         break
     t0 = time.time()
 
     # 1. rollout: every rank draws the same prompt indices and keeps its row
-    ix = torch.randint(len(prompts), (world_size, batch_size), generator=data_generator)[rank]
+    ix = torch.randint(len(prompts), (ctx.world_size, batch_size), generator=data_generator)[ctx.rank]
     batch = [prompts[i] for i in ix.tolist() for _ in range(num_generations)]  # a prompt's samples adjacent
     query, query_pad = pad_prompts([p['ids'] for p in batch], tokenizer.pad_id, device)  # (N, Tq), left-padded
     policy.eval()
@@ -313,7 +280,7 @@ while True:
     if reward_net is not None and reward_model_weight:  # read at each response's last token: <|im_end|>, as trained
         real = torch.cat([torch.arange(Tq, device=device)[None, :] >= query_pad[:, None], mask], dim=1)  # (N, L)
         response_mask = torch.cat([torch.zeros_like(query, dtype=torch.bool), mask], dim=1)  # (N, L), for lm_coef
-        with autocast:
+        with ctx.autocast:
             scores = scores + reward_model_weight * rewardmodel.score_ids(reward_net, ids, real, response_mask)
     scores = scores - missing_eos_penalty * (~gen.stopped).float()
 
@@ -342,10 +309,9 @@ while True:
             mb_tokens, mb_kl = mask[mb].sum(), torch.zeros((), device=device)
             micro_batches = mb.split(micro)
             for k, index in enumerate(micro_batches):
-                if ddp:
-                    model.require_backward_grad_sync = k == len(micro_batches) - 1
+                common.sync_grads(ctx, model, k == len(micro_batches) - 1)
                 m = mask[index]
-                with autocast:
+                with ctx.autocast:
                     logits, vpred = model(ids[index], rows(positions, index), rows(attn_mask, index), Tq)
                 logprobs = rl.logprobs_from_logits(logits, response[index], temperature)
                 pg, clipped = rl.policy_loss(logprobs, old_logprobs[index], advantages[index], cliprange)
@@ -362,7 +328,7 @@ while True:
                     entropy = rl.entropy_from_logits(logits)  # (n, R)
                 if entropy_coef:
                     loss = loss - entropy_coef * rl.aggregate(entropy, m, loss_norm, mb_tokens, len(mb))
-                scaler.scale(loss).backward()
+                ctx.scaler.scale(loss).backward()
                 log_ratio = (logprobs - old_logprobs[index]).detach()
                 approxkl = (0.5 * log_ratio ** 2 * m).sum()  # 0.5 (log r)^2, as TRL
                 mb_kl += approxkl
@@ -370,15 +336,12 @@ while True:
                                 ('entropy', (entropy.detach() * m).sum()), ('ratio', (log_ratio.exp() * m).sum()),
                                 ('tokens', m.sum())):
                     stats[name] += x
-            if grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = common.optimizer_step(ctx, optimizer, params, grad_clip)
             n_steps += 1
             if target_kl and mean_all(mb_kl / mb_tokens) > target_kl:  # a host sync, only when asked for
                 stopped_early = True
+                if ctx.master:
+                    print(f"early stop of the update after {n_steps} steps: approx KL past target_kl={target_kl}")
                 break
         if stopped_early:
             break
@@ -388,7 +351,7 @@ while True:
     kl_per_seq = mean_all(kl.sum(1).mean())
     kl_coef_used = kl_coef_now
     if kl_target:
-        kl_coef_now = rl.adaptive_kl_coef(kl_coef_now, kl_per_seq, kl_target, n_rollouts * world_size, kl_horizon)
+        kl_coef_now = rl.adaptive_kl_coef(kl_coef_now, kl_per_seq, kl_target, n_rollouts * ctx.world_size, kl_horizon)
 
     # log
     if iter_num % log_interval == 0 or iter_num >= max_iters:
@@ -406,39 +369,22 @@ while True:
             'policy/entropy_avg': mean_all(stats['entropy'] / n_tok),
             'loss/policy_avg': mean_all(stats['pg'] / n_tok),
             'val/ratio': mean_all(stats['ratio'] / n_tok),
-            'val/num_eos_tokens': mean_all(gen.stopped.float().sum()) * world_size,
+            'val/num_eos_tokens': mean_all(gen.stopped.float().sum()) * ctx.world_size,
             'val/response_length': mean_all(mask.float().sum(1).mean()),
-            'kl_coef': kl_coef_used, 'lr': lr, 'update_steps': n_steps,
-            'episode': iter_num * n_rollouts * world_size,
+            'kl_coef': kl_coef_used, 'lr': lr, 'update_steps': n_steps, 'early_stopped': float(stopped_early),
+            'episode': iter_num * n_rollouts * ctx.world_size,
         }
         if algorithm == 'ppo':
             metrics.update({'loss/value_avg': mean_all(stats['vf'] / n_tok), 'val/clipfrac_avg': mean_all(stats['vf_clipfrac'] / n_tok)})
         if not all(math.isfinite(metrics[k]) for k in ('objective/scores', 'loss/policy_avg', 'objective/kl')):
             raise SystemExit(f"non-finite loss or reward at iteration {iter_num}: stopping; the last good checkpoint is intact")
-        dt = time.time() - t0
-        if master:
-            print(f"iter {iter_num}: score {score_mean:.3f}, kl {kl_per_seq:.4f}, entropy {metrics['objective/entropy']:.2f}, "
-                  f"len {metrics['val/response_length']:.1f}, approxkl {metrics['policy/approxkl_avg']:.4f}, "
-                  f"clipfrac {metrics['policy/clipfrac_avg']:.3f}, pg {metrics['loss/policy_avg']:.4f}"
-                  + (f", vf {metrics['loss/value_avg']:.4f}" if algorithm == 'ppo' else '')
-                  + (' (early stop)' if stopped_early else '')
-                  + f", lr {lr:.1e}, {dt * 1000:.0f} ms/iter (rollout {100 * t_rollout / dt:.0f}%), "
-                  f"eta {common.format_eta((max_iters - iter_num) * dt)}")
-            with open(history_path, 'a') as f:
-                f.write(json.dumps({'iter': iter_num, **metrics, 'time': time.time() - t_start}) + '\n')
-            if wandb_run:
-                wandb_run.log(metrics, step=iter_num)
+        metrics['time/rollout_frac'] = t_rollout / (time.time() - t0)
+        common.log_step(ctx, log, iter_num, max_iters, metrics, common.step_time(log, iter_num),
+                        (n_rollouts * ctx.world_size, 'rollouts'), show=CONSOLE_KEYS[algorithm])
 
-    if stop_flag.should_stop(ddp, device):
-        if master:
-            save('interrupted')
+    if stop.requested(ctx, iter_num, log_interval):
+        common.save(ctx, state(), None, reason='interrupted')
         interrupted = True
         break
 
-if master:
-    print(f"done: {iter_num} iterations in {time.time() - t_start:.1f} s")
-    if wandb_run:
-        wandb_run.finish()
-common.cleanup_distributed(ddp)
-if interrupted:
-    sys.exit(130)  # saved, but not finished: a pipeline must not take this stage as done
+common.finish(ctx, log, interrupted, f"{iter_num} iterations")

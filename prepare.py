@@ -2,9 +2,9 @@
 Prepare pretraining data: corpora in, clean token shards out, at the speed of the tokenizer.
 
     python prepare.py                      # the Python standard library -> data/stdlib/ (offline)
-    python prepare.py --dataset=shakespeare_char --input=input.txt --tokenizer=char
-    python prepare.py --dataset=mix --input=stdlib,notes/ --dataset_sampling="{'stdlib': 3, 'notes/': 1}"
-    python prepare.py --tasks=True         # the offline task suite (SFT/DPO/RL) -> data/tasks/
+    python prepare.py --dataset=shakespeare_char --sources=input.txt --tokenizer_type=char
+    python prepare.py --dataset=mix --sources=stdlib,notes/ --dataset_sampling="{'stdlib': 3, 'notes/': 1}"
+    python prepare.py --write_tasks=True         # the offline task suite (SFT/DPO/RL) -> data/tasks/
     python prepare.py --validate=chat.jsonl --kind=sft   # check a chat file; writes nothing
 
 Writes data/<dataset>/: train.bin and val.bin (token ids, every document prefixed by
@@ -24,12 +24,13 @@ import time
 import numpy as np
 
 import data
+from configurator import configure
 from tokenizer import Tokenizer, char_tokenizer, gpt2_tokenizer, train_bpe
 
 # ----------------------------------------------------------------------------- config
 # --- what to build
 dataset = 'stdlib'  # output folder: data/<dataset>/
-input = ''  # comma-separated sources: stdlib, tinyshakespeare, tinystories, fineweb-edu, an http(s) URL, a
+sources = ''  # comma-separated: stdlib, tinyshakespeare, tinystories, fineweb-edu, an http(s) URL, a
             # .txt/.jsonl/.parquet file, a directory or a glob; '' = the dataset's own (see DEFAULT_SOURCE)
 data_root = 'data'
 val_fraction = 0.1  # of each source's documents (of a one-document source: its last 10%, as nanoGPT)
@@ -47,18 +48,18 @@ near_dedup_threshold = 0.8  # estimated Jaccard similarity at which a document c
 # --- mixing
 dataset_sampling = {}  # {source: weight} or {source: {'weight' or 'target_tokens', 'max_samples'}}; see docs/data.md
 # --- tokenizer
-tokenizer = 'bpe'  # bpe (trained here), char, gpt2, or the path of a tokenizer.json to reuse
+tokenizer_type = 'bpe'  # bpe (trained here), char, gpt2, or the path of a tokenizer.json to reuse
 vocab_size = 4096  # bpe only: tiny CPU models want a small vocabulary
 tokenizer_train_chars = 10_000_000  # bpe trains on this much of the train split (~1 s per 10M on a CPU)
 num_threads = 0  # tokenising threads; 0 = every core
 chunk_mb = 16.0  # text tokenised and written per step: bounds memory, whatever the corpus size
 # --- other modes (each does its job and exits)
-tasks = False  # write the offline task suite to data/tasks/
+write_tasks = False  # write the offline task suite to data/tasks/
 assistant_name = 'Mini'  # the identity the task suite teaches
 assistant_maker = 'the Mini-LLM project'
 validate = ''  # a chat JSONL to check with --kind=sft|pref|rl
 kind = 'sft'
-exec(open('configurator.py').read())
+config = configure(globals())  # overrides from config files and --key=value arguments
 
 DEFAULT_SOURCE = {'stdlib': 'stdlib', 'shakespeare_char': 'tinyshakespeare', 'shakespeare': 'tinyshakespeare',
                   'tinyshakespeare': 'tinyshakespeare', 'tinystories': 'tinystories', 'fineweb_edu': 'fineweb-edu',
@@ -80,7 +81,7 @@ if validate:
     print(f"{validate}: {counts['records']:,} good {kind} records, {counts['turns']:,} turns{extra}, {tokens}; "
           f"{len(errors)} bad line(s)")
     sys.exit(1 if errors else 0)
-if tasks:
+if write_tasks:
     import tasks as task_suite
     out = os.path.join(data_root, 'tasks')
     counts = task_suite.write_tasks(out, seed=seed, name=assistant_name, maker=assistant_maker)
@@ -95,9 +96,9 @@ if os.path.exists(os.path.join(out_dir, 'meta.json')):
     os.remove(os.path.join(out_dir, 'meta.json'))  # no meta.json = not complete, until this run writes it
 
 # ----------------------------------------------------------------------------- sources
-specs = [s.strip() for s in input.split(',') if s.strip()] or list(dataset_sampling) or [DEFAULT_SOURCE.get(dataset)]
+specs = [s.strip() for s in sources.split(',') if s.strip()] or list(dataset_sampling) or [DEFAULT_SOURCE.get(dataset)]
 if specs == [None]:
-    raise SystemExit(f"dataset {dataset!r} has no built-in source: pass --input=PATH (a .txt/.jsonl file, a "
+    raise SystemExit(f"dataset {dataset!r} has no built-in source: pass --sources=PATH (a .txt/.jsonl file, a "
                      f"directory or a glob), or use one of {', '.join(DEFAULT_SOURCE)}")
 rules = data.parse_sampling(dataset_sampling, specs)
 sources = [(spec,) + data.resolve_source(spec, os.path.join(data_root, 'downloads')) for spec in specs]
@@ -144,7 +145,7 @@ t_clean = time.time() - t0
 doc_source, doc_key, offsets = np.array(doc_source, np.int64), np.array(doc_key, np.uint64), np.array(offsets, np.int64)
 n_docs = len(doc_key)
 if n_docs == 0 or offsets[-1] == 0:
-    raise SystemExit("no text left after cleaning: check --input, or loosen min_chars / max_chars")
+    raise SystemExit("no text left after cleaning: check --sources, or loosen min_chars / max_chars")
 
 # ----------------------------------------------------------------------------- train/val split
 # Per source, the val_fraction of documents with the largest content hashes go to val: a fixed
@@ -175,7 +176,7 @@ def document(i):
 
 # ----------------------------------------------------------------------------- tokenizer
 t0 = time.time()
-if tokenizer == 'bpe':
+if tokenizer_type == 'bpe':
     # train documents in content-hash order: a spread over every source, not just the first files
     sample, n_chars = [], 0
     for i in np.argsort(doc_key, kind='stable'):
@@ -186,20 +187,20 @@ if tokenizer == 'bpe':
             n_chars += len(sample[-1])
     tok = train_bpe(sample, vocab_size)
     del sample
-elif tokenizer == 'char':
+elif tokenizer_type == 'char':
     chars = set()  # every character of train and val, as nanoGPT (a val character must have an id)
     for start in range(0, n_docs, 1000):
         chars.update(text_mm[offsets[start]:offsets[min(n_docs, start + 1000)]].decode('utf-8'))
     tok = char_tokenizer(''.join(sorted(chars)))
-elif tokenizer == 'gpt2':
+elif tokenizer_type == 'gpt2':
     try:
         tok = gpt2_tokenizer()
     except RuntimeError as e:  # offline without tiktoken's cache: its message says what to do
         raise SystemExit(str(e)) from None
-elif tokenizer.endswith('.json') and os.path.isfile(tokenizer):
-    tok = Tokenizer.load(tokenizer)
+elif tokenizer_type.endswith('.json') and os.path.isfile(tokenizer_type):
+    tok = Tokenizer.load(tokenizer_type)
 else:
-    raise SystemExit(f"tokenizer={tokenizer!r}: use bpe, char, gpt2, or the path of an existing tokenizer.json")
+    raise SystemExit(f"tokenizer_type={tokenizer_type!r}: use bpe, char, gpt2, or the path of an existing tokenizer.json")
 dtype = data.token_dtype(tok.n_vocab)
 t_tokenizer = time.time() - t0
 print(f"tokenizer: {tok.identity} ({tok.n_vocab:,} ids -> {np.dtype(dtype).name}) in {t_tokenizer:.1f}s")

@@ -9,7 +9,8 @@ reward.py trains it; ppo.py (or anyone) loads it and scores (prompt, response) p
     RewardModel(backbone, lm_coef) forward(idx, last, positions, attn_mask, response_mask) -> (rewards (B,), aux loss)
     padding_inputs(mask)           last real index, positions and attention mask of a padded batch
     score_ids(model, ids, mask, response_mask)  rewards of token ids, padded on either side (or both)
-    bradley_terry_loss, reward_metrics, load_pairs (preference pairs with an optional "margin")
+    bradley_terry_loss, reward_metrics
+(preference pairs are loaded and batched by preference.py)
 """
 
 import math
@@ -19,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
-import data
+import preference
 
 
 class RewardModel(nn.Module):
@@ -104,22 +105,6 @@ def reward_metrics(r_chosen, r_rejected):
             'mean_reward': rewards.mean(), 'min_reward': rewards.min(), 'max_reward': rewards.max()}
 
 
-# ----------------------------------------------------------------------------- data
-
-def parse_pair(obj):
-    """data.parse_pref, plus "margin" (a number, 0 when absent) and "task" (kept for per-task metrics)."""
-    margin = obj.get('margin', 0.0)
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
-        raise data._BadField('margin', f"expected a finite number (how much better chosen is), got {margin!r}")
-    task = obj.get('task')
-    return dict(data.parse_pref(obj), margin=float(margin), task=task if isinstance(task, str) else None)
-
-
-def load_pairs(path, skip_bad_lines=False):
-    """Preference pairs with margins -> [{'prompt_messages', 'chosen', 'rejected', 'margin', 'task'}]."""
-    return data.read_jsonl(path, parse_pair, skip_bad_lines, what='preference pair')
-
-
 # ----------------------------------------------------------------------------- loading and scoring
 
 def load_reward_model(out_dir, device='cpu'):
@@ -149,7 +134,7 @@ def score(model, tokenizer, prompts_messages, responses, batch_size=32):
     block = model.backbone.config.block_size
     rows = []
     for p, r in zip(prompts_messages, responses, strict=True):
-        row, n_prompt = common.encode_reply(tokenizer, p, r)
+        row, n_prompt = preference.encode_reply(tokenizer, p, r)
         rows.append((row[-block:], max(0, n_prompt - max(0, len(row) - block))))  # (ids, prompt tokens kept)
     out = []
     for i in range(0, len(rows), batch_size):

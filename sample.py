@@ -17,12 +17,13 @@ import time
 
 import torch
 
-from common import autodetect_device, load_checkpoint, model_from_checkpoint, tokenizer_from_checkpoint
+from common import autodetect_device, checkpoint_path, load_checkpoint, model_from_checkpoint, tokenizer_from_checkpoint
+from configurator import configure
 from generate import GenerationConfig, TextGenerator
 
 # -----------------------------------------------------------------------------
 # checkpoint
-out_dir = 'out'  # a folder with ckpt.pt, or a path to a .pt file
+out_dir = 'out'  # a run's folder (its best.pt, else ckpt.pt), or a path to a .pt file
 # what to generate
 start = ''  # the prompt, or FILE:path to read it from a file; '' starts a fresh document
 num_samples = 3
@@ -46,9 +47,9 @@ max_turns = 0  # keep at most this many past turns in the prompt; 0 = as many as
 # system
 device = 'auto'  # 'cpu' | 'cuda' | 'cuda:1' | 'mps'; auto picks the best available
 dtype = 'auto'  # 'float32' | 'bfloat16' | 'float16'; auto = bf16 on GPUs that support it, else fp32
-compile = False  # torch.compile the decode step: a slow first call, faster long generations
+compile_model = False  # torch.compile the decode step: a slow first call, faster long generations
 # -----------------------------------------------------------------------------
-exec(open('configurator.py').read())  # overrides from the command line or a config file
+config = configure(globals())  # overrides from the command line or a config file
 # -----------------------------------------------------------------------------
 
 # device and precision
@@ -63,7 +64,7 @@ torch.manual_seed(seed)
 
 # the checkpoint: weights_only loading (no code runs), then the model and tokenizer it describes
 ckpt = load_checkpoint(out_dir)
-ckpt_path = out_dir if out_dir.endswith('.pt') else os.path.join(out_dir, 'ckpt.pt')
+ckpt_path = checkpoint_path(out_dir)
 stage = ckpt.get('stage', 'unknown')
 try:
     model = model_from_checkpoint(ckpt, dropout=0.0)
@@ -84,7 +85,7 @@ print(f"loaded {ckpt_path}: stage {stage}, iter {ckpt.get('iter_num', '?')}, "
       f"context {model.config.block_size}, on {device} in {dtype}")
 
 # the generator and its options; max_new_tokens shrinks to what the context leaves after the prompt
-generator = TextGenerator(model, tokenizer, compile=compile)
+generator = TextGenerator(model, tokenizer, compile=compile_model)
 if start.startswith('FILE:'):
     path = start[len('FILE:'):]
     if not os.path.exists(path):

@@ -10,7 +10,7 @@ a phrasing or a function.
 
     make_tasks(seed, name, maker, ...) -> {'sft_train': [records], 'sft_test', 'pref_train',
                                            'pref_test', 'rl_train', 'rl_test'}
-    write_tasks(out_dir, ...)   the six JSONL files plus tasks.json (prepare.py --tasks=True)
+    write_tasks(out_dir, ...)   the six JSONL files plus tasks.json (prepare.py --write_tasks=True)
     ensure_tasks(out_dir, ...)  out_dir, written first when missing: what sft.py & co. call
     heldout(out_dir)            {task: [{'messages', 'answer'}]} from sft_test.jsonl, to evaluate
     score(task, response, answer) -> 0..1

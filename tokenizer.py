@@ -184,7 +184,7 @@ def _tiktoken_gpt2():
         raise RuntimeError(
             "tokenizer=gpt2 needs tiktoken's GPT-2 files, which could not be loaded "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Run once online, or point "
-            "TIKTOKEN_CACHE_DIR at a cache that has them; offline, use --tokenizer=bpe or char.") from None
+            "TIKTOKEN_CACHE_DIR at a cache that has them; offline, use --tokenizer_type=bpe or char.") from None
 
 
 def gpt2_tokenizer():

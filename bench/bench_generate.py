@@ -7,7 +7,7 @@ All in one process, greedy, fixed length (no stop token), the same prompt.
     pip install transformers        # for this benchmark only; not a project dependency
     python bench/bench_generate.py                                   # pretrain_tiny's shape, CPU
     python bench/bench_generate.py --n_layer=6 --n_head=6 --n_kv_head=6 --n_embd=384 --threads=1
-    python bench/bench_generate.py --device=cuda --compile=True
+    python bench/bench_generate.py --device=cuda --compile_model=True
 
 tok/s = new tokens (all rows) / wall time of the whole call, prefill included, best of `repeats`.
 """
@@ -22,6 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from generate import GenerationConfig, generate_ids  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
+from configurator import configure  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # model shape (default: config/pretrain_tiny.py, with room for 512 new tokens)
@@ -39,8 +40,8 @@ nocache_batch_sizes = (1,)  # the uncached path is O(T^2): slow by design
 repeats = 2  # best of
 threads = 0  # torch intra-op threads; 0 = torch's default
 device = 'cpu'
-compile = False  # also time the torch.compile'd decode step
-exec(open(os.path.join(ROOT, 'configurator.py')).read())
+compile_model = False  # also time the torch.compile'd decode step
+config = configure(globals())  # overrides from --key=value arguments
 # -----------------------------------------------------------------------------
 
 if threads:
@@ -120,7 +121,7 @@ else:
 rows = []
 for B in batch_sizes:
     row = {'batch': B, 'ours': ours(B)}
-    if compile:
+    if compile_model:
         t0 = time.perf_counter()
         step_fn = torch.compile(model, dynamic=True)  # what TextGenerator(compile=True) does
         generate_ids(model, prompt.expand(B, -1), greedy, step_fn=step_fn)  # pays for (re)compiling

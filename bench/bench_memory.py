@@ -18,13 +18,14 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from configurator import configure  # noqa: E402
 
 # ----------------------------------------------------------------------------- config
 shape = (6, 256, 8, 4, 512, 8)  # (n_layer, n_embd, n_head, n_kv_head, block_size, batch_size)
 vocab_size = 4096
 steps = 3
 variant = ''  # internal: the variant a child process measures
-exec(open(os.path.join(ROOT, 'configurator.py')).read())
+config = configure(globals())  # overrides from --key=value arguments
 # -----------------------------------------------------------------------------
 
 VARIANTS = ['ours', 'ours+checkpointing', 'hf', 'hf+checkpointing']

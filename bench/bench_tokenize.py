@@ -19,12 +19,13 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+from configurator import configure  # noqa: E402
 from tokenizer import Tokenizer, train_bpe  # noqa: E402
 
 num_threads = 0  # 0 = every core
 repeats = 3
 tokenizer = 'data/stdlib/tokenizer.json'  # made by `python prepare.py`; trained here when missing
-exec(open('configurator.py').read())
+config = configure(globals())  # overrides from --key=value arguments
 num_threads = num_threads or os.cpu_count()
 
 # the text prepare.py tokenises: the cleaned standard library

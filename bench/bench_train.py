@@ -6,7 +6,7 @@ matmul peak measured here in the same run.
 
     pip install transformers   # for this benchmark only
     python bench/bench_train.py                      # all shapes, eager, fp32 and bf16
-    python bench/bench_train.py --compile=True       # also torch.compile (first compile ~20 s each)
+    python bench/bench_train.py --compile_model=True       # also torch.compile (first compile ~20 s each)
 """
 
 import os
@@ -17,6 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import GPT, GPTConfig  # noqa: E402
+from configurator import configure  # noqa: E402
 from common import measure_peak_flops  # noqa: E402
 
 # ----------------------------------------------------------------------------- config
@@ -24,10 +25,10 @@ from common import measure_peak_flops  # noqa: E402
 shapes = [(4, 128, 4, 2, 256, 8), (6, 256, 8, 4, 256, 8), (8, 512, 8, 2, 512, 4)]
 vocab_size = 4096
 dtypes = ('float32', 'bfloat16')
-compile = False
+compile_model = False
 steps = 8  # timed steps per measurement (after warmup)
 repeats = 3  # ours/theirs measured alternately this many times; the best of each is kept
-exec(open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configurator.py')).read())
+config = configure(globals())  # overrides from --key=value arguments
 # -----------------------------------------------------------------------------
 
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
@@ -79,7 +80,7 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; matmul peak: "
           + ", ".join(f"{d} {p / 1e9:,.0f} GFLOP/s" for d, p in peaks.items()))
     print(f"{'shape (L,C,H,KV,T,B)':<26}{'mode':<18}{'ours tok/s':>12}{'hf tok/s':>12}{'ratio':>8}{'MFU ours':>10}{'MFU hf':>8}")
-    modes = [(d, False) for d in dtypes] + ([(d, True) for d in dtypes] if compile else [])
+    modes = [(d, False) for d in dtypes] + ([(d, True) for d in dtypes] if compile_model else [])
     for shape in shapes:
         n_layer, n_embd, n_head, n_kv_head, block_size, batch_size = shape
         ours, theirs, n_params = build_pair(n_layer, n_embd, n_head, n_kv_head, block_size)

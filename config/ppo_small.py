@@ -42,4 +42,4 @@ grad_clip = 1.0
 
 device = 'cuda'
 dtype = 'bfloat16'
-compile = False  # rollout and update shapes change every iteration
+compile_model = False  # rollout and update shapes change every iteration

@@ -28,4 +28,4 @@ weight_decay = 0.1
 
 device = 'cuda'
 dtype = 'bfloat16'
-compile = True
+compile_model = True

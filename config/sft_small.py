@@ -20,4 +20,4 @@ warmup_iters = 100
 lr_decay_iters = 3000
 device = 'cuda'
 dtype = 'bfloat16'
-compile = True
+compile_model = True

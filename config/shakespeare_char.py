@@ -1,5 +1,5 @@
 # The classic nanoGPT CPU recipe: a character-level model of Shakespeare.
-#   python prepare.py --dataset=shakespeare_char --input=PATH/input.txt --tokenizer=char
+#   python prepare.py --dataset=shakespeare_char --sources=PATH/input.txt --tokenizer_type=char
 #   python train.py config/shakespeare_char.py
 # (nanoGPT reports val loss 1.88 for this shape on CPU; ours uses RoPE/RMSNorm/SwiGLU.)
 out_dir = 'out-shakespeare-char'
@@ -7,7 +7,6 @@ dataset = 'shakespeare_char'
 eval_interval = 250
 eval_iters = 20
 log_interval = 10
-always_save_checkpoint = False
 wandb_run_name = 'shakespeare-char'
 
 block_size = 64
@@ -25,4 +24,4 @@ min_lr = 1e-4
 beta2 = 0.99  # few tokens per step: a shorter second-moment memory
 warmup_iters = 100
 device = 'cpu'
-compile = False
+compile_model = False

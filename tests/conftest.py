@@ -81,3 +81,9 @@ def write_jsonl(path, records):
     with open(path, 'w') as f:
         f.writelines(json.dumps(r) + '\n' for r in records)
     return str(path)
+
+
+def eval_rows(out_dir):
+    """{iter: row} of the eval rows of a run's history.jsonl (training rows have kind 'train')."""
+    with open(os.path.join(out_dir, 'history.jsonl')) as f:
+        return {row['iter']: row for row in map(json.loads, f) if row['kind'] == 'eval'}

@@ -7,19 +7,14 @@ import pytest
 
 from conftest import REPO
 
-SOURCE = open(os.path.join(REPO, 'configurator.py')).read()
+import configurator
 
 
 def configure(argv, **defaults):
-    """Exec configurator.py as a stage script does, in a namespace holding `defaults`."""
-    g = dict(defaults) or dict(batch_size=12, learning_rate=6e-4, max_iters=5000, compile=False,
+    """configure() on a namespace holding `defaults`, as a stage script calls it on its globals."""
+    g = dict(defaults) or dict(batch_size=12, learning_rate=6e-4, max_iters=5000, compile_model=False,
                                out_dir='out', init_from='scratch', wandb_run_name=None, betas=(0.9, 0.95))
-    old = sys.argv
-    sys.argv = ['train.py', *argv]
-    try:
-        exec(SOURCE, g)
-    finally:
-        sys.argv = old
+    g['config'] = configurator.configure(g, argv)
     return g
 
 
@@ -55,12 +50,12 @@ def test_none_default_accepts_any_type():
 
 @pytest.mark.parametrize('text,value', [('true', True), ('False', False), ('True', True), ('1', True), ('0', False)])
 def test_bool_spellings(text, value):
-    assert configure([f'--compile={text}'])['compile'] is value
+    assert configure([f'--compile_model={text}'])['compile_model'] is value
 
 
 def test_bool_rejects_other_values():
     with pytest.raises(SystemExit, match='not a valid bool'):
-        configure(['--compile=maybe'])
+        configure(['--compile_model=maybe'])
 
 
 def test_unknown_key_names_closest_known_keys():

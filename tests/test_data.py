@@ -312,7 +312,7 @@ def test_unreachable_url_is_one_clear_line_and_leaves_no_file(tmp_path):
     with pytest.raises(SystemExit) as e:
         data.download('http://127.0.0.1:9/x', str(dest), timeout=5)
     message = str(e.value)
-    assert 'http://127.0.0.1:9/x' in message and '--input=PATH' in message and '\n' not in message
+    assert 'http://127.0.0.1:9/x' in message and '--sources=PATH' in message and '\n' not in message
     assert not dest.exists() and os.listdir(tmp_path / 'dl') == []
 
 

@@ -18,6 +18,7 @@ from test_reward import history, make_checkpoint, toy_pairs, write_jsonl
 
 import common
 import data
+import preference
 from dpo_loss import answer_targets, dpo_loss, preference_metrics, rpo_nll, sequence_logps
 
 
@@ -50,7 +51,8 @@ def toy_batch(sft_dir, n=4):
     ckpt = common.load_checkpoint(sft_dir)
     tok, model = common.tokenizer_from_checkpoint(ckpt), common.model_from_checkpoint(ckpt).eval()
     pairs = [data.parse_pref(p) for p in toy_pairs()[:n]]
-    ids, prompt_len, length, _ = common.encode_pairs(tok, pairs, 64)
+    split = preference.encode_split(tok, pairs, 64)
+    ids, prompt_len, length = split['ids'], split['prompt_len'], split['length']
     targets = answer_targets(ids, prompt_len[:, None], length)
     T = int(length.max())
     flat = lambda t: t[:, :, :T].transpose(0, 1).reshape(2 * n, T)
@@ -122,7 +124,8 @@ def test_dpo_py_raises_rewards_accuracies_above_09_on_a_separable_toy_set(sft_di
     assert h[30]['val/rewards/chosen'] > h[30]['val/rewards/rejected']
     assert {'val/logps/chosen', 'val/logps/rejected'} <= set(h[30])
     ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
-    assert ckpt['stage'] == 'dpo' and ckpt['config']['init_from'] == sft_dir
+    assert ckpt['stage'] == 'dpo' and ckpt['parent'] == os.path.join(sft_dir, 'ckpt.pt')
+    assert ckpt['config']['init_from'] == sft_dir  # the config as the user ran it
     assert common.model_from_checkpoint(ckpt) is not None  # loads as a plain policy (sample.py, ppo.py)
 
 
@@ -138,7 +141,7 @@ def test_precomputed_reference_logps_give_the_same_run_as_a_live_reference(sft_d
 
 
 def test_resume_reaches_the_same_metrics(sft_dir, toy_file, tmp_path):
-    args = [f'--pref_files={toy_file}', '--eval_interval=5', '--lr_decay_iters=10', '--always_save_checkpoint=True']
+    args = [f'--pref_files={toy_file}', '--eval_interval=5', '--lr_decay_iters=10']
     straight, split = str(tmp_path / 'straight'), str(tmp_path / 'split')
     run_dpo(sft_dir, straight, '--max_iters=10', *args)
     run_dpo(sft_dir, split, '--max_iters=5', *args)
@@ -167,7 +170,7 @@ def test_dpo_py_on_the_built_in_task_suite_reports_task_accuracy(sft_dir, tmp_pa
             '--eval_items_per_task=2', '--loss_type=ipo', '--rpo_alpha=0.5', '--eval_pairs=40')
     h = history(out)
     assert h[0]['val/loss'] == pytest.approx(1 / (4 * 0.1 ** 2), rel=1e-4)  # IPO's value at policy == reference
-    assert {'arith_acc', 'identity_acc', 'val/rewards/accuracies'} <= set(h[1])
+    assert {'val/arith_acc', 'val/identity_acc', 'val/rewards/accuracies'} <= set(h[1])
 
 
 def test_nan_loss_stops_without_overwriting_the_last_checkpoint(sft_dir, toy_file, tmp_path):
@@ -175,7 +178,7 @@ def test_nan_loss_stops_without_overwriting_the_last_checkpoint(sft_dir, toy_fil
     run_dpo(sft_dir, out, f'--pref_files={toy_file}', '--max_iters=2', '--eval_interval=2')
     # an absurd learning rate with no clipping blows the weights up to inf/NaN within a few steps
     proc = run_dpo('resume', out, f'--pref_files={toy_file}', '--max_iters=50', '--eval_interval=5',
-                   '--learning_rate=1e12', '--min_lr=1e12', '--grad_clip=0', '--always_save_checkpoint=True', check=False)
+                   '--learning_rate=1e12', '--min_lr=1e12', '--grad_clip=0', check=False)
     assert proc.returncode != 0 and 'loss is nan' in (proc.stdout + proc.stderr).lower()
     after = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
     assert all(torch.isfinite(v).all() for v in after['model'].values())

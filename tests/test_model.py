@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+import common
 from model import GPT, GPTConfig, KVCache, MoE
 
 
@@ -24,7 +25,7 @@ def test_every_architecture_overfits_a_fixed_batch(pos, norm, mlp, n_experts, n_
     model = GPT(tiny_config(pos=pos, norm=norm, mlp=mlp, n_experts=n_experts, n_kv_head=n_kv_head,
                             n_shared_experts=1 if n_experts else 0))
     x, y = torch.randint(0, 64, (4, 16)), torch.randint(0, 64, (4, 16))
-    opt = model.configure_optimizers(0.0, 1e-2, (0.9, 0.95), 'cpu')
+    opt = common.adamw(model.parameters(), 1e-2, 0.0, (0.9, 0.95), 'cpu')
     losses = []
     for _ in range(60):
         _, loss = model(x, y)
@@ -152,7 +153,7 @@ def test_init_scales_residual_projections():
 
 def test_optimizer_decays_matrices_only():
     model = GPT(tiny_config(bias=True, norm='layernorm'))
-    decay, no_decay = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu').param_groups
+    decay, no_decay = common.adamw(model.parameters(), 1e-3, 0.1, (0.9, 0.95), 'cpu').param_groups
     assert decay['weight_decay'] == 0.1 and all(p.dim() >= 2 for p in decay['params'])
     assert no_decay['weight_decay'] == 0.0 and all(p.dim() < 2 for p in no_decay['params'])
     assert len(decay['params']) + len(no_decay['params']) == len(list(model.parameters()))

@@ -45,14 +45,14 @@ def test_quick_pipeline_runs_every_stage_and_resumes_after_a_kill(tmp_path):
     assert 'pretrain: done already' in output and '--init_from=resume' in output
 
     pre, sft = read(f'{run_dir}/pretrain/eval.json'), read(f'{run_dir}/sft/eval.json')
-    history = [json.loads(line) for line in open(f'{run_dir}/pretrain/history.jsonl')]
-    assert history[-1]['val_loss'] < history[0]['val_loss'] - 2.0  # pretraining learned
+    history = [r for r in map(json.loads, open(f'{run_dir}/pretrain/history.jsonl')) if r['kind'] == 'eval']
+    assert history[-1]['val/loss'] < history[0]['val/loss'] - 2.0  # pretraining learned
     assert sft['identity_acc'] >= 0.8 > pre['identity_acc']  # SFT taught the identity answer
     for stage in ('dpo', 'ppo', 'grpo'):  # alignment stages do not undo SFT on what they train
         after = read(f'{run_dir}/{stage}/eval.json')
         assert after['arith_acc'] >= sft['arith_acc'] - 0.1, (stage, after)
         assert after['identity_acc'] >= sft['identity_acc'] - 0.15, (stage, after)  # nor what they do not
-    reward = [json.loads(line) for line in open(f'{run_dir}/reward/history.jsonl')]
+    reward = [r for r in map(json.loads, open(f'{run_dir}/reward/history.jsonl')) if r['kind'] == 'eval']
     # the quick SFT model cannot do arithmetic yet, so the reward model learns on identity and code
     assert reward[-1]['val/loss'] < reward[0]['val/loss'] - 0.03, reward
     assert reward[-1]['val/accuracy_identity'] >= 0.9 and reward[-1]['val/accuracy_code'] >= 0.6, reward[-1]

@@ -50,7 +50,7 @@ def suite(tmp_path_factory):
 
 
 def rows(out_dir, key='objective/scores'):
-    """history.jsonl lines that carry `key` (training lines; eval lines carry arith_acc)."""
+    """history.jsonl lines that carry `key` (training lines; eval lines carry val/arith_acc)."""
     with open(os.path.join(out_dir, 'history.jsonl')) as f:
         return [r for r in map(json.loads, f) if key in r]
 
@@ -91,9 +91,9 @@ def test_end_to_end_on_the_builtin_arithmetic_prompts(suite, tmp_path, algorithm
     names += ['loss/value_avg', 'val/clipfrac_avg'] if algorithm == 'ppo' else []
     assert all(name in h[-1] for name in names), h[-1]
     assert ('loss/value_avg' in h[-1]) == (algorithm == 'ppo')
-    assert [r['iter'] for r in rows(out, 'arith_acc')] == [0, 2]  # held-out accuracy before and after
+    assert [r['iter'] for r in rows(out, 'val/arith_acc')] == [0, 2]  # held-out accuracy before and after
     ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
-    assert ckpt['stage'] == algorithm and ckpt['iter_num'] == 2 and ckpt['config']['init_from'] == sft
+    assert ckpt['stage'] == algorithm and ckpt['iter_num'] == 2 and ckpt['parent'] == os.path.join(sft, 'ckpt.pt')
     reference = torch.load(os.path.join(sft, 'ckpt.pt'), weights_only=True)['model']
     assert any(not torch.equal(ckpt['model'][k], reference[k]) for k in reference)  # the policy moved
     if '--critic_init=reward' in args:  # the value head started as the reward model's head (and moved a little)
@@ -122,7 +122,8 @@ def test_resume_continues_the_same_run(toy, tmp_path):
         for key in ('objective/scores', 'objective/kl', 'loss/policy_avg', 'loss/value_avg', 'kl_coef'):
             assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-6), key
     ckpt = torch.load(os.path.join(split, 'ckpt.pt'), weights_only=True)
-    assert ckpt['config']['init_from'] == sft  # the reference stays the SFT model across resumes
+    assert ckpt['parent'] == os.path.join(sft, 'ckpt.pt')  # the reference stays the SFT model across resumes
+    assert ckpt['config']['init_from'] == 'resume'  # the config as the user ran it
 
 
 def test_grpo_without_a_group_says_how_to_fix_it(toy, tmp_path):

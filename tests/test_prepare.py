@@ -60,7 +60,7 @@ def test_shakespeare_char_recipe_splits_the_last_tenth_like_nanogpt(tmp_path):
     text = ''.join(random.Random(0).choice('ABCdef ghij,.\n') for _ in range(20_000))
     src = tmp_path / 'input.txt'
     src.write_text(text)
-    prepare(tmp_path, '--dataset=shakespeare_char', f'--input={src}', '--tokenizer=char')
+    prepare(tmp_path, '--dataset=shakespeare_char', f'--sources={src}', '--tokenizer_type=char')
     meta, stats, tok, split = load(tmp_path, 'shakespeare_char')
     n = int(len(text) * 0.9)
     assert documents(tok, split['train']) == [text[:n]] and documents(tok, split['val']) == [text[n:]]
@@ -82,7 +82,7 @@ def test_txt_directory_glob_and_jsonl_sources_together(tmp_path):
     for i, d in enumerate(docs[30:]):
         (globbed / f'm{i}.md').write_text(d)
     inputs = f"{folder},{tmp_path / 'stories.txt'},{tmp_path / 'pretrain.jsonl'},{globbed}/*.md"
-    prepare(tmp_path, '--dataset=local', f'--input={inputs}', '--vocab_size=300', '--min_chars=1')
+    prepare(tmp_path, '--dataset=local', f'--sources={inputs}', '--vocab_size=300', '--min_chars=1')
     meta, stats, tok, split = load(tmp_path, 'local')
     got = documents(tok, split['train']) + documents(tok, split['val'])
     assert sorted(d.strip() for d in got) == sorted(docs)
@@ -96,7 +96,7 @@ def test_cleaning_counts_in_stats_json_and_each_step_switches_off(tmp_path):
     planted = base + [base[0], base[0], base[1], near, 'short', 'x' * 5000,
                       'Cookie policy: we use cookies\n' + fresh[0], 'cafe\u0301 \x07bell ' + fresh[1]]
     (tmp_path / 'c.jsonl').write_text(''.join(json.dumps({'text': d}) + '\n' for d in planted))
-    common = ['--dataset=clean', f"--input={tmp_path / 'c.jsonl'}", '--vocab_size=300', '--min_chars=20',
+    common = ['--dataset=clean', f"--sources={tmp_path / 'c.jsonl'}", '--vocab_size=300', '--min_chars=20',
               '--max_chars=4000', '--near_dedup_threshold=0.7']
     prepare(tmp_path, *common)
     _, stats, tok, split = load(tmp_path, 'clean')
@@ -118,7 +118,7 @@ def test_mixing_weights_target_tokens_and_max_samples(tmp_path):
         (tmp_path / name).write_text(''.join(json.dumps({'text': d}) + '\n' for d in sentences(200, seed)))
     a, b, c = (str(tmp_path / n) for n in ('a.jsonl', 'b.jsonl', 'c.jsonl'))
     sampling = {a: 1, b: {'weight': 3}, c: {'max_samples': 20, 'target_tokens': 30000}}
-    args = ['--dataset=mix', f'--input={a},{b},{c}', f'--dataset_sampling={sampling!r}', '--vocab_size=300']
+    args = ['--dataset=mix', f'--sources={a},{b},{c}', f'--dataset_sampling={sampling!r}', '--vocab_size=300']
     prepare(tmp_path, *args)
     meta, stats, _, split = load(tmp_path, 'mix')
     sa, sb, sc = (stats['sources'][p] for p in (a, b, c))
@@ -134,7 +134,7 @@ def test_uint32_when_the_vocabulary_outgrows_uint16(tmp_path):
     chars = [chr(c) for c in range(0x10000, 0x10000 + 66_000)]
     text = ''.join(chars)
     (tmp_path / 'wide.txt').write_text(text)
-    prepare(tmp_path, '--dataset=wide', f"--input={tmp_path / 'wide.txt'}", '--tokenizer=char', '--normalize=',
+    prepare(tmp_path, '--dataset=wide', f"--sources={tmp_path / 'wide.txt'}", '--tokenizer_type=char', '--normalize=',
             '--near_dedup=False')
     meta, _, tok, split = load(tmp_path, 'wide')
     assert meta['dtype'] == 'uint32' and meta['vocab_size'] > 65536 and split['train'].dtype == np.uint32
@@ -145,7 +145,7 @@ def test_streaming_chunks_smaller_than_the_file_give_identical_shards(tmp_path):
     docs = sentences(400, 6)
     (tmp_path / 'big.txt').write_text('\n<|endoftext|>\n'.join(docs))
     assert os.path.getsize(tmp_path / 'big.txt') > 20 * 1000  # vs chunk_mb=0.001: 1 KB in flight
-    args = [f"--input={tmp_path / 'big.txt'}", '--vocab_size=300']
+    args = [f"--sources={tmp_path / 'big.txt'}", '--vocab_size=300']
     prepare(tmp_path, '--dataset=one_chunk', *args)
     prepare(tmp_path, '--dataset=many_chunks', *args, '--chunk_mb=0.001', '--num_threads=2')
     one, many = load(tmp_path, 'one_chunk'), load(tmp_path, 'many_chunks')
@@ -154,10 +154,10 @@ def test_streaming_chunks_smaller_than_the_file_give_identical_shards(tmp_path):
 
 
 def test_unreachable_url_fails_with_one_clear_line_and_no_file_left(tmp_path):
-    proc = prepare(tmp_path, '--dataset=web', '--input=http://127.0.0.1:9/x', check=False)
+    proc = prepare(tmp_path, '--dataset=web', '--sources=http://127.0.0.1:9/x', check=False)
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
-    assert 'http://127.0.0.1:9/x' in last and '--input=PATH' in last and 'Traceback' not in proc.stderr
+    assert 'http://127.0.0.1:9/x' in last and '--sources=PATH' in last and 'Traceback' not in proc.stderr
     downloads = tmp_path / 'downloads'
     assert not downloads.exists() or os.listdir(downloads) == []
     assert not (tmp_path / 'web' / 'train.bin').exists()
@@ -165,8 +165,8 @@ def test_unreachable_url_fails_with_one_clear_line_and_no_file_left(tmp_path):
 
 def test_unknown_dataset_or_input_errors_say_what_to_pass(tmp_path):
     proc = prepare(tmp_path, '--dataset=mystery', check=False)
-    assert proc.returncode != 0 and '--input=PATH' in proc.stderr
-    proc = prepare(tmp_path, '--input=/no/such/file.txt', check=False)
+    assert proc.returncode != 0 and '--sources=PATH' in proc.stderr
+    proc = prepare(tmp_path, '--sources=/no/such/file.txt', check=False)
     assert proc.returncode != 0 and 'not a file, directory, glob or URL' in proc.stderr
 
 
@@ -185,7 +185,7 @@ def test_validate_prints_counts_or_every_bad_line(tmp_path):
 
 
 def test_tasks_mode_writes_the_six_task_files(tmp_path):
-    proc = prepare(tmp_path, '--tasks=True', '--assistant_name=Robo')
+    proc = prepare(tmp_path, '--write_tasks=True', '--assistant_name=Robo')
     files = sorted(os.listdir(tmp_path / 'tasks'))
     assert files == sorted([f'{s}.jsonl' for s in ('sft_train', 'sft_test', 'pref_train', 'pref_test', 'rl_train',
                                                    'rl_test')] + ['tasks.json'])

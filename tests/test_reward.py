@@ -17,6 +17,7 @@ import torch
 from conftest import REPO, run_script
 
 import common
+import preference
 from model import GPT, GPTConfig
 from rewardmodel import (RewardModel, bradley_terry_loss, load_reward_model, padding_inputs, reward_metrics,
                          score, score_ids)
@@ -66,7 +67,7 @@ def make_checkpoint(out_dir, seed=0, stage='sft'):
 
 def history(out_dir):
     with open(os.path.join(out_dir, 'history.jsonl')) as f:
-        return {row['iter']: row for row in map(json.loads, f)}
+        return {row['iter']: row for row in map(json.loads, f) if row['kind'] == 'eval'}
 
 
 @pytest.fixture(autouse=True)
@@ -188,7 +189,7 @@ def test_lm_coef_is_saved_and_scored_with(sft_dir, toy_file, tmp_path):
     prompt = [[{'role': 'user', 'content': "Say something about tiger and tiger."}]]
     head_only = RewardModel(model.backbone).eval()
     head_only.head.load_state_dict(model.head.state_dict())
-    ids, n = common.encode_reply(tok, prompt[0], 'good tiger')
+    ids, n = preference.encode_reply(tok, prompt[0], "good tiger")
     x = torch.tensor(ids)[None]
     with torch.no_grad():
         logp = model.backbone(x)[0][0, :-1].log_softmax(-1).gather(-1, x[0, 1:, None]).squeeze(-1)[n - 1:].mean()
@@ -217,7 +218,7 @@ def test_freeze_backbone_trains_only_the_head(sft_dir, toy_file, tmp_path):
 
 
 def test_resume_reaches_the_same_metrics(sft_dir, toy_file, tmp_path):
-    args = [f'--pref_files={toy_file}', '--eval_interval=10', '--lr_decay_iters=20', '--always_save_checkpoint=True']
+    args = [f'--pref_files={toy_file}', '--eval_interval=10', '--lr_decay_iters=20']
     straight, split = str(tmp_path / 'straight'), str(tmp_path / 'split')
     run_reward(sft_dir, straight, '--max_iters=20', *args)
     run_reward(sft_dir, split, '--max_iters=10', *args)

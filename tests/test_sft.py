@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import common
-from conftest import run_script, write_jsonl
+from conftest import eval_rows, run_script, write_jsonl
 from lora import apply_lora, merge_lora, merged_state_dict
 from model import GPT, GPTConfig
 from tokenizer import char_tokenizer
@@ -89,7 +89,7 @@ def test_tiny_sft_run_teaches_a_reply_the_base_model_did_not_give(tiny_checkpoin
                '--lr_decay_iters=80')
     assert '0 dropped' in proc.stdout
     assert greedy_reply(out, question) == IDENTITY[1]['content']
-    rows = [json.loads(l) for l in open(os.path.join(out, 'history.jsonl'))]
+    rows = list(eval_rows(out).values())
     assert rows[-1]['val/loss'] < 0.1 < rows[0]['val/loss']
 
 
@@ -103,13 +103,12 @@ def test_sft_reports_conversations_dropped_by_truncation(tiny_checkpoint, tmp_pa
 
 def test_sft_resume_continues_same_curve(tiny_checkpoint, tmp_path):
     data_file = write_jsonl(tmp_path / 'chat.jsonl', [{'messages': IDENTITY}, {'messages': CHAT[1:]}] * 20)
-    args = ['--eval_interval=10', '--lr_decay_iters=30', '--always_save_checkpoint=True']
+    args = ['--eval_interval=10', '--lr_decay_iters=30']
     straight, split = str(tmp_path / 'a'), str(tmp_path / 'b')
     sft(tiny_checkpoint, straight, data_file, '--max_iters=30', *args)
     sft(tiny_checkpoint, split, data_file, '--max_iters=10', *args)
     sft(tiny_checkpoint, split, data_file, '--max_iters=30', *args, '--init_from=resume')
-    a = {r['iter']: r for r in map(json.loads, open(os.path.join(straight, 'history.jsonl')))}
-    b = {r['iter']: r for r in map(json.loads, open(os.path.join(split, 'history.jsonl')))}
+    a, b = eval_rows(straight), eval_rows(split)
     assert b[30]['val/loss'] == pytest.approx(a[30]['val/loss'], rel=1e-5)
 
 
@@ -124,5 +123,5 @@ def test_lora_sft_trains_adapters_only_and_saves_merged_weights(tiny_checkpoint,
     assert set(ckpt['lora']) and all('lora_' in k for k in ckpt['lora'])
     assert torch.equal(ckpt['model']['transformer.wte.weight'], base['transformer.wte.weight'])  # frozen
     assert not torch.equal(ckpt['model']['transformer.h.0.attn.c_attn.weight'], base['transformer.h.0.attn.c_attn.weight'])
-    rows = [json.loads(l) for l in open(os.path.join(out, 'history.jsonl'))]
+    rows = list(eval_rows(out).values())
     assert rows[-1]['val/loss'] < rows[0]['val/loss'] - 0.5  # adapters on an untrained base learn slowly, but learn

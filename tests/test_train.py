@@ -24,15 +24,15 @@ def train(data, out_dir, *args, **kw):
 
 def history(out_dir):
     with open(os.path.join(out_dir, 'history.jsonl')) as f:
-        return {row['iter']: row for row in map(json.loads, f)}
+        return {row['iter']: row for row in map(json.loads, f) if row['kind'] == 'eval'}
 
 
 def test_pretraining_lowers_val_loss_and_reports_bpb(tiny_data_dir, tmp_path):
     out = str(tmp_path / 'out')
     proc = train(tiny_data_dir, out, '--max_iters=200', '--eval_interval=100', '--lr_decay_iters=200', '--batch_size=8')
     h = history(out)
-    assert h[200]['val_loss'] < h[0]['val_loss'] - 1.0, h
-    assert 0 < h[200]['val_bpb'] < h[0]['val_bpb']
+    assert h[200]['val/loss'] < h[0]['val/loss'] - 1.0, h
+    assert 0 < h[200]['val/bpb'] < h[0]['val/bpb']
     assert 'tok/s' in proc.stdout and 'eta' in proc.stdout and 'mfu' in proc.stdout
     ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
     assert ckpt['iter_num'] == 200 and ckpt['stage'] == 'pretrain' and ckpt['tokenizer']['kind'] == 'bpe'
@@ -40,15 +40,15 @@ def test_pretraining_lowers_val_loss_and_reports_bpb(tiny_data_dir, tmp_path):
 
 
 def test_resume_continues_same_loss_curve(tiny_data_dir, tmp_path):
-    common = ['--eval_interval=10', '--lr_decay_iters=30', '--always_save_checkpoint=True', '--dropout=0.1']
+    common = ['--eval_interval=10', '--lr_decay_iters=30', '--dropout=0.1']
     straight, split = str(tmp_path / 'straight'), str(tmp_path / 'split')
     train(tiny_data_dir, straight, '--max_iters=30', *common)
     train(tiny_data_dir, split, '--max_iters=10', *common)
     train(tiny_data_dir, split, '--max_iters=30', '--init_from=resume', *common)
     a, b = history(straight), history(split)
     for it in (20, 30):
-        assert b[it]['val_loss'] == pytest.approx(a[it]['val_loss'], rel=1e-6, abs=1e-6)
-        assert b[it]['train_loss'] == pytest.approx(a[it]['train_loss'], rel=1e-6, abs=1e-6)
+        assert b[it]['val/loss'] == pytest.approx(a[it]['val/loss'], rel=1e-6, abs=1e-6)
+        assert b[it]['train/eval_loss'] == pytest.approx(a[it]['train/eval_loss'], rel=1e-6, abs=1e-6)
 
 
 @pytest.mark.slow
@@ -63,9 +63,9 @@ def test_ddp_two_ranks_matches_one_process(tiny_data_dir, tmp_path, arch):
                            'train.py', *args, f'--out_dir={ddp}'], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     a, b = history(single), history(ddp)
-    assert b[20]['val_loss'] == pytest.approx(a[20]['val_loss'], rel=1e-4)
-    assert b[20]['train_loss'] == pytest.approx(a[20]['train_loss'], rel=1e-4)
-    assert a[20]['val_loss'] < a[0]['val_loss']
+    assert b[20]['val/loss'] == pytest.approx(a[20]['val/loss'], rel=1e-4)
+    assert b[20]['train/eval_loss'] == pytest.approx(a[20]['train/eval_loss'], rel=1e-4)
+    assert a[20]['val/loss'] < a[0]['val/loss']
 
 
 def test_sigint_saves_a_checkpoint_and_exits_cleanly(tiny_data_dir, tmp_path):
@@ -80,7 +80,7 @@ def test_sigint_saves_a_checkpoint_and_exits_cleanly(tiny_data_dir, tmp_path):
     proc.send_signal(signal.SIGINT)
     output = proc.stdout.read()
     assert proc.wait(timeout=60) == 130, output  # saved, but not finished
-    assert 'saved checkpoint' in output
+    assert 'ckpt.pt at step' in output and '(interrupted)' in output
     ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
     assert ckpt['iter_num'] >= 3 and not os.path.exists(os.path.join(out, 'ckpt.pt.tmp'))
 
@@ -92,7 +92,7 @@ def test_nan_loss_stops_without_overwriting_the_last_checkpoint(tiny_data_dir, t
     # an absurd learning rate with no clipping blows the weights up to inf/NaN within a few steps
     proc = train(tiny_data_dir, out, '--init_from=resume', '--max_iters=200', '--eval_interval=5', '--log_interval=1',
                  '--learning_rate=1e12', '--min_lr=1e12', '--warmup_iters=0', '--grad_clip=0', '--lr_decay_iters=200',
-                 '--always_save_checkpoint=True', check=False)
+                 check=False)
     assert proc.returncode != 0 and 'loss is nan' in (proc.stdout + proc.stderr).lower()
     after = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
     assert all(torch.isfinite(v).all() for v in after['model'].values())
@@ -104,7 +104,7 @@ def test_init_from_another_out_dir_starts_from_its_weights(tiny_data_dir, tmp_pa
     train(tiny_data_dir, first, '--max_iters=40', '--eval_interval=40', '--lr_decay_iters=40')
     train(tiny_data_dir, second, f'--init_from={first}', '--max_iters=10', '--eval_interval=10', '--lr_decay_iters=10')
     h1, h2 = history(first), history(second)
-    assert h2[0]['val_loss'] == pytest.approx(h1[40]['val_loss'], rel=1e-5)  # same weights at step 0
+    assert h2[0]['val/loss'] == pytest.approx(h1[40]['val/loss'], rel=1e-5)  # same weights at step 0
     assert torch.load(os.path.join(second, 'ckpt.pt'), weights_only=True)['iter_num'] == 10
 
 
@@ -126,7 +126,7 @@ def test_bf16_autocast_and_wsd_schedule_train(tiny_data_dir, tmp_path):
     train(tiny_data_dir, out, '--max_iters=40', '--eval_interval=40', '--lr_decay_iters=40', '--dtype=bfloat16',
           '--lr_schedule=wsd')
     h = history(out)
-    assert h[40]['val_loss'] < h[0]['val_loss'] - 0.5
+    assert h[40]['val/loss'] < h[0]['val/loss'] - 0.5
 
 
 @pytest.mark.slow
@@ -134,8 +134,8 @@ def test_compiled_training_matches_eager(tiny_data_dir, tmp_path):
     eager, compiled = str(tmp_path / 'eager'), str(tmp_path / 'compiled')
     args = ['--max_iters=10', '--eval_interval=10', '--lr_decay_iters=10']
     train(tiny_data_dir, eager, *args)
-    train(tiny_data_dir, compiled, *args, '--compile=True')
-    assert history(compiled)[10]['val_loss'] == pytest.approx(history(eager)[10]['val_loss'], rel=1e-3)
+    train(tiny_data_dir, compiled, *args, '--compile_model=True')
+    assert history(compiled)[10]['val/loss'] == pytest.approx(history(eager)[10]['val/loss'], rel=1e-3)
 
 
 def test_wandb_without_api_key_falls_back_to_offline(tiny_data_dir, tmp_path, monkeypatch):
