@@ -154,10 +154,12 @@ def plot(stage, rows):
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    keys = [k for k in rows[0] if k not in ('iter', 'time') and isinstance(rows[0][k], (int, float))]
+    keys = list(dict.fromkeys(k for r in rows for k, v in r.items()  # eval and training rows carry different keys
+                              if k not in ('iter', 'time') and isinstance(v, (int, float))))
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.6), squeeze=False)
     for ax, key in zip(axes[0], keys):
-        ax.plot([r['iter'] for r in rows], [r.get(key) for r in rows], marker='.')
+        points = [(r['iter'], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+        ax.plot(*zip(*points), marker='.')
         ax.set_title(key, fontsize=9)
         ax.set_xlabel('iter', fontsize=8)
     fig.tight_layout()
@@ -180,8 +182,8 @@ def write_report():
         info = read_json(f'{R}/{stage}/done.json')
         if not info:
             continue
-        rows = history(stage)
-        final = ', '.join(f"{k} {fmt(v)}" for k, v in (rows[-1] if rows else {}).items() if k not in ('time',))
+        evals = [r for r in history(stage) if r.get('kind') == 'eval']
+        final = ', '.join(f"{k} {fmt(v)}" for k, v in (evals[-1] if evals else {}).items() if k not in ('time', 'kind'))
         lines.append(f"| {stage} | {info['seconds']:.0f} s | {last_throughput(stage)} | {final} | `{info['command']}` |")
     evals = {s: read_json(f'{R}/{s}/eval.json') for s in MODEL_STAGES}
     evals = {s: e for s, e in evals.items() if e}
