@@ -474,7 +474,7 @@ def _write_history(log, iter_num, kind, metrics):
 def log_eval(ctx, log, iter_num, metrics):
     """An eval's metrics (floats, named 'val/...'): one console line, a history.jsonl row, wandb.
     A non-finite val/loss stops the run (the last good checkpoint stays as it was)."""
-    if ctx.master:
+    if ctx.master and metrics:
         print(f"step {iter_num}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         _write_history(log, iter_num, 'eval', metrics)
         log.wandb.log(metrics, step=iter_num)

@@ -1,0 +1,138 @@
+"""What every stage script gets from the one skeleton in common.py, tested on all five: the fp16
+loss scale survives a resume, each DDP rank has its own random stream after a resume, the stop
+flag costs no per-step sync, and the latest/best checkpoint rules."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import common
+from conftest import REPO, run_script, write_jsonl
+from test_reward import toy_pairs
+
+STAGES = ['pretrain', 'sft', 'reward', 'dpo', 'ppo']
+SCRIPTS = {'pretrain': 'train.py', 'sft': 'sft.py', 'reward': 'reward.py', 'dpo': 'dpo.py', 'ppo': 'ppo.py'}
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """Tiny models: a second thread only adds overhead (and stalls on a busy machine)."""
+    monkeypatch.setenv('OMP_NUM_THREADS', '1')
+
+
+@pytest.fixture(scope='module')
+def stage_args(tiny_data_dir, tiny_checkpoint, tmp_path_factory):
+    """Tiny arguments for each stage: 1-step logs, evals every 2 steps, 2 micro-steps per step
+    (so 2 DDP ranks split them), data from the tiny fixtures."""
+    data_root, dataset = tiny_data_dir
+    root = tmp_path_factory.mktemp('stage-data')
+    chats = write_jsonl(root / 'chat.jsonl', [{'messages': [{'role': 'user', 'content': f'say {w}'},
+                                                           {'role': 'assistant', 'content': f'{w} {w}'}]}
+                                              for w in ('tiger', 'lion', 'cat', 'dog', 'owl', 'bee')] * 4)
+    pairs = write_jsonl(root / 'pairs.jsonl', toy_pairs())
+    prompts = write_jsonl(root / 'prompts.jsonl', [{'prompt': f'{a}+{b}=?', 'answer': str(a + b)} for a in range(4) for b in range(4)])
+    common_args = ['--log_interval=2', '--eval_interval=2', '--warmup_iters=0', '--learning_rate=1e-3', '--min_lr=1e-3',
+                   f'--data_root={data_root}']
+    accum = ['--gradient_accumulation_steps=2', '--batch_size=2']
+    return {
+        'pretrain': ['--n_layer=2', '--n_head=2', '--n_embd=64', '--block_size=64', '--eval_iters=2', f'--dataset={dataset}',
+                     '--peak_flops=1e12', '--dropout=0.1', *accum, *common_args],
+        'sft': [f'--init_from={tiny_checkpoint}', f'--sft_files={chats}', '--max_seq_len=32', '--eval_iters=2',
+                '--eval_items_per_task=0', '--dropout=0.1', *accum, *common_args],
+        'reward': [f'--init_from={tiny_checkpoint}', f'--pref_files={pairs}', '--max_seq_len=64', '--eval_pairs=8',
+                   '--dropout=0.1', *accum, *common_args],
+        'dpo': [f'--init_from={tiny_checkpoint}', f'--pref_files={pairs}', '--max_seq_len=64', '--eval_pairs=8',
+                '--eval_items_per_task=0', *accum, *common_args],
+        'ppo': [f'--init_from={tiny_checkpoint}', f'--rl_file={prompts}', '--eval_items_per_task=0', '--batch_size=4',
+                '--max_new_tokens=4', '--ppo_epochs=1', '--num_minibatches=2', '--lr_decay_iters=100', *common_args],
+    }
+
+
+def run_stage(stage, stage_args, out_dir, *args, ranks=1, probe_dir=None):
+    """The stage script, alone or on `ranks` gloo ranks under tests/ddp_probe.py."""
+    args = [*stage_args[stage], f'--out_dir={out_dir}', *args]
+    if ranks == 1:
+        return run_script(SCRIPTS[stage], *args)
+    os.makedirs(probe_dir, exist_ok=True)
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={ranks}',
+                           'tests/ddp_probe.py', SCRIPTS[stage], *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, 'PROBE_DIR': str(probe_dir)})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [json.load(open(os.path.join(probe_dir, f'rank{r}.json'))) for r in range(ranks)]
+
+
+def load(out_dir, name='ckpt.pt'):
+    return torch.load(os.path.join(out_dir, name), weights_only=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('stage', STAGES)
+def test_fp16_loss_scale_survives_a_resume(stage, stage_args, tmp_path):
+    out = str(tmp_path / stage)
+    run_stage(stage, stage_args, out, '--dtype=float16', '--max_iters=2')
+    # a loss scale the GradScaler had backed off to (its default start is 65536)
+    ckpt = load(out)
+    ckpt['scaler']['scale'] = 1024.0
+    common.save_checkpoint(ckpt, os.path.join(out, 'ckpt.pt'))
+    run_stage(stage, stage_args, out, '--dtype=float16', '--max_iters=4', '--init_from=resume')
+    scale = load(out)['scaler']['scale']
+    assert 0 < scale <= 1024.0, scale  # it went on from 1024 (halving on an overflow), not from 65536
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('stage', STAGES)
+def test_ddp_stop_flag_syncs_at_log_steps_only_and_ranks_keep_their_own_streams(stage, stage_args, tmp_path):
+    out = str(tmp_path / stage)
+    fresh = run_stage(stage, stage_args, out, '--max_iters=6', ranks=2, probe_dir=tmp_path / 'fresh')
+    # log_interval=2: the ranks agree on the stop flag at steps 2, 4 and 6, not at every step
+    assert [r['all_reduce_max'] for r in fresh] == [3, 3]
+    resumed = run_stage(stage, stage_args, out, '--max_iters=8', '--init_from=resume', ranks=2,
+                        probe_dir=tmp_path / 'resumed')
+    assert [r['all_reduce_max'] for r in resumed] == [1, 1]  # step 8
+    # only rank 0's random state is saved; after a resume each rank must still draw its own numbers
+    assert resumed[0]['rng'] != resumed[1]['rng']
+
+
+@pytest.mark.slow
+def test_ckpt_is_the_latest_state_best_pt_the_best_and_the_next_stage_starts_from_the_best(stage_args, tmp_path):
+    out = str(tmp_path / 'pre')
+    # steps 0-3 learn (val improves at 2 and 4); from step 4 the lr is 0 (cosine down to min_lr=0): no improvement
+    no_more_learning = ['--learning_rate=3e-3', '--min_lr=0', '--lr_decay_iters=4']
+    run_stage('pretrain', stage_args, out, '--max_iters=8', *no_more_learning)
+    latest, best = load(out), load(out, 'best.pt')
+    assert latest['iter_num'] == 8 and best['iter_num'] == 4  # the last step reached, and the best
+    assert 'optimizer' in latest and 'optimizer' not in best
+    assert best['best_val_loss'] == latest['best_val_loss']
+    # a resumed run that never improves continues from the latest and leaves the best alone
+    run_stage('pretrain', stage_args, out, '--max_iters=12', '--init_from=resume', *no_more_learning)
+    assert load(out)['iter_num'] == 12 and load(out, 'best.pt')['iter_num'] == 4
+    # the next stage starts from best.pt by default, from ckpt.pt when told; the lineage says which
+    for which, name in (('best', 'best.pt'), ('latest', 'ckpt.pt')):
+        nxt = str(tmp_path / f'sft-{which}')
+        run_stage('sft', stage_args, nxt, f'--init_from={out}', f'--init_checkpoint={which}', '--max_iters=2')
+        assert load(nxt)['parent'] == os.path.join(out, name)
+        assert load(nxt)['config']['init_from'] == out  # the config as the user ran it
+
+
+def test_checkpoint_path_rules(tmp_path):
+    run = str(tmp_path)
+    assert common.checkpoint_path(run) == os.path.join(run, 'ckpt.pt')  # no best kept: the latest
+    open(os.path.join(run, 'best.pt'), 'w').close()
+    assert common.checkpoint_path(run) == os.path.join(run, 'best.pt')
+    assert common.checkpoint_path(run, 'latest') == os.path.join(run, 'ckpt.pt')
+    assert common.checkpoint_path('elsewhere/x.pt', 'best') == 'elsewhere/x.pt'
+
+
+def test_every_model_flag_is_a_pretrain_config_key():
+    """train.py derives the model's arguments from GPTConfig's fields: a field without a config
+    key would fail at start, not be silently ignored."""
+    import dataclasses
+    from model import GPTConfig
+    source = open(os.path.join(REPO, 'train.py')).read()
+    config_block = source[:source.index('config = configure(globals())')]
+    missing = [f.name for f in dataclasses.fields(GPTConfig) if f.name != 'vocab_size' and f'\n{f.name} = ' not in config_block]
+    assert not missing, missing
