@@ -328,7 +328,11 @@ def start_from(ctx, init_from, init_checkpoint='best'):
         raise SystemExit(f"init_checkpoint={init_checkpoint!r}: use 'best' or 'latest'")
     if init_from == 'resume':
         ckpt = load_checkpoint(ctx.out_dir, which='latest')
-        return ckpt, ckpt.get('parent')
+        missing = [k for k in ('optimizer', 'scaler', 'rng', 'iter_num', 'parent') if k not in ckpt]
+        if missing:
+            raise SystemExit(f"{ctx.out_dir}/ckpt.pt cannot be resumed: it has no {', '.join(missing)} (written by an "
+                             f"older version, or not by a training stage); start the stage again from its init_from")
+        return ckpt, ckpt['parent']
     path = checkpoint_path(init_from, init_checkpoint)
     return load_checkpoint(path), path
 

@@ -136,3 +136,12 @@ def test_every_model_flag_is_a_pretrain_config_key():
     config_block = source[:source.index('config = configure(globals())')]
     missing = [f.name for f in dataclasses.fields(GPTConfig) if f.name != 'vocab_size' and f'\n{f.name} = ' not in config_block]
     assert not missing, missing
+
+
+def test_resuming_a_checkpoint_without_the_training_state_says_why(tiny_checkpoint, tmp_path):
+    """tiny_checkpoint holds weights only (no optimizer, loss scale, RNG or parent)."""
+    out = tmp_path / 'old'
+    out.mkdir()
+    common.save_checkpoint(load(tiny_checkpoint), str(out / 'ckpt.pt'))
+    proc = run_script('sft.py', '--init_from=resume', f'--out_dir={out}', check=False)
+    assert proc.returncode != 0 and 'cannot be resumed: it has no optimizer, scaler, rng' in proc.stderr, proc.stderr[-500:]
