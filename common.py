@@ -10,7 +10,7 @@ reward.py, dpo.py, ppo.py) runs, top to bottom:
     model = wrap(ctx, model, compile_model)   torch.compile, then DDP
     log, stop = start_logging(ctx, ...)       config.json, history.jsonl, wandb (or a no-op), Ctrl-C
     while True:                               the loop stays in the script
-        set_lr / evaluate / log_eval / save / optimizer_step / log_step / stop.requested
+        set_lr; evaluate -> after_eval (log, save); micro-steps; optimizer_step; log_step; stop.requested
     finish(ctx, log, interrupted, summary)
 
 Checkpoints: out_dir/ckpt.pt is always the latest state (what init_from=resume continues);
@@ -89,7 +89,8 @@ def measure_peak_flops(device_type, dtype, n=2048, seconds=0.3):
         table = {'H200': 989e12, 'H100': 989e12, 'A100': 312e12, 'L4': 121e12, 'A10': 125e12, '4090': 165e12, '3090': 71e12}
         return next((v for k, v in table.items() if k in name), 0.0)
     ptdtype = torch.bfloat16 if dtype == 'bfloat16' else torch.float32
-    a, b = torch.randn(n, n, dtype=ptdtype), torch.randn(n, n, dtype=ptdtype)
+    g = torch.Generator().manual_seed(0)  # not the global stream: a resumed run's dropout must not shift
+    a, b = torch.randn(n, n, dtype=ptdtype, generator=g), torch.randn(n, n, dtype=ptdtype, generator=g)
     a @ b  # warm up
     t0, count = time.perf_counter(), 0
     while time.perf_counter() - t0 < seconds:
@@ -333,6 +334,10 @@ def start_from(ctx, init_from, init_checkpoint='best'):
             raise SystemExit(f"{ctx.out_dir}/ckpt.pt cannot be resumed: it has no {', '.join(missing)} (written by an "
                              f"older version, or not by a training stage); start the stage again from its init_from")
         return ckpt, ckpt['parent']
+    source_dir = os.path.dirname(init_from) if init_from.endswith('.pt') else init_from
+    if os.path.abspath(source_dir) == os.path.abspath(ctx.out_dir):
+        raise SystemExit(f"init_from={init_from!r} is this run's own out_dir: use --init_from=resume to continue it, "
+                         f"or another out_dir (its files would be replaced by this run's)")
     path = checkpoint_path(init_from, init_checkpoint)
     return load_checkpoint(path), path
 
@@ -419,11 +424,13 @@ def checkpoint(ctx, stage, model_state, model_args, tokenizer, config, parent, d
             'iter_num': iter_num, **extra}
 
 
-def save(ctx, state, best_val_loss, best=False, reason='latest'):
-    """Rank 0 writes state to out_dir/ckpt.pt (the latest) and, when best, to out_dir/best.pt
-    without the optimizer (the weights the next stage starts from). Each write is atomic."""
+def save(ctx, state_fn, best_val_loss, best=False, reason='latest'):
+    """Rank 0 builds the checkpoint (state_fn(): the stage's checkpoint(...) call) and writes it to
+    out_dir/ckpt.pt (the latest) and, when best, to out_dir/best.pt without the optimizer (the
+    weights the next stage starts from). Each write is atomic."""
     if not ctx.master:
         return
+    state = state_fn()
     state['best_val_loss'] = best_val_loss
     save_checkpoint(state, os.path.join(ctx.out_dir, 'ckpt.pt'))
     if best:
@@ -438,7 +445,7 @@ def after_eval(ctx, log, iter_num, metrics, best_val_loss, trained, state):
     log_eval(ctx, log, iter_num, metrics)
     improved, best_val_loss = metrics['val/loss'] < best_val_loss, min(best_val_loss, metrics['val/loss'])
     if trained:
-        save(ctx, state(), best_val_loss, best=improved, reason='val loss improved' if improved else 'latest')
+        save(ctx, state, best_val_loss, best=improved, reason='val loss improved' if improved else 'latest')
     return best_val_loss, improved
 
 
@@ -452,7 +459,7 @@ class NoWandb:
         pass
 
 
-def start_logging(ctx, config, resume, wandb_log, wandb_project, wandb_run_name):
+def start_logging(ctx, config, resume, iter_num, wandb_log, wandb_project, wandb_run_name):
     """Rank 0 writes config.json; a fresh run starts history.jsonl anew and drops a best.pt left
     by an earlier run in out_dir (a resumed run appends and keeps it). Returns (log, stop flag):
     log holds the history path, the wandb run (or a no-op) and the step timer."""
@@ -466,7 +473,7 @@ def start_logging(ctx, config, resume, wandb_log, wandb_project, wandb_run_name)
                 os.remove(os.path.join(ctx.out_dir, 'best.pt'))
     wandb_run = init_wandb(wandb_log and ctx.master, wandb_project, wandb_run_name, config) or NoWandb()
     now = time.time()
-    log = SimpleNamespace(history=history, wandb=wandb_run, t_start=now, t_last=now, iter_last=None)
+    log = SimpleNamespace(history=history, wandb=wandb_run, t_start=now, t_last=now, iter_last=iter_num)
     return log, StopFlag()
 
 
@@ -484,14 +491,14 @@ def log_eval(ctx, log, iter_num, metrics):
         log.wandb.log(metrics, step=iter_num)
     if not math.isfinite(metrics.get('val/loss', 0.0)):
         raise SystemExit(f"val loss is {metrics['val/loss']} at step {iter_num}; the last good checkpoint in "
-                         f"{ctx.out_dir} was kept. Lower learning_rate or raise warmup_iters.")
+                         f"{ctx.out_dir} was kept. Lower learning_rate, raise warmup_iters, or use "
+                         f"dtype=bfloat16/float32.")
 
 
 def step_time(log, iter_num):
     """Seconds per step since the previous call (the first call: since logging started)."""
     now = time.time()
-    steps = iter_num - log.iter_last if log.iter_last is not None else 1
-    dt = (now - log.t_last) / max(steps, 1)
+    dt = (now - log.t_last) / max(iter_num - log.iter_last, 1)
     log.t_last, log.iter_last = now, iter_num
     return dt
 

@@ -748,7 +748,7 @@ def parse_sampling(dataset_sampling, sources):
     for name, rule in (dataset_sampling or {}).items():
         if name not in rules:
             raise SystemExit(f"dataset_sampling names {name!r}, which is not a source ({', '.join(sources)}); "
-                             f"use the same text as in --input")
+                             f"use the same text as in --sources")
         rule = {'weight': rule} if isinstance(rule, (int, float)) else dict(rule)
         unknown = set(rule) - {'weight', 'target_tokens', 'max_samples'}
         if unknown:

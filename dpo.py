@@ -213,7 +213,7 @@ def state():
                              pretrain_dataset, optimizer, iter_num)
 
 
-log, stop = common.start_logging(ctx, config, resume, wandb_log, wandb_project, wandb_run_name)
+log, stop = common.start_logging(ctx, config, resume, iter_num, wandb_log, wandb_project, wandb_run_name)
 
 # the training loop
 iter_start, interrupted = iter_num, False
@@ -246,7 +246,7 @@ while True:
                         (gradient_accumulation_steps * batch_size, 'pairs'))
 
     if stop.requested(ctx, iter_num, log_interval):
-        common.save(ctx, state(), best_val_loss, reason='interrupted')
+        common.save(ctx, state, best_val_loss, reason='interrupted')
         interrupted = True
         break
 

@@ -11,7 +11,7 @@ per-token MEAN log-probs of the chosen and the rejected response (sequence_logps
     dpo_loss(pc, pr, rc, rr, beta, type)    per-pair losses (B,): sigmoid | ipo | hinge, label smoothing
     simpo_loss(c_avg, r_avg, beta, gamma)   per-pair SimPO losses (B,), reference-free, on mean log-probs
     orpo_odds_ratio_loss(c_avg, r_avg)      per-pair ORPO odds-ratio term (B,), reference-free; ORPO = NLL + lambda * it
-    rpo_nll(chosen_logps, n_tokens)         the SFT term on chosen answers (RPO; also ORPO's L_SFT)
+    rpo_nll(chosen_logps, n_tokens)         the SFT term on chosen answers (RPO)
     preference_metrics(pc, pr, rc, rr, beta)  TRL's rewards/* and logps/*
 """
 
@@ -117,9 +117,10 @@ def orpo_odds_ratio_loss(chosen_avg, rejected_avg):
     where a = avg_logp(y) is the policy's per-token MEAN log-prob of the response (ORPO's
     P(y|x) is exp of the mean, as in TRL's ORPOTrainer.odds_ratio_loss, which also computes
     log(1 - exp(a)) as torch.log1p(-torch.exp(a))). The full ORPO objective is
-    L_SFT + lambda * L_OR (eq. 6), L_SFT the NLL of the chosen response per token: the caller adds
-    it, e.g. rpo_nll(chosen sums, sequence_token_counts(chosen targets).sum()) + lambda * this.mean()
-    (TRL's ORPOConfig calls lambda beta). No reference model.
+    L_SFT + lambda * L_OR (eq. 6), L_SFT the NLL of the chosen response per token. The caller adds
+    it: dpo.py as -chosen_avg per pair, then the mean over pairs (each response's own per-token
+    average, as the paper writes L_SFT); TRL's ORPOTrainer pools the tokens of the whole batch
+    instead, which weighs long answers more. TRL's ORPOConfig calls lambda beta. No reference model.
 
     log(1 - exp(a)) is _log1mexp (log1p(-exp(a)) below -log 2, log(-expm1(a)) above it). At a = 0
     (every answer token at probability 1) the odds are infinite, so a is first clamped to at most

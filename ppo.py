@@ -244,7 +244,7 @@ def mean_all(x):
     return common.mean_over_ranks(ctx, x).item()
 
 
-log, stop = common.start_logging(ctx, config, resume, wandb_log, wandb_project, wandb_run_name)
+log, stop = common.start_logging(ctx, config, resume, iter_num, wandb_log, wandb_project, wandb_run_name)
 
 # the training loop
 iter_start, interrupted = iter_num, False
@@ -255,7 +255,7 @@ while True:
     if iter_num % eval_interval == 0 or iter_num >= max_iters:
         common.log_eval(ctx, log, iter_num, evaluate())
         if iter_num > iter_start:
-            common.save(ctx, state(), None)
+            common.save(ctx, state, None)
     if iter_num >= max_iters:
         break
     t0 = time.time()
@@ -382,8 +382,8 @@ while True:
         common.log_step(ctx, log, iter_num, max_iters, metrics, common.step_time(log, iter_num),
                         (n_rollouts * ctx.world_size, 'rollouts'), show=CONSOLE_KEYS[algorithm])
 
-    if stop.requested(ctx, iter_num, log_interval):
-        common.save(ctx, state(), None, reason='interrupted')
+    if stop.requested(ctx, iter_num, 1):  # every iteration: one sync beside the many of an iteration
+        common.save(ctx, state, None, reason='interrupted')
         interrupted = True
         break
 

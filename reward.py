@@ -151,7 +151,7 @@ def state():
                              reward_head=raw_model.head.state_dict(), reward_lm_coef=lm_coef)
 
 
-log, stop = common.start_logging(ctx, config, resume, wandb_log, wandb_project, wandb_run_name)
+log, stop = common.start_logging(ctx, config, resume, iter_num, wandb_log, wandb_project, wandb_run_name)
 
 # the training loop
 iter_start, interrupted = iter_num, False
@@ -183,7 +183,7 @@ while True:
                         (gradient_accumulation_steps * batch_size, 'pairs'))
 
     if stop.requested(ctx, iter_num, log_interval):
-        common.save(ctx, state(), best_val_loss, reason='interrupted')
+        common.save(ctx, state, best_val_loss, reason='interrupted')
         interrupted = True
         break
 

@@ -205,7 +205,7 @@ def state():
                              iter_num, data_generator, **lora)
 
 
-log, stop = common.start_logging(ctx, config, resume, wandb_log, wandb_project, wandb_run_name)
+log, stop = common.start_logging(ctx, config, resume, iter_num, wandb_log, wandb_project, wandb_run_name)
 
 # the training loop
 iter_start, interrupted = iter_num, False
@@ -234,7 +234,7 @@ while True:
         common.log_step(ctx, log, iter_num, max_iters, metrics, common.step_time(log, iter_num), (tokens, 'tok'))
 
     if stop.requested(ctx, iter_num, log_interval):
-        common.save(ctx, state(), best_val_loss, reason='interrupted')
+        common.save(ctx, state, best_val_loss, reason='interrupted')
         interrupted = True
         break
 

@@ -182,7 +182,7 @@ def _tiktoken_gpt2():
         return tiktoken.get_encoding('gpt2')
     except Exception as e:
         raise RuntimeError(
-            "tokenizer=gpt2 needs tiktoken's GPT-2 files, which could not be loaded "
+            "tokenizer_type=gpt2 needs tiktoken's GPT-2 files, which could not be loaded "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Run once online, or point "
             "TIKTOKEN_CACHE_DIR at a cache that has them; offline, use --tokenizer_type=bpe or char.") from None
 

@@ -185,7 +185,7 @@ def estimate_loss():
         out[split] = (total[0] / total[1]).item()
     model.train()
     bpb = out['val'] / math.log(2) / bytes_per_token if bytes_per_token else float('nan')
-    return {'val/loss': out['val'], 'val/bpb': bpb, 'train/eval_loss': out['train']}
+    return {'val/loss': out['val'], 'val/bpb': bpb, 'val/train_split_loss': out['train']}
 
 
 def state():
@@ -194,7 +194,7 @@ def state():
                              evals_without_improvement=evals_without_improvement)
 
 
-log, stop = common.start_logging(ctx, config, init_from == 'resume', wandb_log, wandb_project, wandb_run_name)
+log, stop = common.start_logging(ctx, config, init_from == 'resume', iter_num, wandb_log, wandb_project, wandb_run_name)
 if ctx.master and peak_flops == 0.0:
     peak_flops = common.measure_peak_flops(ctx.device_type, ctx.dtype)
     print(f"matmul peak for MFU: {peak_flops / 1e9:,.0f} GFLOP/s ({ctx.dtype})" if peak_flops else "MFU: unknown GPU peak")
@@ -207,7 +207,8 @@ while True:
     # evaluate, checkpoint, maybe stop early
     if iter_num % eval_interval == 0 or iter_num >= max_iters or eval_only:
         metrics = estimate_loss()
-        evals_without_improvement = 0 if metrics['val/loss'] < best_val_loss else evals_without_improvement + 1
+        if not (init_from == 'resume' and iter_num == iter_start):  # a resume re-evaluates the saved weights
+            evals_without_improvement = 0 if metrics['val/loss'] < best_val_loss else evals_without_improvement + 1
         best_val_loss, _ = common.after_eval(ctx, log, iter_num, metrics, best_val_loss, iter_num > iter_start, state)
         if early_stop_patience and evals_without_improvement >= early_stop_patience:
             if ctx.master:
@@ -242,7 +243,7 @@ while True:
 
     # Ctrl-C / SIGTERM: save and leave cleanly
     if stop.requested(ctx, iter_num, log_interval):
-        common.save(ctx, state(), best_val_loss, reason='interrupted')
+        common.save(ctx, state, best_val_loss, reason='interrupted')
         interrupted = True
         break
 

@@ -129,6 +129,21 @@ def test_dpo_py_raises_rewards_accuracies_above_09_on_a_separable_toy_set(sft_di
     assert common.model_from_checkpoint(ckpt) is not None  # loads as a plain policy (sample.py, ppo.py)
 
 
+@pytest.mark.parametrize('method', [['--loss_type=simpo', '--beta=2.0'], ['--loss_type=orpo'],
+                                    ['--loss_type=sigmoid', '--reference=none'],
+                                    ['--loss_type=ipo', '--ipo_length_normalize=True']],
+                         ids=['simpo', 'orpo', 'reference-free-dpo', 'ipo-normalized'])
+def test_every_method_separates_a_separable_toy_set(sft_dir, toy_file, tmp_path, method):
+    out = str(tmp_path / 'run')
+    proc = run_dpo(sft_dir, out, f'--pref_files={toy_file}', '--val_fraction=0.25', '--max_iters=30',
+                   '--eval_interval=15', '--lr_decay_iters=30', *method)
+    h = history(out)
+    assert h[30]['val/rewards/accuracies'] > 0.9 and h[30]['val/loss'] < h[0]['val/loss'], h[30]
+    reference_free = 'ipo' not in method[0]
+    assert ('reference none' in proc.stdout) == reference_free
+    assert ('reference log-probs of' in proc.stdout) != reference_free  # no reference model was scored
+
+
 def test_precomputed_reference_logps_give_the_same_run_as_a_live_reference(sft_dir, toy_file, tmp_path):
     args = [f'--pref_files={toy_file}', '--max_iters=6', '--eval_interval=3', '--lr_decay_iters=6']
     pre, live = str(tmp_path / 'pre'), str(tmp_path / 'live')

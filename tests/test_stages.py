@@ -145,3 +145,9 @@ def test_resuming_a_checkpoint_without_the_training_state_says_why(tiny_checkpoi
     common.save_checkpoint(load(tiny_checkpoint), str(out / 'ckpt.pt'))
     proc = run_script('sft.py', '--init_from=resume', f'--out_dir={out}', check=False)
     assert proc.returncode != 0 and 'cannot be resumed: it has no optimizer, scaler, rng' in proc.stderr, proc.stderr[-500:]
+
+
+def test_init_from_its_own_out_dir_is_refused(tiny_checkpoint):
+    """It would replace the very files it records as its parent (a LoRA base, a DPO reference)."""
+    proc = run_script('sft.py', f'--init_from={tiny_checkpoint}', f'--out_dir={tiny_checkpoint}', check=False)
+    assert proc.returncode != 0 and "is this run's own out_dir: use --init_from=resume" in proc.stderr, proc.stderr[-500:]

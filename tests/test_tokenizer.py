@@ -83,5 +83,5 @@ def test_gpt2_offline_error_says_what_to_do(monkeypatch):
     def offline(name):
         raise ConnectionError('Name or service not known')
     monkeypatch.setattr(tk.tiktoken, 'get_encoding', offline)
-    with pytest.raises(RuntimeError, match='tokenizer=gpt2 needs .* offline, use --tokenizer_type=bpe or char'):
+    with pytest.raises(RuntimeError, match='tokenizer_type=gpt2 needs .* offline, use --tokenizer_type=bpe or char'):
         tk.gpt2_tokenizer()

@@ -39,8 +39,10 @@ def test_pretraining_lowers_val_loss_and_reports_bpb(tiny_data_dir, tmp_path):
     assert json.load(open(os.path.join(out, 'config.json')))['max_iters'] == 200
 
 
-def test_resume_continues_same_loss_curve(tiny_data_dir, tmp_path):
-    common = ['--eval_interval=10', '--lr_decay_iters=30', '--dropout=0.1']
+@pytest.mark.parametrize('peak_flops', ['1e12', '0'], ids=['given-peak', 'measured-peak'])
+def test_resume_continues_same_loss_curve(tiny_data_dir, tmp_path, peak_flops):
+    # peak_flops=0 measures the matmul peak at start: that must not draw from dropout's random stream
+    common = ['--eval_interval=10', '--lr_decay_iters=30', '--dropout=0.1', f'--peak_flops={peak_flops}']
     straight, split = str(tmp_path / 'straight'), str(tmp_path / 'split')
     train(tiny_data_dir, straight, '--max_iters=30', *common)
     train(tiny_data_dir, split, '--max_iters=10', *common)
@@ -48,7 +50,7 @@ def test_resume_continues_same_loss_curve(tiny_data_dir, tmp_path):
     a, b = history(straight), history(split)
     for it in (20, 30):
         assert b[it]['val/loss'] == pytest.approx(a[it]['val/loss'], rel=1e-6, abs=1e-6)
-        assert b[it]['train/eval_loss'] == pytest.approx(a[it]['train/eval_loss'], rel=1e-6, abs=1e-6)
+        assert b[it]['val/train_split_loss'] == pytest.approx(a[it]['val/train_split_loss'], rel=1e-6, abs=1e-6)
 
 
 @pytest.mark.slow
@@ -64,7 +66,7 @@ def test_ddp_two_ranks_matches_one_process(tiny_data_dir, tmp_path, arch):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     a, b = history(single), history(ddp)
     assert b[20]['val/loss'] == pytest.approx(a[20]['val/loss'], rel=1e-4)
-    assert b[20]['train/eval_loss'] == pytest.approx(a[20]['train/eval_loss'], rel=1e-4)
+    assert b[20]['val/train_split_loss'] == pytest.approx(a[20]['val/train_split_loss'], rel=1e-4)
     assert a[20]['val/loss'] < a[0]['val/loss']
 
 
@@ -113,6 +115,15 @@ def test_early_stopping_ends_the_run(tiny_data_dir, tmp_path):
     # lr = 0 after warmup: val loss cannot improve, so patience runs out
     proc = train(tiny_data_dir, out, '--max_iters=1000', '--eval_interval=5', '--early_stop_patience=2',
                  '--learning_rate=0', '--min_lr=0', '--lr_decay_iters=1000')
+    assert 'early stop' in proc.stdout and max(history(out)) == 10
+
+
+def test_early_stopping_patience_is_not_spent_by_a_resume(tiny_data_dir, tmp_path):
+    out = str(tmp_path / 'out')
+    args = ['--eval_interval=5', '--early_stop_patience=2', '--learning_rate=0', '--min_lr=0', '--lr_decay_iters=1000']
+    train(tiny_data_dir, out, '--max_iters=5', *args)  # evals at 0 (the best) and 5 (no better: 1 of 2)
+    proc = train(tiny_data_dir, out, '--max_iters=1000', '--init_from=resume', *args)
+    # the resumed run re-evaluates step 5, which must not count again: it stops at 10, as a straight run does
     assert 'early stop' in proc.stdout and max(history(out)) == 10
 
 
