@@ -130,7 +130,7 @@ def test_dpo_py_raises_rewards_accuracies_above_09_on_a_separable_toy_set(sft_di
 
 
 @pytest.mark.parametrize('method', [['--loss_type=simpo', '--beta=2.0'], ['--loss_type=orpo'],
-                                    ['--loss_type=sigmoid', '--reference=none'],
+                                    ['--loss_type=sigmoid', '--reference=none', '--max_iters=90', '--lr_decay_iters=90'],
                                     ['--loss_type=ipo', '--ipo_length_normalize=True']],
                          ids=['simpo', 'orpo', 'reference-free-dpo', 'ipo-normalized'])
 def test_every_method_separates_a_separable_toy_set(sft_dir, toy_file, tmp_path, method):
@@ -138,7 +138,8 @@ def test_every_method_separates_a_separable_toy_set(sft_dir, toy_file, tmp_path,
     proc = run_dpo(sft_dir, out, f'--pref_files={toy_file}', '--val_fraction=0.25', '--max_iters=30',
                    '--eval_interval=15', '--lr_decay_iters=30', *method)
     h = history(out)
-    assert h[30]['val/rewards/accuracies'] > 0.9 and h[30]['val/loss'] < h[0]['val/loss'], h[30]
+    last = h[max(h)]  # summed log-probs with no reference start from the answers' length bias: it takes longer
+    assert last['val/rewards/accuracies'] > 0.9 and last['val/loss'] < h[0]['val/loss'], last
     reference_free = 'ipo' not in method[0]
     assert ('reference none' in proc.stdout) == reference_free
     assert ('reference log-probs of' in proc.stdout) != reference_free  # no reference model was scored
