@@ -68,8 +68,16 @@ def _parse_literal(text):
         return text
 
 
+# nanoGPT's names (or ours before) that shadowed a builtin or a module, and what they are now
+RENAMED = {'compile': ['compile_model'], 'input': ['sources'], 'tokenizer': ['tokenizer_type'],
+           'tasks': ['write_tasks', 'score_tasks']}
+REMOVED = {'always_save_checkpoint': "ckpt.pt is now always the latest state, and best.pt the best"}
+
+
 def _unknown(key, known, where):
-    close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
+    if key in REMOVED:
+        return SystemExit(f"{where}: {key!r} is no longer a config key: {REMOVED[key]}")
+    close = [k for k in RENAMED.get(key, []) if k in known] or difflib.get_close_matches(key, known, n=3, cutoff=0.5)
     hint = f"; did you mean {' or '.join(repr(k) for k in close)}?" if close else ''
     return SystemExit(f"{where}: unknown config key {key!r}{hint}")
 

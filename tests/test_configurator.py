@@ -92,3 +92,10 @@ def test_config_file_wrong_type_names_file_and_line(tmp_path):
 def test_argument_without_value_is_an_error():
     with pytest.raises(SystemExit, match='expected --key=value'):
         configure(['--compile'])
+
+
+def test_renamed_and_removed_keys_say_what_replaced_them():
+    with pytest.raises(SystemExit, match="unknown config key 'compile'; did you mean 'compile_model'"):
+        configure(['--compile=False'])
+    with pytest.raises(SystemExit, match="'always_save_checkpoint' is no longer a config key: ckpt.pt is now always"):
+        configure(['--always_save_checkpoint=True'])
