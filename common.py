@@ -382,7 +382,9 @@ def wrap(ctx, model, compile_model):
             print("compiling the model (the first step takes a while)...")
         model = torch.compile(model)
     if ctx.ddp:
-        model = DDP(model, device_ids=[ctx.local_rank] if ctx.device_type == 'cuda' else None)
+        # broadcast_buffers=False: the only buffers are the RoPE tables, the same on every rank; the
+        # broadcast would cost a collective per forward and hang an eval where some rank has no batch
+        model = DDP(model, device_ids=[ctx.local_rank] if ctx.device_type == 'cuda' else None, broadcast_buffers=False)
     return model
 
 

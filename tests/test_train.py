@@ -166,3 +166,21 @@ def test_lr_schedules():
     assert get_lr(200, 1.0, 0.1, 10, 100) == 0.1
     assert get_lr(70, 1.0, 0.1, 10, 100, 'wsd', 0.2) == 1.0  # stable phase
     assert get_lr(90, 1.0, 0.1, 10, 100, 'wsd', 0.2) == pytest.approx(0.55)  # halfway down
+
+
+@pytest.mark.slow
+def test_ddp_eval_with_fewer_eval_batches_than_ranks_does_not_hang(tiny_data_dir, tmp_path):
+    """With eval_iters=1 rank 1 gets no eval batch: nothing in a forward may wait for it (DDP's
+    buffer broadcast did, and deadlocked)."""
+    data_root, dataset = tiny_data_dir
+    args = [f'--data_root={data_root}', f'--dataset={dataset}', *TINY, '--max_iters=4', '--eval_interval=2',
+            '--eval_iters=1', '--gradient_accumulation_steps=2', f'--out_dir={tmp_path / "ddp"}']
+    proc = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                             'train.py', *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, 'OMP_NUM_THREADS': '1'}, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the ranks too, not only torchrun
+        raise AssertionError("2 ranks with eval_iters=1 hung (a collective that rank 1 never joins)")
+    assert proc.returncode == 0 and 'step 4: val/loss' in output, output[-3000:]
