@@ -39,6 +39,7 @@ class GPTConfig:
     tie_embeddings: bool = True   # share the token embedding with the output head
     n_experts: int = 0            # 0 = dense MLP in every block
     n_experts_active: int = 2     # top-k experts per token
+    moe_renormalize: bool = True  # k > 1: the k gates renormalised to sum to 1 (Mixtral); k = 1 never (Switch)
     n_shared_experts: int = 0     # experts every token always goes through
     moe_aux_loss_coef: float = 0.01
     moe_capacity_factor: float = 1.25  # training only; eval is dropless
@@ -172,8 +173,10 @@ class MLP(nn.Module):
 class MoE(nn.Module):
     """Token-choice top-k mixture of experts (Switch/Mixtral style), batched over experts.
 
-    Each token picks its top-k experts from a softmax router; the k gate weights are renormalised
-    to sum to 1. Tokens are scattered into a fixed (n_experts, capacity, C) buffer so that all
+    Each token picks its top-k experts from a softmax router. With k > 1 the k gate weights are
+    renormalised to sum to 1 (Mixtral; moe_renormalize=False keeps the raw probabilities). With
+    k = 1 the gate is the raw probability (Switch Transformer): renormalised it would be g / g = 1
+    and the router would get no gradient from the LM loss, only from the balancing loss. Tokens are scattered into a fixed (n_experts, capacity, C) buffer so that all
     experts run as one batched matmul: static shapes (torch.compile friendly) and every expert's
     parameters are used every step (DDP needs no find_unused_parameters). In training, tokens past
     an expert's capacity are dropped (they still pass through the residual); in eval capacity is
@@ -188,6 +191,7 @@ class MoE(nn.Module):
         super().__init__()
         E, C, H = config.n_experts, config.n_embd, config.mlp_hidden
         self.n_experts, self.top_k = E, config.n_experts_active
+        self.renormalize = config.moe_renormalize and config.n_experts_active > 1
         self.capacity_factor = config.moe_capacity_factor
         self.swiglu = config.mlp == 'swiglu'
         self.router = nn.Linear(C, E, bias=False)
@@ -197,13 +201,17 @@ class MoE(nn.Module):
         self.shared = MLP(config, config.n_shared_experts * H) if config.n_shared_experts else None
         self.dropout = nn.Dropout(config.dropout)
 
+    def gates(self, probs):
+        """Router probabilities (N, E) -> the top-k gate weights and expert ids, (N, k) each."""
+        gate, expert = probs.topk(self.top_k, dim=-1)
+        return (gate / gate.sum(dim=-1, keepdim=True) if self.renormalize else gate), expert
+
     def forward(self, x):
         B, T, C = x.size()
         x_flat = x.view(-1, C)  # (N, C)
         N, E, k = x_flat.size(0), self.n_experts, self.top_k
         probs = F.softmax(self.router(x_flat).float(), dim=-1)  # (N, E)
-        gate, expert = probs.topk(k, dim=-1)  # (N, k)
-        gate = gate / gate.sum(dim=-1, keepdim=True)
+        gate, expert = self.gates(probs)  # (N, k) each
 
         # load-balancing loss
         slots = F.one_hot(expert.view(-1), E).float()  # (N*k, E)

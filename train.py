@@ -57,6 +57,7 @@ qk_norm = False
 tie_embeddings = True
 n_experts = 0
 n_experts_active = 2
+moe_renormalize = True
 n_shared_experts = 0
 moe_aux_loss_coef = 0.01
 moe_capacity_factor = 1.25

@@ -192,3 +192,27 @@ def test_moe_model_compiles_and_matches_eager():
     compiled_loss.backward()
     torch.testing.assert_close(compiled_loss, eager_loss, atol=1e-5, rtol=1e-5)
     assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize('k,renormalize', [(1, True), (2, False), (2, True)])
+def test_the_router_learns_from_the_lm_loss(k, renormalize):
+    """Top-1 (Switch): the gate is the raw router probability. Renormalised over one expert it
+    would be g / g = 1, and the router would learn from the load-balancing loss alone."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config(n_experts=4, n_experts_active=k, moe_aux_loss_coef=0.0, moe_renormalize=renormalize))
+    x, y = torch.randint(0, 64, (4, 16)), torch.randint(0, 64, (4, 16))
+    _, loss = model(x, y)
+    loss.backward()
+    router = model.transformer.h[0].mlp.router.weight.grad
+    assert router.norm().item() > 1e-4 * model.transformer.h[0].mlp.w_in.grad.norm().item()
+
+
+def test_top2_gates_sum_to_one_when_renormalised_and_are_the_probabilities_otherwise():
+    torch.manual_seed(0)
+    x = torch.randn(1, 5, 32)
+    for renormalize in (True, False):
+        moe = MoE(tiny_config(n_experts=4, n_experts_active=2, moe_renormalize=renormalize, mlp_hidden=8)).eval()
+        probs = torch.softmax(moe.router(x.view(-1, 32)), -1)
+        gate, _ = moe.gates(probs)
+        expected = probs.topk(2, -1).values
+        torch.testing.assert_close(gate, expected / expected.sum(-1, keepdim=True) if renormalize else expected)
