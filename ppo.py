@@ -64,7 +64,7 @@ top_k = 0
 top_p = 1.0
 # KL to the reference
 kl_coef = 0.05  # beta: PPO puts -beta * KL_t in the per-token reward, GRPO beta * KL in the loss
-kl_estimator = 'k1'  # 'k1' (log-ratio) | 'k3' ((r - 1) - log r: unbiased and >= 0)
+kl_estimator = 'auto'  # 'k1' (log-ratio) | 'k3' ((r - 1) - log r: >= 0); auto = k1 for PPO, k3 for GRPO
 kl_target = 0.0  # > 0: adapt kl_coef to keep the per-sequence KL near this (Ziegler et al. 2019)
 kl_horizon = 10000  # episodes over which the controller closes the gap
 # the update
@@ -109,6 +109,10 @@ if algorithm not in ('ppo', 'grpo'):
     raise SystemExit(f"algorithm={algorithm!r}: use 'ppo' or 'grpo'")
 if algorithm == 'grpo' and num_generations < 2:
     raise SystemExit("GRPO compares samples of the same prompt: set num_generations >= 2 (e.g. 8)")
+kl_estimator = {'ppo': 'k1', 'grpo': 'k3'}[algorithm] if kl_estimator == 'auto' else kl_estimator
+if algorithm == 'grpo' and kl_estimator == 'k1':
+    raise SystemExit("kl_estimator='k1' in GRPO's loss has zero expected gradient (the penalty would do nothing): "
+                     "use kl_estimator='k3' (rl.kl_penalty says why)")
 if not verifiable_weight and not reward_model:
     raise SystemExit("no reward: set verifiable_weight > 0 or reward_model=<a reward-model out_dir>")
 

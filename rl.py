@@ -51,12 +51,18 @@ def kl_penalty(logprobs, ref_logprobs, estimator='k1'):
     (Schulman 2020, "Approximating KL Divergence"). With log r = log pi_ref(x) - log pi(x):
         k1 = -log r               unbiased; one sample may be negative
         k3 = (r - 1) - log r      unbiased too, always >= 0 and lower variance (GRPO's choice)
-    Both average to the exact KL over x ~ pi."""
+    Both average to the exact KL over x ~ pi: either serves as a value (PPO's per-token reward).
+    As a loss term (GRPO) what counts is the gradient, with the samples held fixed: on-policy
+    k1's is E_pi[grad log pi] = 0, a penalty that does nothing; k3's is sum_x (pi - pi_ref) grad
+    log pi = grad KL(pi_ref || pi), which pulls pi towards pi_ref. k3's log r is clamped to
+    [-20, 20] and the result to at most 10, as verl's low_var_kl does: one token the reference
+    finds impossible cannot blow up the loss."""
     log_r = ref_logprobs - logprobs
     if estimator == 'k1':
         return -log_r
     if estimator == 'k3':
-        return torch.expm1(log_r) - log_r
+        log_r = log_r.clamp(-20.0, 20.0)
+        return (torch.expm1(log_r) - log_r).clamp(max=10.0)
     raise ValueError(f"unknown kl_estimator {estimator!r} (k1 or k3)")
 
 

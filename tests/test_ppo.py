@@ -126,6 +126,13 @@ def test_resume_continues_the_same_run(toy, tmp_path):
     assert ckpt['config']['init_from'] == 'resume'  # the config as the user ran it
 
 
+def test_grpo_refuses_the_k1_estimator_in_its_loss(toy, tmp_path):
+    sft, prompts = toy
+    proc = run_script('ppo.py', f'--init_from={sft}', f'--rl_file={prompts}', f'--out_dir={tmp_path}', '--algorithm=grpo',
+                      '--num_generations=2', '--kl_estimator=k1', check=False)
+    assert proc.returncode != 0 and "zero expected gradient" in proc.stderr and "kl_estimator='k3'" in proc.stderr
+
+
 def test_grpo_without_a_group_says_how_to_fix_it(toy, tmp_path):
     sft, prompts = toy
     proc = run_script('ppo.py', f'--init_from={sft}', f'--rl_file={prompts}', f'--out_dir={tmp_path}', '--algorithm=grpo',

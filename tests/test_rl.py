@@ -83,6 +83,27 @@ def test_kl_estimators_average_to_the_exact_kl():
     assert k3.std() < k1.std()
 
 
+def test_as_a_loss_only_k3_pulls_the_policy_towards_the_reference():
+    """The expected gradient of each estimator as GRPO uses it: x ~ pi, the estimate at x
+    differentiated through log pi(x)."""
+    torch.manual_seed(0)
+    logits, ref = torch.randn(6, requires_grad=True), torch.randn(6)
+    logp, logq = logits.log_softmax(-1), ref.log_softmax(-1)
+    weights = logp.exp().detach()  # the on-policy sampling distribution, held fixed
+    grads = {est: torch.autograd.grad((weights * rl.kl_penalty(logp, logq, est)).sum(), logits, retain_graph=True)[0]
+             for est in ('k1', 'k3')}
+    reverse_kl = (logq.exp() * (logq - logp)).sum()  # KL(ref || pi)
+    target = torch.autograd.grad(reverse_kl, logits)[0]
+    torch.testing.assert_close(grads['k1'], torch.zeros(6), atol=1e-6, rtol=0)
+    torch.testing.assert_close(grads['k3'], target)
+    assert target.norm() > 0.1
+
+
+def test_k3_is_clamped_where_the_reference_finds_a_token_impossible():
+    k3 = rl.kl_penalty(torch.tensor([0.0, -1.0]), torch.tensor([-1e4, 1e4]), 'k3')
+    assert torch.isfinite(k3).all() and k3.max() <= 10.0
+
+
 def test_adaptive_kl_controller_moves_towards_the_target():
     assert rl.adaptive_kl_coef(0.1, 6.0, 6.0, 100, 1000) == pytest.approx(0.1)
     assert rl.adaptive_kl_coef(0.1, 12.0, 6.0, 100, 1000) == pytest.approx(0.1 * (1 + 0.2 * 0.1))  # error clipped at 0.2
