@@ -369,7 +369,8 @@ def resume_training(ctx, ckpt, optimizer, generator=None):
     the GradScaler had reached, the random streams. Only rank 0's torch stream is saved, so under
     DDP each rank is re-seeded (by rank and step): ranks never share a stream (dropout, rollouts)."""
     optimizer.load_state_dict(ckpt['optimizer'])
-    ctx.scaler.load_state_dict(ckpt['scaler'])
+    if ckpt['scaler']:  # empty from a run outside fp16 (a disabled GradScaler saves nothing): start fresh
+        ctx.scaler.load_state_dict(ckpt['scaler'])
     set_rng_state(ckpt['rng'], generator)
     if ctx.ddp:
         torch.manual_seed(ctx.seed + ctx.world_size * ckpt['iter_num'] + ctx.rank)

@@ -83,6 +83,14 @@ def test_fp16_loss_scale_survives_a_resume(stage, stage_args, tmp_path):
     assert 0 < scale <= 1024.0, scale  # it went on from 1024 (halving on an overflow), not from 65536
 
 
+def test_an_fp32_run_resumes_in_fp16(stage_args, tmp_path):
+    out = str(tmp_path / 'pre')
+    run_stage('pretrain', stage_args, out, '--max_iters=2')
+    assert load(out)['scaler'] == {}  # a disabled GradScaler saves nothing
+    run_stage('pretrain', stage_args, out, '--max_iters=4', '--init_from=resume', '--dtype=float16')
+    assert load(out)['iter_num'] == 4 and 0 < load(out)['scaler']['scale'] <= 65536.0
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('stage', STAGES)
 def test_ddp_stop_flag_syncs_at_log_steps_only_and_ranks_keep_their_own_streams(stage, stage_args, tmp_path):
