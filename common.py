@@ -81,13 +81,24 @@ def autocast_context(device_type, dtype):
     return ctx, scaler, dtype
 
 
+# Datasheet dense matmul peaks, (bf16/fp16, tf32) FLOP/s, by the exact name torch reports (NVIDIA's
+# product pages; no sparsity). 'NVIDIA L4' must not match the L40S, nor an H100 PCIe the SXM part.
+GPU_PEAK_FLOPS = {
+    'NVIDIA H200': (989e12, 494e12), 'NVIDIA H100 80GB HBM3': (989e12, 494e12), 'NVIDIA H100 PCIe': (756e12, 378e12),
+    'NVIDIA A100-SXM4-80GB': (312e12, 156e12), 'NVIDIA A100-SXM4-40GB': (312e12, 156e12),
+    'NVIDIA A100-PCIE-40GB': (312e12, 156e12), 'NVIDIA A100 80GB PCIe': (312e12, 156e12),
+    'NVIDIA L40S': (362e12, 183e12), 'NVIDIA L4': (121e12, 60e12), 'NVIDIA A10': (125e12, 62.5e12),
+    'NVIDIA GeForce RTX 4090': (165e12, 82.6e12), 'NVIDIA GeForce RTX 3090': (71e12, 35.6e12),
+}
+
+
 def measure_peak_flops(device_type, dtype, n=2048, seconds=0.3):
     """Matmul FLOP/s this machine reaches in `dtype`: the denominator of MFU. On GPUs we take the
-    datasheet's dense bf16 figure when known (measuring would need a warm, idle GPU)."""
+    datasheet's dense figure for the dtype (bf16/fp16, else tf32) when the device's exact name is
+    in GPU_PEAK_FLOPS, else 0 (MFU unknown): measuring would need a warm, idle GPU."""
     if device_type == 'cuda':
-        name = torch.cuda.get_device_name()
-        table = {'H200': 989e12, 'H100': 989e12, 'A100': 312e12, 'L4': 121e12, 'A10': 125e12, '4090': 165e12, '3090': 71e12}
-        return next((v for k, v in table.items() if k in name), 0.0)
+        half, tf32 = GPU_PEAK_FLOPS.get(torch.cuda.get_device_name().strip(), (0.0, 0.0))
+        return half if dtype in ('bfloat16', 'float16') else tf32
     ptdtype = torch.bfloat16 if dtype == 'bfloat16' else torch.float32
     g = torch.Generator().manual_seed(0)  # not the global stream: a resumed run's dropout must not shift
     a, b = torch.randn(n, n, dtype=ptdtype, generator=g), torch.randn(n, n, dtype=ptdtype, generator=g)

@@ -162,3 +162,12 @@ def test_init_from_its_own_out_dir_is_refused(tiny_checkpoint):
     """It would replace the very files it records as its parent (a LoRA base, a DPO reference)."""
     proc = run_script('sft.py', f'--init_from={tiny_checkpoint}', f'--out_dir={tiny_checkpoint}', check=False)
     assert proc.returncode != 0 and "is this run's own out_dir: use --init_from=resume" in proc.stderr, proc.stderr[-500:]
+
+
+@pytest.mark.parametrize('name,dtype,peak', [('NVIDIA L40S', 'bfloat16', 362e12), ('NVIDIA L4', 'bfloat16', 121e12),
+                                             ('NVIDIA H100 PCIe', 'bfloat16', 756e12),
+                                             ('NVIDIA H100 80GB HBM3', 'float32', 494e12),
+                                             ('NVIDIA Some Future GPU', 'bfloat16', 0.0)])
+def test_gpu_peak_flops_match_the_exact_device_and_the_dtype(monkeypatch, name, dtype, peak):
+    monkeypatch.setattr(torch.cuda, 'get_device_name', lambda *a: name)
+    assert common.measure_peak_flops('cuda', dtype) == peak
