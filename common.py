@@ -179,8 +179,8 @@ def rng_state(data_generator=None):
     state = {'torch': torch.get_rng_state()}
     if data_generator is not None:
         state['data'] = data_generator.get_state()
-    if torch.cuda.is_available():
-        state['cuda'] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available():  # this rank's device only: a resume may run on other or fewer GPUs
+        state['cuda'] = torch.cuda.get_rng_state()
     return state
 
 
@@ -189,7 +189,7 @@ def set_rng_state(state, data_generator=None):
     if data_generator is not None:
         data_generator.set_state(state['data'].cpu())
     if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state['cuda']])
+        torch.cuda.set_rng_state(state['cuda'].cpu())  # onto the current device
 
 
 # ----------------------------------------------------------------------------- chat batches

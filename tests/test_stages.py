@@ -171,3 +171,20 @@ def test_init_from_its_own_out_dir_is_refused(tiny_checkpoint):
 def test_gpu_peak_flops_match_the_exact_device_and_the_dtype(monkeypatch, name, dtype, peak):
     monkeypatch.setattr(torch.cuda, 'get_device_name', lambda *a: name)
     assert common.measure_peak_flops('cuda', dtype) == peak
+
+
+def test_rng_state_keeps_the_current_cuda_device_only(monkeypatch):
+    """Saved on 8 GPUs and resumed on 1 (or under CUDA_VISIBLE_DEVICES=0), a list of every
+    device's state could not be restored."""
+    restored = []
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'get_rng_state', lambda device='cuda': torch.tensor([7], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, 'get_rng_state_all', lambda: [torch.tensor([7], dtype=torch.uint8)] * 8)
+    monkeypatch.setattr(torch.cuda, 'set_rng_state', lambda state, device='cuda': restored.append(state.tolist()))
+
+    def one_device(states):
+        if len(states) > 1:
+            raise RuntimeError('CUDA error: invalid device ordinal')
+    monkeypatch.setattr(torch.cuda, 'set_rng_state_all', one_device)
+    common.set_rng_state(common.rng_state())
+    assert restored == [[7]]
