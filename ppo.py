@@ -113,8 +113,17 @@ kl_estimator = {'ppo': 'k1', 'grpo': 'k3'}[algorithm] if kl_estimator == 'auto' 
 if algorithm == 'grpo' and kl_estimator == 'k1':
     raise SystemExit("kl_estimator='k1' in GRPO's loss has zero expected gradient (the penalty would do nothing): "
                      "use kl_estimator='k3' (rl.kl_penalty says why)")
-if not verifiable_weight and not reward_model:
-    raise SystemExit("no reward: set verifiable_weight > 0 or reward_model=<a reward-model out_dir>")
+if not verifiable_weight and not (reward_model and reward_model_weight):
+    raise SystemExit("no reward: set verifiable_weight > 0, or reward_model=<a reward-model out_dir> with "
+                     "reward_model_weight > 0")
+if temperature <= 0:
+    raise SystemExit(f"temperature={temperature}: RL samples its rollouts, so it must be > 0 (greedy rollouts "
+                     "would make every GRPO group identical and PPO's ratios undefined)")
+if reward_model and not reward_model_weight and critic_init != 'reward':
+    raise SystemExit(f"reward_model={reward_model!r} would be unused: reward_model_weight=0 and critic_init={critic_init!r}")
+if critic_init == 'reward' and share_backbone:
+    raise SystemExit("critic_init='reward' needs the critic's own transformer: with share_backbone=True the value "
+                     "head sits on the policy; set share_backbone=False, or critic_init='policy'")
 
 ctx = common.setup(device, dtype, seed, out_dir)  # each rank samples its own rollouts (its own seed)
 device = ctx.device
@@ -131,7 +140,7 @@ reference = common.model_from_checkpoint(sft_ckpt, dropout=0.0).requires_grad_(F
 if max_new_tokens + 8 > policy.config.block_size:
     raise SystemExit(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in block_size {policy.config.block_size}")
 reward_net = None  # the reward model (rewardmodel.py), frozen: its head at each response's last token (+ lm_coef term)
-if reward_model:
+if reward_model and reward_model_weight:  # with weight 0 it only initialises the critic (below)
     import rewardmodel
     reward_net, rm_tokenizer = rewardmodel.load_reward_model(reward_model, device)
     reward_net.requires_grad_(False)
@@ -142,9 +151,12 @@ critic, value_head, critic_ckpt = None, None, None  # PPO's value function: a he
 if algorithm == 'ppo':
     if critic_init not in ('policy', 'reward') or (critic_init == 'reward' and not reward_model):
         raise SystemExit(f"critic_init={critic_init!r}: use 'policy', or 'reward' together with reward_model=<out_dir>")
-    from_rm = critic_init == 'reward' and not share_backbone
+    from_rm = critic_init == 'reward'
     if not share_backbone:
         critic_ckpt = common.load_checkpoint(reward_model) if from_rm else sft_ckpt
+        if common.tokenizer_from_checkpoint(critic_ckpt).identity != tokenizer.identity:
+            raise SystemExit(f"reward model {reward_model} uses another tokenizer than the policy: train it from the "
+                             f"same pretrain/SFT lineage")
         critic = common.model_from_checkpoint(critic_ckpt, dropout=0.0)
         critic.lm_head.requires_grad_(critic.config.tie_embeddings)  # an untied output head is unused (DDP)
     value_head = nn.Linear(policy.config.n_embd if critic is None else critic.config.n_embd, 1)
@@ -286,7 +298,8 @@ while True:
         response_mask = torch.cat([torch.zeros_like(query, dtype=torch.bool), mask], dim=1)  # (N, L), for lm_coef
         with ctx.autocast:
             scores = scores + reward_model_weight * rewardmodel.score_ids(reward_net, ids, real, response_mask)
-    scores = scores - missing_eos_penalty * (~gen.stopped).float()
+    # a turn ends with <|im_end|>, where the reward model was trained to read its score
+    scores = scores - missing_eos_penalty * (~rl.ended_with(response, mask, tokenizer.im_end_id)).float()
 
     # 3. log-probs under the policy as it is now (the update's starting point) and the reference
     old_logprobs, values = forward_all(model, ids, positions, attn_mask, Tq)  # (N, R) each
@@ -329,7 +342,7 @@ while True:
                     loss = loss + kl_coef_now * rl.aggregate(rl.kl_penalty(logprobs, ref_logprobs[index], kl_estimator),
                                                              m, loss_norm, mb_tokens, len(mb))
                 with torch.set_grad_enabled(entropy_coef > 0):
-                    entropy = rl.entropy_from_logits(logits)  # (n, R)
+                    entropy = rl.entropy_from_logits(logits, temperature)  # (n, R)
                 if entropy_coef:
                     loss = loss - entropy_coef * rl.aggregate(entropy, m, loss_norm, mb_tokens, len(mb))
                 ctx.scaler.scale(loss).backward()

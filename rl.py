@@ -158,10 +158,20 @@ def logprobs_from_logits(logits, tokens, temperature=1.0):
     return F.log_softmax(logits, dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
 
 
-def entropy_from_logits(logits):
-    """H = logsumexp(z) - sum softmax(z) * z, per position: (B, T, V) -> (B, T)."""
+def entropy_from_logits(logits, temperature=1.0):
+    """H = logsumexp(z) - sum softmax(z) * z with z = logits / temperature, per position:
+    (B, T, V) -> (B, T). The sampler's temperature, as in logprobs_from_logits: the entropy of
+    the distribution the tokens came from."""
     logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
     return torch.logsumexp(logits, dim=-1) - (F.softmax(logits, dim=-1) * logits).sum(-1)
+
+
+def ended_with(tokens, mask, end_id):
+    """(B,) True where a response's last real token is end_id: tokens, mask (B, R). A response cut
+    at max_new_tokens, or ended by another stop token (<|endoftext|>), did not end its turn."""
+    return tokens.gather(1, last_token_index(mask)[:, None]).squeeze(1).eq(end_id) & mask.any(1)
 
 
 def last_token_index(mask):

@@ -126,6 +126,18 @@ def test_resume_continues_the_same_run(toy, tmp_path):
     assert ckpt['config']['init_from'] == 'resume'  # the config as the user ran it
 
 
+@pytest.mark.parametrize('args,message', [
+    (['--temperature=0'], 'RL samples its rollouts'),
+    (['--reward_model=x', '--critic_init=reward', '--share_backbone=True'], "critic_init='reward' needs the critic's own"),
+    (['--reward_model=x', '--reward_model_weight=0'], "would be unused"),
+    (['--verifiable_weight=0', '--reward_model=x', '--reward_model_weight=0', '--critic_init=reward'], 'no reward'),
+], ids=['greedy', 'reward-critic-on-shared-backbone', 'unused-reward-model', 'no-reward'])
+def test_settings_that_would_be_ignored_or_break_rl_are_refused(toy, tmp_path, args, message):
+    sft, prompts = toy
+    proc = run_script('ppo.py', f'--init_from={sft}', f'--rl_file={prompts}', f'--out_dir={tmp_path}', *args, check=False)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-500:]
+
+
 def test_grpo_refuses_the_k1_estimator_in_its_loss(toy, tmp_path):
     sft, prompts = toy
     proc = run_script('ppo.py', f'--init_from={sft}', f'--rl_file={prompts}', f'--out_dir={tmp_path}', '--algorithm=grpo',

@@ -104,6 +104,19 @@ def test_k3_is_clamped_where_the_reference_finds_a_token_impossible():
     assert torch.isfinite(k3).all() and k3.max() <= 10.0
 
 
+def test_entropy_is_the_sampling_distributions():
+    logits = torch.tensor([[[2.0, 0.5, -1.0]]])
+    p = (logits / 0.7).softmax(-1)
+    torch.testing.assert_close(rl.entropy_from_logits(logits, 0.7), -(p * p.log()).sum(-1))
+
+
+def test_a_turn_ends_with_im_end_only():
+    IM_END, EOT, PAD = 5, 6, 0
+    tokens = torch.tensor([[1, 2, IM_END, PAD], [1, EOT, PAD, PAD], [1, 2, 3, 4], [PAD] * 4])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]], dtype=torch.bool)
+    assert rl.ended_with(tokens, mask, IM_END).tolist() == [True, False, False, False]
+
+
 def test_adaptive_kl_controller_moves_towards_the_target():
     assert rl.adaptive_kl_coef(0.1, 6.0, 6.0, 100, 1000) == pytest.approx(0.1)
     assert rl.adaptive_kl_coef(0.1, 12.0, 6.0, 100, 1000) == pytest.approx(0.1 * (1 + 0.2 * 0.1))  # error clipped at 0.2
