@@ -41,6 +41,8 @@ class GenerationConfig:
     stop_token_ids: Optional[tuple] = None  # TextGenerator: None = the tokenizer's <|endoftext|>, <|im_end|>
     stop_strings: tuple = ()        # generation ends right after the token that completes one
     seed: Optional[int] = None      # None = torch's global RNG
+    vocab_size: int = 0             # ids >= this are never produced (the model pads its vocabulary to a
+                                    # multiple of 64); 0 = the tokenizer's size when one is given, else all
 
     def __post_init__(self):
         checks = [(self.max_new_tokens >= 0, "max_new_tokens must be >= 0"),
@@ -86,6 +88,20 @@ def apply_penalties(logits, seen, counts, repetition=1.0, presence=0.0, frequenc
     if presence or frequency:
         logits = logits - presence * (counts > 0) - frequency * counts
     return logits
+
+
+def mask_padded_ids(logits, n_real):
+    """logits (B, V) with ids >= n_real (the model's vocabulary padding) at -inf; as is when n_real
+    is 0 or covers V. Applied before penalties, which would otherwise lift the padding again."""
+    if not n_real or n_real >= logits.size(-1):
+        return logits
+    logits = logits.clone()
+    logits[:, n_real:] = float('-inf')
+    return logits
+
+
+def real_vocab_size(config, tokenizer):
+    return config.vocab_size or (tokenizer.n_vocab if tokenizer is not None else 0)
 
 
 def top_k_filter(logits, k):
@@ -210,15 +226,12 @@ def decode_steps(model, prompts, config, pad_id=0, tokenizer=None, step_fn=None)
     if cfg.has_penalties:
         seen, counts = penalty_state(idx, pad, logits.size(-1))
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    n_real = real_vocab_size(cfg, tokenizer)
     for t in range(cfg.max_new_tokens):
         logits = logits[:, -1].float()  # (B, V)
-        processed = logits
-        if tokenizer is not None and tokenizer.n_vocab < logits.size(-1):
-            # the model's vocab is padded to a multiple of 64: never sample an id the tokenizer lacks
-            processed = logits.clone()
-            processed[:, tokenizer.n_vocab:] = float('-inf')
+        processed = mask_padded_ids(logits, n_real)  # never an id the tokenizer lacks
         if cfg.has_penalties:
-            processed = apply_penalties(logits, seen, counts, cfg.repetition_penalty,
+            processed = apply_penalties(processed, seen, counts, cfg.repetition_penalty,
                                         cfg.presence_penalty, cfg.frequency_penalty)
         token = sample_token(processed, cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p, generator)  # (B,)
         logprob = token_logprobs(logits, token)
@@ -295,10 +308,9 @@ def beam_search(model, prompts, config, pad_id=0, tokenizer=None):
         del hyps[b][W:]
 
     logits, _ = model(idx, positions=positions[..., :T], attn_mask=prefill_mask, kv_cache=cache, last_only=True)
+    n_real = real_vocab_size(cfg, tokenizer)
     for t in range(cfg.max_new_tokens):
-        raw = logits[:, -1].float()  # (B*W, V)
-        if tokenizer is not None and tokenizer.n_vocab < raw.size(-1):
-            raw[:, tokenizer.n_vocab:] = float('-inf')  # padded ids the tokenizer lacks
+        raw = mask_padded_ids(logits[:, -1].float(), n_real)  # (B*W, V), no padded ids
         V = raw.size(-1)
         logp_raw = F.log_softmax(raw, dim=-1)
         logp = logp_raw

@@ -192,6 +192,7 @@ task_items = {}  # held-out items of the suite, for evaluate()
 if eval_items_per_task:
     task_items = {t: v for t, v in tasks.heldout(task_dir).items() if not eval_tasks or t in eval_tasks.split(',')}
 gen_config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                              vocab_size=tokenizer.n_vocab,  # the model's padded ids are never sampled
                               stop_token_ids=(tokenizer.im_end_id, tokenizer.eot_id))
 special_ids = set(tokenizer.special_tokens.values())
 n_rollouts = batch_size * num_generations  # per rank

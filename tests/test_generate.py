@@ -280,3 +280,18 @@ def test_chat_history_truncation_keeps_the_newest_turns():
         gen.chat_prompt(messages, max_new_tokens=150)
     reply = gen.chat(messages, system='be brief', max_new_tokens=8, temperature=0)
     assert isinstance(reply, str)
+
+
+
+@pytest.mark.parametrize('penalties', [{}, {'repetition_penalty': 1.3, 'presence_penalty': 0.5}], ids=['plain', 'penalties'])
+def test_padded_vocabulary_ids_are_never_sampled_without_a_tokenizer(penalties):
+    """The model's vocabulary is padded to a multiple of 64; ppo.py samples through generate_ids
+    with no tokenizer. Here the padded ids (40..63) are made the likeliest."""
+    model = random_model(64)
+    with torch.no_grad():
+        model.lm_head.weight[40:] *= 30
+    prompts = [[1, 2, 3]] * 16
+    cfg = GenerationConfig(max_new_tokens=12, temperature=1.0, seed=0, **penalties)
+    assert generate_ids(model, prompts, cfg).tokens.max() >= 40  # the test can fail: unmasked, they win
+    for config in (replace(cfg, vocab_size=40), replace(cfg, vocab_size=40, num_beams=2)):
+        assert generate_ids(model, prompts, config).tokens.max() < 40
