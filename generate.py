@@ -266,10 +266,15 @@ def generate_ids(model, prompts, config=None, pad_id=0, tokenizer=None, step_fn=
         return beam_search(model, prompts, cfg, pad_id, tokenizer)
     steps = list(decode_steps(model, prompts, cfg, pad_id, tokenizer, step_fn))
     if not steps:
-        empty = torch.zeros(len(prompts), 0, dtype=torch.long, device=model.lm_head.weight.device)
-        return Generation(empty, empty.bool(), empty.float(), empty.new_zeros(len(prompts), dtype=torch.bool))
+        return empty_generation(len(prompts), model.lm_head.weight.device)
     tokens, logprobs, mask, done = (torch.stack(x, dim=1) for x in zip(*steps))  # (B, T) each
     return Generation(tokens, mask, logprobs.masked_fill(~mask, 0.0), done[:, -1])
+
+
+def empty_generation(n, device):
+    """The Generation of n prompts with no new token (max_new_tokens=0)."""
+    empty = torch.zeros(n, 0, dtype=torch.long, device=device)
+    return Generation(empty, empty.bool(), empty.float(), empty.new_zeros(n, dtype=torch.bool))
 
 
 @torch.inference_mode()
@@ -282,6 +287,8 @@ def beam_search(model, prompts, config, pad_id=0, tokenizer=None):
     beams join the hypotheses; each prompt returns its best. Penalties apply; sampling options don't."""
     cfg, W = config, config.num_beams
     device = model.lm_head.weight.device
+    if cfg.max_new_tokens == 0:  # nothing to rank (a hypothesis of length 0 has no length-normalised score)
+        return empty_generation(len(prompts), device)
     idx, pad = pad_prompts(prompts, pad_id, device)
     B, T = idx.shape
     check_fits(model, T, cfg.max_new_tokens)

@@ -295,3 +295,10 @@ def test_padded_vocabulary_ids_are_never_sampled_without_a_tokenizer(penalties):
     assert generate_ids(model, prompts, cfg).tokens.max() >= 40  # the test can fail: unmasked, they win
     for config in (replace(cfg, vocab_size=40), replace(cfg, vocab_size=40, num_beams=2)):
         assert generate_ids(model, prompts, config).tokens.max() < 40
+
+
+
+@pytest.mark.parametrize('num_beams', [1, 3])
+def test_max_new_tokens_zero_gives_empty_responses(num_beams):
+    gen = generate_ids(random_model(64), [[1, 2, 3], [4]], GenerationConfig(max_new_tokens=0, num_beams=num_beams))
+    assert gen.tokens.shape == (2, 0) and not gen.stopped.any()
