@@ -25,6 +25,11 @@ class LoRALinear(nn.Module):
         self.scale = alpha / rank
         self.dropout = nn.Dropout(dropout)
 
+    @property
+    def weight(self):
+        """The frozen base weight (what callers read a layer's device and dtype from)."""
+        return self.base.weight
+
     def forward(self, x):
         return self.base(x) + (self.dropout(x) @ self.lora_A.t() @ self.lora_B.t()) * self.scale
 
@@ -37,8 +42,16 @@ class LoRALinear(nn.Module):
 
 
 def apply_lora(model, rank, alpha, targets, dropout=0.0):
-    """Freeze every parameter, then wrap each Linear whose name ends with one of `targets`
-    (e.g. 'c_attn', 'c_proj', 'c_fc'). Returns the number of trainable parameters."""
+    """Freeze every parameter, then wrap each Linear whose own name is one of `targets` (e.g.
+    'c_attn', 'c_proj', 'c_fc', 'lm_head'). Returns the number of trainable parameters.
+    Mixture-of-experts weights are batched tensors, not Linears: LoRA leaves the experts as they
+    are. A head tied to the token embedding cannot take an adapter: merged, the update would land
+    in the embedding too."""
+    if 'lm_head' in targets and model.config.tie_embeddings:
+        raise SystemExit("lora_targets has lm_head, but it is tied to the token embedding (tie_embeddings=True): "
+                         "a merged adapter would change the embedding as well; leave lm_head out")
+    if 'c_fc' in targets and model.config.n_experts:
+        print("note: LoRA adapts attention (and any shared-expert MLP) only: the MoE experts are not Linears")
     for p in model.parameters():
         p.requires_grad_(False)
     wrapped = 0
@@ -48,7 +61,7 @@ def apply_lora(model, rank, alpha, targets, dropout=0.0):
                 setattr(module, child_name, LoRALinear(child, rank, alpha, dropout))
                 wrapped += 1
     if not wrapped:
-        raise SystemExit(f"lora_targets {targets} matched no Linear layer (names: c_attn, c_proj, c_fc)")
+        raise SystemExit(f"lora_targets {targets} matched no Linear layer (names: c_attn, c_proj, c_fc, lm_head)")
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 

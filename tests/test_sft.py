@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import common
 from conftest import eval_rows, run_script, write_jsonl
+from generate import GenerationConfig, generate_ids
 from lora import apply_lora, merge_lora, merged_state_dict
 from model import GPT, GPTConfig
 from tokenizer import char_tokenizer
@@ -65,6 +66,23 @@ def test_lora_merge_gives_the_same_logits_as_base_plus_adapter():
     plain.load_state_dict(merged_state_dict(model))
     torch.testing.assert_close(plain(x)[0], with_adapter, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(merge_lora(model)(x)[0], with_adapter, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_on_an_untied_head_merges_exactly_and_a_tied_head_is_refused():
+    torch.manual_seed(0)
+    config = dict(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=32, tie_embeddings=False)
+    model = GPT(GPTConfig(**config))
+    apply_lora(model, rank=4, alpha=8, targets=['c_attn', 'lm_head'])
+    for name, p in model.named_parameters():
+        if 'lora_B' in name:
+            p.data.normal_()
+    x = torch.randint(0, 64, (2, 16))
+    plain = GPT(GPTConfig(**config))
+    plain.load_state_dict(merged_state_dict(model))
+    torch.testing.assert_close(plain(x)[0], model(x)[0], atol=1e-4, rtol=1e-4)  # logits ~10 here
+    assert generate_ids(model, [[1, 2]], GenerationConfig(max_new_tokens=2)).tokens.shape == (1, 2)
+    with pytest.raises(SystemExit, match='tied to the token embedding'):
+        apply_lora(GPT(GPTConfig(**dict(config, tie_embeddings=True))), rank=4, alpha=8, targets=['c_attn', 'lm_head'])
 
 
 def sft(ckpt_dir, out, data_file, *args, **kw):
