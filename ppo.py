@@ -216,7 +216,7 @@ def forward_all(m, ids, positions, mask, n_query):
     with torch.no_grad():
         for index in torch.arange(len(ids), device=ids.device).split(micro):
             with ctx.autocast:
-                logits, v = m(ids[index], rows(positions, index), rows(mask, index), n_query)
+                logits, v, _ = m(ids[index], rows(positions, index), rows(mask, index), n_query)
             logprobs.append(rl.logprobs_from_logits(logits, ids[index, n_query:], temperature))
             values.append(v)
     return torch.cat(logprobs), None if values[0] is None else torch.cat(values)
@@ -330,7 +330,7 @@ while True:
                 common.sync_grads(ctx, model, k == len(micro_batches) - 1)
                 m = mask[index]
                 with ctx.autocast:
-                    logits, vpred = model(ids[index], rows(positions, index), rows(attn_mask, index), Tq)
+                    logits, vpred, aux_loss = model(ids[index], rows(positions, index), rows(attn_mask, index), Tq)
                 logprobs = rl.logprobs_from_logits(logits, response[index], temperature)
                 pg, clipped = rl.policy_loss(logprobs, old_logprobs[index], advantages[index], cliprange)
                 loss = rl.aggregate(pg, m, loss_norm, mb_tokens, len(mb))
@@ -344,6 +344,8 @@ while True:
                                                              m, loss_norm, mb_tokens, len(mb))
                 with torch.set_grad_enabled(entropy_coef > 0):
                     entropy = rl.entropy_from_logits(logits, temperature)  # (n, R)
+                if policy.config.n_experts:  # the load-balancing loss, per micro-batch of the minibatch
+                    loss = loss + policy.config.moe_aux_loss_coef * aux_loss / len(micro_batches)
                 if entropy_coef:
                     loss = loss - entropy_coef * rl.aggregate(entropy, m, loss_norm, mb_tokens, len(mb))
                 ctx.scaler.scale(loss).backward()

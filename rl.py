@@ -184,20 +184,23 @@ def last_token_index(mask):
 class ActorCritic(nn.Module):
     """What PPO trains, as one module (one optimizer, one DDP wrapper): the policy GPT, and a value
     head on the critic's own GPT or, when critic is None, on the policy's (shared backbone).
-    forward(ids, positions, attn_mask, n_query) -> (logits, values) for the response positions
-    only: (B, R, V) and (B, R), position t predicting response token t from everything before it,
-    so the value is that of the state before token t. GRPO uses it with no head at all."""
+    forward(ids, positions, attn_mask, n_query) -> (logits, values, MoE aux loss) for the response
+    positions only: (B, R, V) and (B, R), position t predicting response token t from everything
+    before it, so the value is that of the state before token t; the aux loss (a scalar, 0 for
+    dense models) sums the load-balancing losses of the policy and the critic. GRPO uses it with
+    no head at all."""
 
     def __init__(self, policy, critic=None, value_head=None):
         super().__init__()
         self.policy, self.critic, self.value_head = policy, critic, value_head
 
     def forward(self, ids, positions=None, attn_mask=None, n_query=1):
-        h, _ = self.policy.hidden_states(ids, positions, attn_mask)  # (B, L, C)
+        h, aux_loss = self.policy.hidden_states(ids, positions, attn_mask)  # (B, L, C)
         h = h[:, n_query - 1:-1]  # (B, R, C): the states that predict the response tokens
         logits = self.policy.lm_head(h)  # (B, R, V)
         if self.value_head is None:
-            return logits, None
+            return logits, None, aux_loss
         if self.critic is not None:
-            h = self.critic.hidden_states(ids, positions, attn_mask)[0][:, n_query - 1:-1]
-        return logits, self.value_head(h).squeeze(-1).float()  # (B, R)
+            h, critic_aux = self.critic.hidden_states(ids, positions, attn_mask)
+            h, aux_loss = h[:, n_query - 1:-1], aux_loss + critic_aux
+        return logits, self.value_head(h).squeeze(-1).float(), aux_loss  # (B, R)

@@ -166,7 +166,7 @@ def test_rollout_logprobs_with_the_cache_equal_a_full_forward_without_it():
     prompts = [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10]]  # ragged: left-padded
     cfg = GenerationConfig(max_new_tokens=10, temperature=1.0, stop_token_ids=(39,), seed=0)
     gen, ids, positions, mask, Tq = rollout(model, prompts, cfg)
-    logits, _ = rl.ActorCritic(model.train())(ids, positions, mask, Tq)
+    logits, _, _ = rl.ActorCritic(model.train())(ids, positions, mask, Tq)
     full = rl.logprobs_from_logits(logits, gen.tokens)
     torch.testing.assert_close(full * gen.mask, gen.logprobs, atol=1e-5, rtol=1e-5)
     # greedy tokens equal the no-cache decode of each prompt alone
@@ -187,7 +187,7 @@ def test_first_minibatch_has_ratio_one_and_no_gradient_from_clipping():
         old = rl.logprobs_from_logits(ac(ids, positions, mask, Tq)[0], gen.tokens)
     advantages = torch.randn(old.shape) * gen.mask
     index = torch.tensor([5, 0, 2])  # a shuffled minibatch
-    logits, _ = ac(ids[index], positions[index], mask[index], Tq)
+    logits, _, _ = ac(ids[index], positions[index], mask[index], Tq)
     new = rl.logprobs_from_logits(logits, gen.tokens[index])
     m = gen.mask[index]
     ratio = torch.exp(new - old[index])[m]
@@ -205,7 +205,20 @@ def test_shared_backbone_values_come_from_the_policy_hidden_states():
     model = tiny_model()
     head = torch.nn.Linear(32, 1)
     ids = torch.randint(0, 40, (2, 9))
-    logits, values = rl.ActorCritic(model, None, head)(ids, n_query=4)
+    logits, values, _ = rl.ActorCritic(model, None, head)(ids, n_query=4)
     h, _ = model.hidden_states(ids)
     torch.testing.assert_close(values, head(h[:, 3:-1]).squeeze(-1))
     torch.testing.assert_close(logits, model(ids)[0][:, 3:-1])
+
+
+
+def test_the_moe_load_balancing_loss_reaches_ppo():
+    """ActorCritic returns the policy's and the critic's aux losses (ppo.py weighs them into its loss)."""
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=40, block_size=32, n_layer=1, n_head=2, n_embd=32, n_experts=4)
+    policy, critic = GPT(config), GPT(config)
+    ids = torch.randint(0, 40, (2, 9))
+    _, _, aux = rl.ActorCritic(policy, critic, torch.nn.Linear(32, 1))(ids, n_query=4)
+    expected = policy.hidden_states(ids)[1] + critic.hidden_states(ids)[1]
+    torch.testing.assert_close(aux, expected)
+    assert aux.item() > 0 and torch.autograd.grad(aux, policy.transformer.h[0].mlp.router.weight)[0].abs().sum() > 0
