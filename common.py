@@ -321,7 +321,8 @@ def setup(device, dtype, seed, out_dir, gradient_accumulation_steps=None):
         os.makedirs(out_dir, exist_ok=True)
     return SimpleNamespace(ddp=ddp, rank=rank, local_rank=local_rank, world_size=world_size, master=rank == 0,
                            device=device, device_type=device_type, autocast=autocast, scaler=scaler, dtype=dtype,
-                           accum_per_rank=accum_per_rank, seed=seed, out_dir=out_dir)
+                           accum_per_rank=accum_per_rank, seed=seed, out_dir=out_dir,
+                           steps=0, skipped_steps=torch.zeros((), device=device))  # optimizer steps taken/skipped
 
 
 def checkpoint_path(path, which='best'):
@@ -356,12 +357,13 @@ def start_from(ctx, init_from, init_checkpoint='best'):
 def adamw(params, learning_rate, weight_decay, betas, device_type, scaled=(), lr_scale=1.0):
     """AdamW with weight decay on matrices (Linear weights, embeddings, expert weights) and none on
     vectors (biases, norm gains), as in GPT-2/nanoGPT. `scaled` parameters learn at lr_scale x the
-    learning rate (PPO's critic); set_lr applies each group's lr_scale."""
+    learning rate (PPO's critic); set_lr applies each group's lr_scale. The fused kernel (CUDA and
+    CPU): one launch for all parameters, and it can skip a step on the device (optimizer_step)."""
     groups = []
     for members, scale in ((list(params), 1.0), (list(scaled), lr_scale)):
         groups += [{'params': [p for p in members if p.dim() >= 2], 'weight_decay': weight_decay, 'lr_scale': scale},
                    {'params': [p for p in members if p.dim() < 2], 'weight_decay': 0.0, 'lr_scale': scale}]
-    fused = device_type == 'cuda'  # the fused kernel: one launch for all parameters
+    fused = device_type in ('cuda', 'cpu')
     return torch.optim.AdamW([g for g in groups if g['params']], lr=learning_rate, betas=betas, fused=fused)
 
 
@@ -408,12 +410,21 @@ def sync_grads(ctx, model, last_micro_step):
 
 def optimizer_step(ctx, optimizer, params, grad_clip):
     """Unscale (fp16), clip to grad_clip (0 = no clipping), step, update the loss scale, zero the
-    grads. Returns the gradient norm before clipping (a tensor: no host sync)."""
+    grads. Returns the gradient norm before clipping (a tensor: no host sync).
+    A step whose gradient is not finite (a NaN or inf loss, an overflow) is skipped on the device,
+    with no host sync: the fused AdamW reads `found_inf` and leaves weights and moments as they
+    were (the fp16 GradScaler does the same with its own found_inf). ctx counts the skipped steps;
+    log_step reports them."""
     ctx.scaler.unscale_(optimizer)
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float('inf'))
+    found_inf = (~torch.isfinite(norm)).float()
+    if optimizer.defaults.get('fused') and not ctx.scaler.is_enabled():
+        optimizer.found_inf = found_inf
     ctx.scaler.step(optimizer)
     ctx.scaler.update()
     optimizer.zero_grad(set_to_none=True)
+    ctx.steps += 1
+    ctx.skipped_steps += found_inf
     return norm
 
 
@@ -445,6 +456,9 @@ def save(ctx, state_fn, best_val_loss, best=False, reason='latest'):
     if not ctx.master:
         return
     state = state_fn()
+    if not all(torch.isfinite(v).all() for v in state['model'].values() if v.is_floating_point()):
+        raise SystemExit(f"the weights at step {state['iter_num']} are not finite: not saved; the last good checkpoint "
+                         f"in {ctx.out_dir} is intact. Lower learning_rate or raise warmup_iters.")
     state['best_val_loss'] = best_val_loss
     save_checkpoint(state, os.path.join(ctx.out_dir, 'ckpt.pt'))
     if best:
@@ -487,7 +501,8 @@ def start_logging(ctx, config, resume, iter_num, wandb_log, wandb_project, wandb
                 os.remove(os.path.join(ctx.out_dir, 'best.pt'))
     wandb_run = init_wandb(wandb_log and ctx.master, wandb_project, wandb_run_name, config) or NoWandb()
     now = time.time()
-    log = SimpleNamespace(history=history, wandb=wandb_run, t_start=now, t_last=now, iter_last=iter_num)
+    log = SimpleNamespace(history=history, wandb=wandb_run, t_start=now, t_last=now, iter_last=iter_num,
+                          steps_last=ctx.steps, skipped_last=0)
     return log, StopFlag()
 
 
@@ -521,15 +536,23 @@ def log_step(ctx, log, iter_num, max_iters, metrics, dt, per_step=None, show=Non
     """Training metrics of a log step (floats; 'train/loss' first): one console line with the
     speed and the ETA (of the keys in `show`, default all), a history.jsonl row, wandb.
     per_step = (count, unit) processed per step, e.g. (tokens, 'tok'), shown per second.
-    A non-finite train/loss stops the run unsaved."""
-    loss = metrics.get('train/loss', 0.0)
-    if not math.isfinite(loss):
-        raise SystemExit(f"train loss is {loss} at step {iter_num}: stopping without saving; the last good "
-                         f"checkpoint in {ctx.out_dir} is intact. Lower learning_rate or raise warmup_iters.")
+    Skipped steps (non-finite gradients) are counted in train/skipped_steps; when every optimizer
+    step since the last log was skipped, training is stuck and stops unsaved."""
+    loss, skipped = metrics.get('train/loss', 0.0), int(ctx.skipped_steps.item())
+    window, window_skipped = ctx.steps - log.steps_last, skipped - log.skipped_last
+    log.steps_last, log.skipped_last = ctx.steps, skipped
+    if window and window_skipped == window:
+        raise SystemExit(f"train loss is {loss} at step {iter_num}, and all {window} optimizer steps since the last log "
+                         f"had non-finite gradients (skipped): stopping without saving; the last good checkpoint in "
+                         f"{ctx.out_dir} is intact. Lower learning_rate or raise warmup_iters.")
+    metrics = {**metrics, 'train/skipped_steps': float(skipped)}
     if not ctx.master:
         return
+    if window_skipped:
+        print(f"warning: {window_skipped} of the last {window} optimizer steps had non-finite gradients and were skipped")
     speed = f", {per_step[0] / dt:,.0f} {per_step[1]}/s" if per_step else ''
-    shown = [(k.split('/')[-1], v) for k, v in metrics.items() if show is None or k in show]
+    shown = [(k.split('/')[-1], v) for k, v in metrics.items()
+             if (show is None or k in show) and not (k == 'train/skipped_steps' and not v)]
     fields = ", ".join(f"{name} {v:.2e}" if name == 'lr' else f"{name} {v:.4f}" for name, v in shown)
     print(f"iter {iter_num}: {fields}, {dt * 1000:.0f} ms/step{speed}, eta {format_eta((max_iters - iter_num) * dt)}")
     _write_history(log, iter_num, 'train', metrics)

@@ -188,3 +188,35 @@ def test_rng_state_keeps_the_current_cuda_device_only(monkeypatch):
     monkeypatch.setattr(torch.cuda, 'set_rng_state_all', one_device)
     common.set_rng_state(common.rng_state())
     assert restored == [[7]]
+
+
+def test_a_step_with_a_non_finite_gradient_is_skipped_on_the_device_and_counted(tmp_path):
+    from model import GPT, GPTConfig
+    ctx = common.setup('cpu', 'float32', 0, str(tmp_path))
+    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32))
+    params = list(model.parameters())
+    optimizer = common.adamw(params, 1e-2, 0.1, (0.9, 0.95), 'cpu')
+    x = torch.randint(0, 64, (2, 16))
+
+    def step(poison):
+        model(x, x)[1].backward()
+        if poison:
+            params[0].grad[0, 0] = float('nan')
+        return common.optimizer_step(ctx, optimizer, params, grad_clip=1.0)
+
+    step(False)
+    before = [p.detach().clone() for p in params]
+    moments = [optimizer.state[p]['exp_avg'].clone() for p in params]
+    assert not torch.isfinite(step(True))
+    assert all(torch.equal(a, p) for a, p in zip(before, params))  # weights untouched
+    assert all(torch.equal(m, optimizer.state[p]['exp_avg']) for m, p in zip(moments, params))  # moments too
+    assert ctx.steps == 2 and ctx.skipped_steps.item() == 1
+    step(False)
+    assert not torch.equal(before[0], params[0]) and ctx.skipped_steps.item() == 1  # training goes on
+
+
+def test_non_finite_weights_are_never_saved(tmp_path):
+    ctx = common.setup('cpu', 'float32', 0, str(tmp_path))
+    with pytest.raises(SystemExit, match='are not finite: not saved'):
+        common.save(ctx, lambda: {'model': {'w': torch.tensor([1.0, float('inf')])}, 'iter_num': 3}, 1.0)
+    assert not os.path.exists(os.path.join(tmp_path, 'ckpt.pt'))
