@@ -536,12 +536,13 @@ def log_step(ctx, log, iter_num, max_iters, metrics, dt, per_step=None, show=Non
     """Training metrics of a log step (floats; 'train/loss' first): one console line with the
     speed and the ETA (of the keys in `show`, default all), a history.jsonl row, wandb.
     per_step = (count, unit) processed per step, e.g. (tokens, 'tok'), shown per second.
-    Skipped steps (non-finite gradients) are counted in train/skipped_steps; when every optimizer
-    step since the last log was skipped, training is stuck and stops unsaved."""
+    Skipped steps (non-finite gradients) are counted in train/skipped_steps. When the loss is not
+    finite and every optimizer step since the last log was skipped, training is stuck and stops
+    unsaved. (With a finite loss they are the fp16 GradScaler finding its scale, or a passing spike.)"""
     loss, skipped = metrics.get('train/loss', 0.0), int(ctx.skipped_steps.item())
     window, window_skipped = ctx.steps - log.steps_last, skipped - log.skipped_last
     log.steps_last, log.skipped_last = ctx.steps, skipped
-    if window and window_skipped == window:
+    if not math.isfinite(loss) and window and window_skipped == window:
         raise SystemExit(f"train loss is {loss} at step {iter_num}, and all {window} optimizer steps since the last log "
                          f"had non-finite gradients (skipped): stopping without saving; the last good checkpoint in "
                          f"{ctx.out_dir} is intact. Lower learning_rate or raise warmup_iters.")
