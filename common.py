@@ -383,13 +383,15 @@ def set_lr(optimizer, it, config):
 def resume_training(ctx, ckpt, optimizer, generator=None):
     """Restore what makes a resumed run continue the same curve: the optimizer, the fp16 loss scale
     the GradScaler had reached, the random streams. Only rank 0's torch stream is saved, so under
-    DDP each rank is re-seeded (by rank and step): ranks never share a stream (dropout, rollouts)."""
+    DDP each rank is re-seeded (by rank and step): ranks never share a stream (dropout, rollouts).
+    Returns (iter_num, best_val_loss) to continue from."""
     optimizer.load_state_dict(ckpt['optimizer'])
     if ckpt['scaler']:  # empty from a run outside fp16 (a disabled GradScaler saves nothing): start fresh
         ctx.scaler.load_state_dict(ckpt['scaler'])
     set_rng_state(ckpt['rng'], generator)
     if ctx.ddp:
         torch.manual_seed(ctx.seed + ctx.world_size * ckpt['iter_num'] + ctx.rank)
+    return ckpt['iter_num'], ckpt['best_val_loss']
 
 
 def wrap(ctx, model, compile_model):
@@ -477,12 +479,12 @@ def save(ctx, state_fn, best_val_loss, best=False, reason='latest'):
 def after_eval(ctx, log, iter_num, metrics, best_val_loss, trained, state):
     """Log an eval, then the one save decision: once this run has trained a step, ckpt.pt (the
     latest) at every eval, and best.pt as well when val/loss improved on the best so far.
-    state() builds the checkpoint. Returns (best val loss so far, improved)."""
+    state() builds the checkpoint. Returns the best val loss so far."""
     log_eval(ctx, log, iter_num, metrics)
     improved, best_val_loss = metrics['val/loss'] < best_val_loss, min(best_val_loss, metrics['val/loss'])
     if trained:
         save(ctx, state, best_val_loss, best=improved, reason='val loss improved' if improved else 'latest')
-    return best_val_loss, improved
+    return best_val_loss
 
 
 class NoWandb:

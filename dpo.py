@@ -146,10 +146,10 @@ if uses_reference and precompute_ref_logps:
         print(f"reference log-probs of {len(train['ids']) + len(val['ids']):,} pairs precomputed in {time.time() - t0:.1f} s")
 
 
-def pair_losses(logps, ref_logps, targets):
+def pair_losses(logps, ref_logps, counts):
     """Per-pair losses (B,) of loss_type, and the four scores it compared: (policy chosen, policy
-    rejected, reference chosen, reference rejected), per-token means where length_normalized."""
-    counts = losses.sequence_token_counts(targets)
+    rejected, reference chosen, reference rejected), per-token means where length_normalized.
+    counts (2B,): each row's answer tokens."""
     if length_normalized:
         logps, ref_logps = logps / counts.clamp(min=1), ref_logps / counts.clamp(min=1)
     chosen, rejected = logps.chunk(2)
@@ -165,10 +165,11 @@ def loss_fn(batch):
     """The loss of one micro-batch (+ RPO term, + MoE aux) and TRL's metrics."""
     rows, ids, targets = batch
     logps, aux_loss = answer_logps(model, ids, targets)
-    per_pair, scores = pair_losses(logps, reference_logps(train, rows, ids, targets), targets)
+    counts = losses.sequence_token_counts(targets)
+    per_pair, scores = pair_losses(logps, reference_logps(train, rows, ids, targets), counts)
     loss = per_pair.mean()
     if rpo_alpha:
-        loss = loss + rpo_alpha * losses.rpo_nll(logps[:len(rows)], (targets[:len(rows)] != -1).sum())
+        loss = loss + rpo_alpha * losses.rpo_nll(logps[:len(rows)], counts[:len(rows)].sum())
     if model_args['n_experts']:
         loss = loss + model_args['moe_aux_loss_coef'] * aux_loss
     return loss, losses.preference_metrics(*scores, beta)
@@ -179,8 +180,8 @@ iter_num, best_val_loss = 0, float('inf')
 params = [p for p in model.parameters() if p.requires_grad]
 optimizer = common.adamw(params, learning_rate, weight_decay, (beta1, beta2), ctx.device_type)
 if resume:
-    common.resume_training(ctx, ckpt, optimizer)  # batches are a function of the step: no data generator
-    iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
+    # batches are a function of the step: no data generator to restore
+    iter_num, best_val_loss = common.resume_training(ctx, ckpt, optimizer)
 ckpt = None
 raw_model = model
 model = common.wrap(ctx, model, compile_model)
@@ -194,7 +195,8 @@ def evaluate():
     batches = [with_targets(b) for b in preference.eval_batches(val, eval_pairs, batch_size, ctx.device)]
     per_pair, scores = [], []
     for rows, ids, targets in batches:
-        loss, four = pair_losses(answer_logps(raw_model, ids, targets)[0], reference_logps(val, rows, ids, targets), targets)
+        loss, four = pair_losses(answer_logps(raw_model, ids, targets)[0], reference_logps(val, rows, ids, targets),
+                                 losses.sequence_token_counts(targets))
         per_pair.append(loss)
         scores.append(torch.stack(four, 1))
     chosen, rejected, ref_chosen, ref_rejected = torch.cat(scores).unbind(1)
@@ -222,7 +224,7 @@ while True:
 
     # evaluate and checkpoint
     if iter_num % eval_interval == 0 or iter_num >= max_iters:
-        best_val_loss, _ = common.after_eval(ctx, log, iter_num, evaluate(), best_val_loss, iter_num > iter_start, state)
+        best_val_loss = common.after_eval(ctx, log, iter_num, evaluate(), best_val_loss, iter_num > iter_start, state)
     if iter_num >= max_iters:
         break
 

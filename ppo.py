@@ -231,8 +231,8 @@ optimizer = common.adamw([p for p in params if id(p) in actor_ids], learning_rat
                          ctx.device_type, scaled=[p for p in params if id(p) not in actor_ids],
                          lr_scale=(critic_learning_rate or learning_rate) / learning_rate)
 if resume:
-    common.resume_training(ctx, ckpt, optimizer, data_generator)
-    iter_num, kl_coef_now = ckpt['iter_num'], ckpt['kl_coef']
+    iter_num, _ = common.resume_training(ctx, ckpt, optimizer, data_generator)
+    kl_coef_now = ckpt['kl_coef']
 ckpt = sft_ckpt = critic_ckpt = None
 model = common.wrap(ctx, actor_critic, compile_model)
 

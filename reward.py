@@ -123,8 +123,8 @@ def loss_fn(batch):
 iter_num, best_val_loss = 0, float('inf')
 optimizer = common.adamw(params, learning_rate, weight_decay, (beta1, beta2), ctx.device_type)
 if resume:
-    common.resume_training(ctx, ckpt, optimizer)  # batches are a function of the step: no data generator
-    iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
+    # batches are a function of the step: no data generator to restore
+    iter_num, best_val_loss = common.resume_training(ctx, ckpt, optimizer)
 ckpt = None
 raw_model = model
 model = common.wrap(ctx, model, compile_model)
@@ -160,7 +160,7 @@ while True:
 
     # evaluate and checkpoint
     if iter_num % eval_interval == 0 or iter_num >= max_iters:
-        best_val_loss, _ = common.after_eval(ctx, log, iter_num, evaluate(), best_val_loss, iter_num > iter_start, state)
+        best_val_loss = common.after_eval(ctx, log, iter_num, evaluate(), best_val_loss, iter_num > iter_start, state)
     if iter_num >= max_iters:
         break
 

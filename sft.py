@@ -178,8 +178,7 @@ data_generator = torch.Generator().manual_seed(seed)
 params = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters only
 optimizer = common.adamw(params, learning_rate, weight_decay, (beta1, beta2), ctx.device_type)
 if resume:
-    common.resume_training(ctx, ckpt, optimizer, data_generator)
-    iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
+    iter_num, best_val_loss = common.resume_training(ctx, ckpt, optimizer, data_generator)
 ckpt = base = None
 raw_model = model
 model = common.wrap(ctx, model, compile_model)
@@ -214,7 +213,7 @@ while True:
 
     # evaluate and checkpoint
     if iter_num % eval_interval == 0 or iter_num >= max_iters:
-        best_val_loss, _ = common.after_eval(ctx, log, iter_num, evaluate(), best_val_loss, iter_num > iter_start, state)
+        best_val_loss = common.after_eval(ctx, log, iter_num, evaluate(), best_val_loss, iter_num > iter_start, state)
     if iter_num >= max_iters:
         break
 

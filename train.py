@@ -159,8 +159,7 @@ if ctx.master:
 params = [p for p in model.parameters() if p.requires_grad]
 optimizer = common.adamw(params, learning_rate, weight_decay, (beta1, beta2), ctx.device_type)
 if init_from == 'resume':
-    common.resume_training(ctx, ckpt, optimizer, data_generator)
-    iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
+    iter_num, best_val_loss = common.resume_training(ctx, ckpt, optimizer, data_generator)
     evals_without_improvement = ckpt.get('evals_without_improvement', 0)
 ckpt = None  # free the memory
 raw_model = model
@@ -210,7 +209,7 @@ while True:
         metrics = estimate_loss()
         if not (init_from == 'resume' and iter_num == iter_start):  # a resume re-evaluates the saved weights
             evals_without_improvement = 0 if metrics['val/loss'] < best_val_loss else evals_without_improvement + 1
-        best_val_loss, _ = common.after_eval(ctx, log, iter_num, metrics, best_val_loss, iter_num > iter_start, state)
+        best_val_loss = common.after_eval(ctx, log, iter_num, metrics, best_val_loss, iter_num > iter_start, state)
         if early_stop_patience and evals_without_improvement >= early_stop_patience:
             if ctx.master:
                 print(f"early stop: val loss has not improved for {early_stop_patience} evals")
