@@ -355,9 +355,10 @@ class GPT(nn.Module):
         if positions is None:
             positions = torch.arange(start, start + T, device=idx.device)
         if attn_mask is None and kv_cache is not None and start > 0 and T > 1:
-            # a chunk after a cached prefix: query i (at start+i) sees keys 0..start+i
-            keys = torch.arange(start + T, device=idx.device)
-            attn_mask = keys[None, :] <= positions[:, None]  # (T, S)
+            # a chunk after a cached prefix: the query in cache slot start+i sees slots 0..start+i.
+            # By slot, not by position: (B, T) positions (left-padded rows) are not slots.
+            slots = torch.arange(start + T, device=idx.device)
+            attn_mask = slots[None, :] <= slots[start:, None]  # (T, S), the same for every row
         assert start + T <= self.config.block_size, f"sequence of length {start + T} exceeds block_size {self.config.block_size}"
 
         x = self.transformer.wte(idx)  # (B, T, C)

@@ -51,6 +51,21 @@ def test_cached_decode_matches_full_forward(kw):
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
+def test_chunk_after_cached_prefix_with_per_row_positions():
+    """(B, T) positions (each row its own offsets, as a left-padded batch has) on a chunk after a
+    cached prefix: the automatic mask is causal by cache slot and the logits match a full forward
+    with the same positions (it crashed: the mask was built from the (B, T) positions)."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config()).eval()
+    x = torch.randint(0, 64, (2, 12))
+    positions = torch.arange(12)[None, :] + torch.tensor([[0], [3]])  # row 1 starts at position 3
+    full, _ = model(x, positions=positions)
+    cache = KVCache(model.config, 2, 32, 'cpu', torch.float32)
+    first, _ = model(x[:, :5], positions=positions[:, :5], kv_cache=cache)
+    chunk, _ = model(x[:, 5:], positions=positions[:, 5:], kv_cache=cache)
+    torch.testing.assert_close(torch.cat([first, chunk], dim=1), full, atol=1e-5, rtol=1e-5)
+
+
 def test_generate_with_cache_equals_without():
     torch.manual_seed(0)
     model = GPT(tiny_config(n_kv_head=2)).eval()
