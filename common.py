@@ -19,6 +19,7 @@ starts from best.pt by default (init_checkpoint='latest' takes ckpt.pt). Each ch
 its `parent`: the checkpoint file its run started from (DPO's and PPO's reference, LoRA's base).
 """
 
+import datetime
 import json
 import math
 import os
@@ -46,6 +47,9 @@ def autodetect_device():
     return 'cpu'
 
 
+DIST_TIMEOUT = datetime.timedelta(minutes=10)  # longer than any eval or save rank 0 makes the others wait for
+
+
 def setup_distributed(device):
     """Under torchrun (RANK set) start a process group: nccl on CUDA, gloo on CPU.
     Returns (ddp, rank, local_rank, world_size, device)."""
@@ -57,7 +61,8 @@ def setup_distributed(device):
     if device.startswith('cuda'):
         device = f'cuda:{local_rank}'
         torch.cuda.set_device(device)
-    dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+    # a collective that waits longer than this for a peer fails (default 30 min); see README, Multi-node
+    dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo', timeout=DIST_TIMEOUT)
     return True, rank, local_rank, world_size, device
 
 
@@ -242,30 +247,48 @@ def packed_attention(doc):
 # ----------------------------------------------------------------------------- stopping
 
 class StopFlag:
-    """Set by SIGINT/SIGTERM; the training loop checks it between steps, saves and exits cleanly
-    (a second Ctrl-C interrupts at once)."""
+    """Set by SIGINT/SIGTERM; the training loop asks requested() after every step, then saves and
+    exits cleanly. Alone, a second Ctrl-C interrupts at once. Under torchrun a rank gets the
+    signal twice (from the terminal, then forwarded by torchrun), and torchrun kills every rank
+    30 s later: there repeats are ignored, and the ranks must agree on the step they stop at
+    well within those 30 s, whatever log_interval is."""
 
-    def __init__(self):
-        self.stop = False
+    def __init__(self, ddp=False):
+        self.stop, self.ddp = False, ddp
+        self.vote, self.pending = None, None  # under DDP: the vote in flight (see requested)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._handler)
 
     def _handler(self, signum, frame):
-        if self.stop:
+        if self.stop and not self.ddp:
             raise KeyboardInterrupt
-        print(f"\n{signal.Signals(signum).name} received: finishing this step, saving a checkpoint, then exiting")
+        if not self.stop:
+            print(f"\n{signal.Signals(signum).name} received: finishing this step, saving a checkpoint, then exiting")
         self.stop = True
 
-    def requested(self, ctx, iter_num, log_interval):
-        """True on every rank if any rank was signalled: ranks must leave the loop together. Under
-        DDP the ranks agree at log steps only (an all-reduce is a host sync); alone, at once."""
+    def requested(self, ctx):
+        """True on every rank if any rank was signalled: ranks must leave the loop together.
+        Under DDP every step starts a vote (an all-reduce of one CPU number on a gloo side group,
+        asynchronous: no GPU sync, no stall) and reads the vote of the step before, which has long
+        finished: all ranks read the same result at the same step, one step after the signal."""
         if not ctx.ddp:
             return self.stop
-        if iter_num % log_interval:
+        decided = self._result()
+        if not decided:
+            self.vote = torch.tensor([float(self.stop)])
+            self.pending = dist.all_reduce(self.vote, op=dist.ReduceOp.MAX, group=ctx.stop_group, async_op=True)
+        return decided
+
+    def _result(self):
+        if self.pending is None:
             return False
-        flag = torch.tensor([float(self.stop)], device=ctx.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        self.pending.wait()
+        self.pending = None
+        return bool(self.vote.item())
+
+    def close(self):
+        """Finish the vote in flight (every rank started it) before the process group goes."""
+        self._result()
 
 
 # ----------------------------------------------------------------------------- logging
@@ -305,6 +328,8 @@ def setup(device, dtype, seed, out_dir, gradient_accumulation_steps=None):
     GradScaler, out_dir. gradient_accumulation_steps is the total over ranks (as in nanoGPT), so a
     run's batch does not depend on the number of ranks. Returns a namespace of these facts."""
     ddp, rank, local_rank, world_size, device = setup_distributed(device)
+    # the stop vote's group: gloo on CPU tensors even where training uses nccl (see StopFlag)
+    stop_group = dist.new_group(backend='gloo') if ddp else None
     accum_per_rank = None
     if gradient_accumulation_steps is not None:
         if gradient_accumulation_steps % world_size:
@@ -321,7 +346,7 @@ def setup(device, dtype, seed, out_dir, gradient_accumulation_steps=None):
         os.makedirs(out_dir, exist_ok=True)
     return SimpleNamespace(ddp=ddp, rank=rank, local_rank=local_rank, world_size=world_size, master=rank == 0,
                            device=device, device_type=device_type, autocast=autocast, scaler=scaler, dtype=dtype,
-                           accum_per_rank=accum_per_rank, seed=seed, out_dir=out_dir,
+                           accum_per_rank=accum_per_rank, seed=seed, out_dir=out_dir, stop_group=stop_group,
                            steps=0, skipped_steps=torch.zeros((), device=device))  # optimizer steps taken/skipped
 
 
@@ -511,9 +536,10 @@ def start_logging(ctx, config, resume, iter_num, wandb_log, wandb_project, wandb
                 os.remove(os.path.join(ctx.out_dir, 'best.pt'))
     wandb_run = init_wandb(wandb_log and ctx.master, wandb_project, wandb_run_name, config) or NoWandb()
     now = time.time()
+    stop = StopFlag(ctx.ddp)
     log = SimpleNamespace(history=history, wandb=wandb_run, t_start=now, t_last=now, iter_last=iter_num,
-                          steps_last=ctx.steps, skipped_last=0)
-    return log, StopFlag()
+                          steps_last=ctx.steps, skipped_last=0, stop=stop)
+    return log, stop
 
 
 def _write_history(log, iter_num, kind, metrics):
@@ -576,6 +602,7 @@ def finish(ctx, log, interrupted, summary):
     if ctx.master:
         print(f"done: {summary} in {time.time() - log.t_start:.1f} s")
         log.wandb.finish()
+    log.stop.close()
     cleanup_distributed(ctx.ddp)
     if interrupted:
         sys.exit(130)

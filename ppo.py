@@ -402,7 +402,7 @@ while True:
         common.log_step(ctx, log, iter_num, max_iters, metrics, common.step_time(log, iter_num),
                         (n_rollouts * ctx.world_size, 'rollouts'), show=CONSOLE_KEYS[algorithm])
 
-    if stop.requested(ctx, iter_num, 1):  # every iteration: one sync beside the many of an iteration
+    if stop.requested(ctx):
         common.save(ctx, state, None, reason='interrupted')
         interrupted = True
         break

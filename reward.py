@@ -182,7 +182,7 @@ while True:
         common.log_step(ctx, log, iter_num, max_iters, metrics, common.step_time(log, iter_num),
                         (gradient_accumulation_steps * batch_size, 'pairs'))
 
-    if stop.requested(ctx, iter_num, log_interval):
+    if stop.requested(ctx):
         common.save(ctx, state, best_val_loss, reason='interrupted')
         interrupted = True
         break

@@ -232,7 +232,7 @@ while True:
         tokens = gradient_accumulation_steps * batch_size * max_seq_len
         common.log_step(ctx, log, iter_num, max_iters, metrics, common.step_time(log, iter_num), (tokens, 'tok'))
 
-    if stop.requested(ctx, iter_num, log_interval):
+    if stop.requested(ctx):
         common.save(ctx, state, best_val_loss, reason='interrupted')
         interrupted = True
         break

@@ -242,7 +242,7 @@ while True:
         common.log_step(ctx, log, iter_num, max_iters, metrics, dt, (tokens_per_iter, 'tok'))
 
     # Ctrl-C / SIGTERM: save and leave cleanly
-    if stop.requested(ctx, iter_num, log_interval):
+    if stop.requested(ctx):
         common.save(ctx, state, best_val_loss, reason='interrupted')
         interrupted = True
         break

@@ -184,3 +184,34 @@ def test_ddp_eval_with_fewer_eval_batches_than_ranks_does_not_hang(tiny_data_dir
         os.killpg(proc.pid, signal.SIGKILL)  # the ranks too, not only torchrun
         raise AssertionError("2 ranks with eval_iters=1 hung (a collective that rank 1 never joins)")
     assert proc.returncode == 0 and 'step 4: val/loss' in output, output[-3000:]
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_torchrun_saves_well_within_its_kill_window(tiny_data_dir, tmp_path):
+    """torchrun forwards a SIGINT to every rank and SIGKILLs them 30 s later: the ranks must agree
+    to stop and save well before that, even when the next log step is far away (they agreed at
+    log steps only, so a run with a long log_interval was killed unsaved)."""
+    data_root, dataset = tiny_data_dir
+    out = str(tmp_path / 'ddp')
+    proc = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                             'train.py', f'--data_root={data_root}', f'--dataset={dataset}', f'--out_dir={out}', *TINY,
+                             '--max_iters=1000000', '--eval_interval=1000000', '--log_interval=1000000',
+                             '--gradient_accumulation_steps=2'],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, 'OMP_NUM_THREADS': '1'}, start_new_session=True)
+    try:
+        for line in proc.stdout:  # rank 0 has evaluated step 0: the ranks are in the loop
+            if line.startswith('step 0:'):
+                break
+        time.sleep(2)  # some steps
+        t0 = time.time()
+        proc.send_signal(signal.SIGINT)  # to torchrun only: it forwards the signal to the ranks
+        output, _ = proc.communicate(timeout=60)
+        elapsed = time.time() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert '(interrupted)' in output, output[-3000:]
+    assert elapsed < 15, f"took {elapsed:.0f} s to stop (torchrun kills at 30 s)"
+    ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+    assert ckpt['iter_num'] > 0
