@@ -463,6 +463,14 @@ def optimizer_step(ctx, optimizer, params, grad_clip):
     return norm
 
 
+def sum_over_ranks(ctx, x):
+    """x (a tensor) summed over the ranks (a collective: call it on every rank)."""
+    if ctx.ddp:
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
 def mean_over_ranks(ctx, x):
     """x (a tensor) averaged over the ranks (a collective: call it on every rank)."""
     if ctx.ddp:

@@ -188,9 +188,14 @@ model = common.wrap(ctx, model, compile_model)
 def evaluate():
     """Held-out loss on assistant tokens, then task metrics by greedy generation."""
     model.eval()
-    generator = torch.Generator().manual_seed(seed + 1)
-    losses = [forward(model, x, y, d) for x, y, d in get_batch(val_ids, val_tgt, val_doc, generator, eval_iters)]
-    metrics = {'val/loss': common.mean_over_ranks(ctx, torch.stack(losses).mean()).item()}
+    # eval_iters fixed batches, the same whatever the number of ranks, shared out between them
+    ix = torch.randint(len(val_ids), (eval_iters, batch_size), generator=torch.Generator().manual_seed(seed + 1))
+    total = torch.zeros(2, device=ctx.device)  # (sum of batch losses, batches)
+    for r in ix[ctx.rank::ctx.world_size]:
+        loss = forward(model, val_ids[r].to(ctx.device), val_tgt[r].to(ctx.device), val_doc[r].to(ctx.device))
+        total += torch.stack([loss.float(), torch.ones((), device=ctx.device)])
+    total = common.sum_over_ranks(ctx, total)
+    metrics = {'val/loss': (total[0] / total[1]).item()}
     if eval_items_per_task and task_items and ctx.master:
         metrics.update({f'val/{k}': v for k, v in evals.task_metrics(raw_model, tokenizer, task_items, eval_items_per_task).items()})
     model.train()

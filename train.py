@@ -180,8 +180,7 @@ def estimate_loss():
             with ctx.autocast:
                 _, loss = model(*windows(data, rows))
             total += torch.stack([loss.float(), torch.ones((), device=ctx.device)])
-        if ctx.ddp:
-            torch.distributed.all_reduce(total)
+        total = common.sum_over_ranks(ctx, total)
         out[split] = (total[0] / total[1]).item()
     model.train()
     bpb = out['val'] / math.log(2) / bytes_per_token if bytes_per_token else float('nan')
