@@ -31,9 +31,12 @@ from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import GPT, GPTConfig
+from model import GPT, Block, GPTConfig
 from tokenizer import Tokenizer
 
 
@@ -322,12 +325,22 @@ def format_eta(seconds):
 
 # ----------------------------------------------------------------------------- a stage's life
 
-def setup(device, dtype, seed, out_dir, gradient_accumulation_steps=None):
-    """DDP (under torchrun), the device, a per-rank seed (dropout and sampling differ per rank;
-    data order comes from seeded generators that every rank shares), TF32 on CUDA, autocast and
-    GradScaler, out_dir. gradient_accumulation_steps is the total over ranks (as in nanoGPT), so a
-    run's batch does not depend on the number of ranks. Returns a namespace of these facts."""
+def setup(device, dtype, seed, out_dir, gradient_accumulation_steps=None, parallel='ddp'):
+    """The process group (under torchrun), the device, a per-rank seed (dropout and sampling
+    differ per rank; data order comes from seeded generators that every rank shares), TF32 on
+    CUDA, autocast and GradScaler, out_dir. gradient_accumulation_steps is the total over ranks
+    (as in nanoGPT), so a run's batch does not depend on the number of ranks. parallel: 'ddp'
+    (each rank holds the whole model and optimizer) | 'fsdp' (FSDP2: sharded over the ranks, see
+    shard()). Returns a namespace of these facts; ctx.ddp is True under torchrun either way."""
+    if parallel not in ('ddp', 'fsdp'):
+        raise SystemExit(f"parallel={parallel!r}: use 'ddp' or 'fsdp'")
     ddp, rank, local_rank, world_size, device = setup_distributed(device)
+    if parallel == 'fsdp' and not ddp:
+        raise SystemExit("parallel='fsdp' shards the model over the ranks of torchrun: launch with "
+                         "`torchrun --nproc_per_node=N` (N=1 works), or use parallel='ddp'")
+    if parallel == 'fsdp' and dtype == 'float16':
+        raise SystemExit("parallel='fsdp' with dtype='float16' is not supported (the loss scaler would skip steps per "
+                         "shard): use dtype='bfloat16'")
     # the stop vote's group: gloo on CPU tensors even where training uses nccl (see StopFlag)
     stop_group = dist.new_group(backend='gloo') if ddp else None
     accum_per_rank = None
@@ -347,6 +360,7 @@ def setup(device, dtype, seed, out_dir, gradient_accumulation_steps=None):
     return SimpleNamespace(ddp=ddp, rank=rank, local_rank=local_rank, world_size=world_size, master=rank == 0,
                            device=device, device_type=device_type, autocast=autocast, scaler=scaler, dtype=dtype,
                            accum_per_rank=accum_per_rank, seed=seed, out_dir=out_dir, stop_group=stop_group,
+                           fsdp=parallel == 'fsdp', sharded=None,  # shard(): the FSDP root module
                            steps=0, skipped_steps=torch.zeros((), device=device))  # optimizer steps taken/skipped
 
 
@@ -410,7 +424,7 @@ def resume_training(ctx, ckpt, optimizer, generator=None):
     the GradScaler had reached, the random streams. Only rank 0's torch stream is saved, so under
     DDP each rank is re-seeded (by rank and step): ranks never share a stream (dropout, rollouts).
     Returns (iter_num, best_val_loss) to continue from."""
-    optimizer.load_state_dict(ckpt['optimizer'])
+    load_optimizer_state(ctx, optimizer, ckpt['optimizer'])
     if ckpt['scaler']:  # empty from a run outside fp16 (a disabled GradScaler saves nothing): start fresh
         ctx.scaler.load_state_dict(ckpt['scaler'])
     set_rng_state(ckpt['rng'], generator)
@@ -419,13 +433,35 @@ def resume_training(ctx, ckpt, optimizer, generator=None):
     return ckpt['iter_num'], ckpt['best_val_loss']
 
 
+def shard(ctx, model):
+    """parallel='fsdp': FSDP2 shards the parameters, gradients and optimizer state over the ranks
+    (each holds 1/N), in place. Each transformer block is its own unit, gathered just before it
+    runs and freed after; the embedding, head and final norm form the root unit (torchtitan's
+    recipe). On the GPU in bf16, parameters are cast to bf16 for compute and gradients reduced in
+    fp32. Call it before the optimizer is built: the parameters become sharded DTensors. Under
+    DDP it does nothing (wrap() adds DDP)."""
+    if not ctx.fsdp:
+        return model
+    with torch.no_grad():  # rank 0's weights everywhere (each rank initialised with its own seed), as DDP does
+        for tensor in model.state_dict().values():
+            dist.broadcast(tensor, 0)
+    half = ctx.device_type == 'cuda' and ctx.dtype == 'bfloat16'
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if half else MixedPrecisionPolicy()
+    for block in [m for m in model.modules() if isinstance(m, Block)]:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    ctx.sharded = model
+    return model
+
+
 def wrap(ctx, model, compile_model):
-    """torch.compile (optional), then DDP under torchrun. Keep the unwrapped model for saving."""
+    """torch.compile (optional), then DDP under torchrun (FSDP: shard() did it). Keep the
+    unwrapped model for saving."""
     if compile_model:
         if ctx.master:
             print("compiling the model (the first step takes a while)...")
         model = torch.compile(model)
-    if ctx.ddp:
+    if ctx.ddp and not ctx.fsdp:
         # broadcast_buffers=False: the only buffers are the RoPE tables, the same on every rank; the
         # broadcast would cost a collective per forward and hang an eval where some rank has no batch
         model = DDP(model, device_ids=[ctx.local_rank] if ctx.device_type == 'cuda' else None, broadcast_buffers=False)
@@ -433,8 +469,11 @@ def wrap(ctx, model, compile_model):
 
 
 def sync_grads(ctx, model, last_micro_step):
-    """DDP all-reduces gradients on the last micro-step of an optimizer step only."""
-    if ctx.ddp:
+    """Gradients are all-reduced (DDP) or reduce-scattered (FSDP) on the last micro-step of an
+    optimizer step only."""
+    if ctx.fsdp:
+        ctx.sharded.set_requires_gradient_sync(last_micro_step)
+    elif ctx.ddp:
         model.require_backward_grad_sync = last_micro_step
 
 
@@ -448,6 +487,8 @@ def optimizer_step(ctx, optimizer, params, grad_clip):
     log_step reports them."""
     ctx.scaler.unscale_(optimizer)
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float('inf'))
+    if isinstance(norm, DTensor):  # FSDP: the norm over all shards, the same on every rank
+        norm = norm.full_tensor()
     found_inf = (~torch.isfinite(norm)).float()
     if ctx.scaler.is_enabled():
         ctx.scaler.step(optimizer)  # skips a non-finite step itself
@@ -471,6 +512,16 @@ def sum_over_ranks(ctx, x):
     return x
 
 
+def rank_share(ctx, items):
+    """This rank's share of `items` (every world_size-th) as (item, weight) pairs, weight 1. Under
+    FSDP every forward is a collective, so every rank must make as many: a rank short of one
+    gets the first item again with weight 0 (its result is not counted)."""
+    mine = [(item, 1.0) for item in items[ctx.rank::ctx.world_size]]
+    if ctx.fsdp:
+        mine += [(items[0], 0.0)] * (-(-len(items) // ctx.world_size) - len(mine))
+    return mine
+
+
 def mean_over_ranks(ctx, x):
     """x (a tensor) averaged over the ranks (a collective: call it on every rank)."""
     if ctx.ddp:
@@ -480,25 +531,63 @@ def mean_over_ranks(ctx, x):
     return x
 
 
+def model_state(ctx, module):
+    """module.state_dict() with whole tensors: under FSDP each sharded tensor is gathered from the
+    ranks (a collective: every rank calls it), so any single process can load the checkpoint."""
+    state = module.state_dict()
+    if ctx.fsdp:
+        state = {k: v.full_tensor().cpu() if isinstance(v, DTensor) else v for k, v in state.items()}
+    return state
+
+
+def optimizer_state(ctx, optimizer):
+    """optimizer.state_dict(), the same layout under FSDP (where the state is gathered from the
+    shards, a collective): parameters numbered in param_groups order. So a checkpoint resumes
+    under FSDP, DDP or alone, whatever wrote it."""
+    if not ctx.fsdp:
+        return optimizer.state_dict()
+    full = get_optimizer_state_dict(ctx.sharded, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not ctx.master:
+        return None  # only rank 0 receives the gathered state
+    index, groups = {}, []
+    for group in full['param_groups']:
+        groups.append({**group, 'params': [index.setdefault(name, len(index)) for name in group['params']]})
+    return {'state': {index[name]: s for name, s in full['state'].items()}, 'param_groups': groups}
+
+
+def load_optimizer_state(ctx, optimizer, state):
+    """The inverse of optimizer_state: under FSDP each rank keeps its shard of the saved state."""
+    if not ctx.fsdp:
+        return optimizer.load_state_dict(state)
+    name_of = {id(p): name for name, p in ctx.sharded.named_parameters()}
+    names = [name_of[id(p)] for group in optimizer.param_groups for p in group['params']]
+    full = {'state': {names[i]: s for i, s in state['state'].items()},
+            'param_groups': [{**group, 'params': [names[i] for i in group['params']]} for group in state['param_groups']]}
+    set_optimizer_state_dict(ctx.sharded, optimizer, full, options=StateDictOptions(full_state_dict=True))
+
+
 def checkpoint(ctx, stage, model_state, model_args, tokenizer, config, parent, dataset, optimizer, iter_num,
                generator=None, **extra):
     """The one checkpoint layout: what a sample needs (model, model_args, tokenizer, stage), the
     lineage (config as the user ran it, parent, the pretraining dataset), what a resume needs
     (optimizer, loss scale, random streams, iter_num; save() adds best_val_loss), and the stage's
-    extras (reward head, LoRA adapters, value head, ...)."""
+    extras (reward head, LoRA adapters, value head, ...). model_state: from model_state()."""
     return {'stage': stage, 'model': model_state, 'model_args': model_args, 'tokenizer': tokenizer.spec,
             'tokenizer_identity': tokenizer.identity, 'config': config, 'parent': parent, 'dataset': dataset,
-            'optimizer': optimizer.state_dict(), 'scaler': ctx.scaler.state_dict(), 'rng': rng_state(generator),
+            'optimizer': optimizer_state(ctx, optimizer), 'scaler': ctx.scaler.state_dict(), 'rng': rng_state(generator),
             'iter_num': iter_num, **extra}
 
 
 def save(ctx, state_fn, best_val_loss, best=False, reason='latest'):
     """Rank 0 builds the checkpoint (state_fn(): the stage's checkpoint(...) call) and writes it to
     out_dir/ckpt.pt (the latest) and, when best, to out_dir/best.pt without the optimizer (the
-    weights the next stage starts from). Each write is atomic."""
-    if not ctx.master:
+    weights the next stage starts from). Each write is atomic. Under FSDP every rank builds it
+    (gathering the shards is a collective); rank 0 writes it."""
+    if not ctx.master and not ctx.fsdp:
         return
     state = state_fn()
+    if not ctx.master:
+        return
     if not all(torch.isfinite(v).all() for v in state['model'].values() if v.is_floating_point()):
         raise SystemExit(f"the weights at step {state['iter_num']} are not finite: not saved; the last good checkpoint "
                          f"in {ctx.out_dir} is intact. Lower learning_rate or raise warmup_iters.")

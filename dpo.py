@@ -72,6 +72,7 @@ dropout = 0.0  # > 0 makes policy and reference differ at step 0
 device = 'auto'
 dtype = 'auto'
 compile_model = False
+parallel = 'ddp'  # under torchrun: 'ddp' (every rank holds the whole model) | 'fsdp' (FSDP2: sharded over the ranks)
 seed = 1337
 config = configure(globals())  # overrides from config files and --key=value arguments
 # -----------------------------------------------------------------------------
@@ -84,7 +85,7 @@ if reference not in ('model', 'none'):
     raise SystemExit(f"reference={reference!r}: use 'model' or 'none'")
 uses_reference = reference == 'model' and loss_type in losses.LOSS_TYPES
 length_normalized = loss_type in losses.REFERENCE_FREE_LOSS_TYPES or (loss_type == 'ipo' and ipo_length_normalize)
-ctx = common.setup(device, dtype, seed, out_dir, gradient_accumulation_steps)
+ctx = common.setup(device, dtype, seed, out_dir, gradient_accumulation_steps, parallel)
 
 # policy, reference and tokenizer: the reference is always the checkpoint the run started from
 resume = init_from == 'resume'
@@ -92,6 +93,7 @@ ckpt, parent = common.start_from(ctx, init_from, init_checkpoint)
 pretrain_dataset = ckpt.get('dataset')  # carried forward, for eval.py's loss/bpb
 tokenizer = common.tokenizer_from_checkpoint(ckpt)
 model = common.model_from_checkpoint(ckpt, dropout=dropout).to(ctx.device)
+common.shard(ctx, model)  # FSDP only; the frozen reference stays whole on every rank
 ref_model = None
 if uses_reference:
     ref_model = common.model_from_checkpoint(common.load_checkpoint(parent) if resume else ckpt)
@@ -204,14 +206,14 @@ def evaluate():
     metrics.update({f'val/{k}': float(v) for k, v in losses.preference_metrics(chosen, rejected, ref_chosen, ref_rejected, beta).items()})
     correct = chosen - ref_chosen > rejected - ref_rejected
     metrics.update(preference.accuracy_by_task(correct, val, torch.cat([b[0] for b in batches]), 'val/rewards/accuracies_'))
-    if eval_items_per_task and task_items and ctx.master:
+    if eval_items_per_task and task_items and (ctx.master or ctx.fsdp):  # FSDP: every rank joins the forwards
         metrics.update({f'val/{k}': v for k, v in evals.task_metrics(raw_model, tokenizer, task_items, eval_items_per_task).items()})
     model.train()
     return metrics
 
 
 def state():
-    return common.checkpoint(ctx, 'dpo', raw_model.state_dict(), model_args, tokenizer, config, parent,
+    return common.checkpoint(ctx, 'dpo', common.model_state(ctx, raw_model), model_args, tokenizer, config, parent,
                              pretrain_dataset, optimizer, iter_num)
 
 

@@ -81,16 +81,17 @@ def lora_state_dict(model):
     return {k: v for k, v in model.state_dict().items() if 'lora_' in k}
 
 
-def merged_state_dict(model):
+def merged_state_dict(model, state=None):
     """The state dict the merged model would have, without changing `model` (for checkpoints
-    that any script can load as a plain GPT while training goes on)."""
-    state = dict(model.state_dict())
+    that any script can load as a plain GPT while training goes on). state: model's state dict
+    as it is to be saved (default model.state_dict(); under FSDP the gathered one)."""
+    state = dict(model.state_dict() if state is None else state)
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear):
             prefix = name + '.' if name else ''
             weight = state.pop(prefix + 'base.weight')
-            state[prefix + 'weight'] = weight + module.scale * (module.lora_B @ module.lora_A).detach().to(weight.dtype)
+            lora_A, lora_B = state.pop(prefix + 'lora_A'), state.pop(prefix + 'lora_B')
+            state[prefix + 'weight'] = weight + module.scale * (lora_B @ lora_A).detach().to(weight.dtype)
             if prefix + 'base.bias' in state:
                 state[prefix + 'bias'] = state.pop(prefix + 'base.bias')
-            del state[prefix + 'lora_A'], state[prefix + 'lora_B']
     return state

@@ -320,7 +320,8 @@ class GPT(nn.Module):
         n = self.get_num_params()
         cfg = self.config
         if cfg.n_experts:
-            per_expert = sum(b.mlp.w_in[0].numel() + b.mlp.w_out[0].numel() for b in self.transformer.h)
+            # from the sizes, not by indexing: under FSDP the weights are sharded and indexing is a collective
+            per_expert = sum((b.mlp.w_in.numel() + b.mlp.w_out.numel()) // cfg.n_experts for b in self.transformer.h)
             n -= (cfg.n_experts - cfg.n_experts_active) * per_expert
         return n
 

@@ -101,6 +101,7 @@ grad_clip = 1.0
 device = 'auto'
 dtype = 'auto'
 compile_model = False
+parallel = 'ddp'  # under torchrun: 'ddp' only for now (see below)
 seed = 1337
 config = configure(globals())  # overrides from config files and --key=value arguments
 # -----------------------------------------------------------------------------
@@ -125,6 +126,9 @@ if critic_init == 'reward' and share_backbone:
     raise SystemExit("critic_init='reward' needs the critic's own transformer: with share_backbone=True the value "
                      "head sits on the policy; set share_backbone=False, or critic_init='policy'")
 
+if parallel != 'ddp':  # each rank's rollouts stop at their own length: a sharded forward needs every rank in step
+    raise SystemExit(f"parallel={parallel!r}: ppo.py runs under DDP only (rollouts of different lengths per rank "
+                     f"cannot share FSDP's collectives); use parallel='ddp'")
 ctx = common.setup(device, dtype, seed, out_dir)  # each rank samples its own rollouts (its own seed)
 device = ctx.device
 

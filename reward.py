@@ -60,11 +60,12 @@ dropout = 0.0
 device = 'auto'
 dtype = 'auto'
 compile_model = False
+parallel = 'ddp'  # under torchrun: 'ddp' (every rank holds the whole model) | 'fsdp' (FSDP2: sharded over the ranks)
 seed = 1337
 config = configure(globals())  # overrides from config files and --key=value arguments
 # -----------------------------------------------------------------------------
 
-ctx = common.setup(device, dtype, seed, out_dir, gradient_accumulation_steps)
+ctx = common.setup(device, dtype, seed, out_dir, gradient_accumulation_steps, parallel)
 
 # model and tokenizer: the backbone of the previous stage and a new head, or all resumed
 resume = init_from == 'resume'
@@ -86,6 +87,7 @@ if freeze_backbone:
 if not model.backbone.config.tie_embeddings and not lm_coef:
     model.backbone.lm_head.requires_grad_(False)  # unused here (and DDP rejects unused parameters)
 model.to(ctx.device)
+common.shard(ctx, model)  # FSDP only
 model_args = model.backbone.config.to_dict()
 params = [p for p in model.parameters() if p.requires_grad]
 if ctx.master:
@@ -146,9 +148,9 @@ def evaluate():
 
 
 def state():
-    return common.checkpoint(ctx, 'reward', raw_model.backbone.state_dict(), model_args, tokenizer, config, parent,
+    return common.checkpoint(ctx, 'reward', common.model_state(ctx, raw_model.backbone), model_args, tokenizer, config, parent,
                              pretrain_dataset, optimizer, iter_num,
-                             reward_head=raw_model.head.state_dict(), reward_lm_coef=lm_coef)
+                             reward_head=common.model_state(ctx, raw_model.head), reward_lm_coef=lm_coef)
 
 
 log, stop = common.start_logging(ctx, config, resume, iter_num, wandb_log, wandb_project, wandb_run_name)

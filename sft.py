@@ -18,7 +18,7 @@ import data
 import evals
 import tasks
 from configurator import configure
-from lora import apply_lora, lora_state_dict, merged_state_dict
+from lora import apply_lora, merged_state_dict
 
 # ----------------------------------------------------------------------------- config
 # I/O
@@ -66,12 +66,13 @@ dropout = 0.0
 device = 'auto'
 dtype = 'auto'
 compile_model = False
+parallel = 'ddp'  # under torchrun: 'ddp' (every rank holds the whole model) | 'fsdp' (FSDP2: sharded over the ranks)
 seed = 1337
 config = configure(globals())  # overrides from config files and --key=value arguments
 # -----------------------------------------------------------------------------
 
 SYSTEM_PROMPTS = ['You are a helpful assistant.', 'Answer briefly.', 'You are a concise, friendly assistant.']
-ctx = common.setup(device, dtype, seed, out_dir, gradient_accumulation_steps)
+ctx = common.setup(device, dtype, seed, out_dir, gradient_accumulation_steps, parallel)
 
 # model and tokenizer: from the previous stage, or resumed
 resume = init_from == 'resume'
@@ -94,6 +95,7 @@ if lora_rank:
 else:
     n_train = sum(p.numel() for p in model.parameters())
 model.to(ctx.device)
+common.shard(ctx, model)  # FSDP only
 model_args = model.config.to_dict()
 if ctx.master:
     print(f"model from {init_from}: {model.get_num_params() / 1e6:.2f}M params, training {n_train / 1e6:.3f}M"
@@ -191,20 +193,21 @@ def evaluate():
     # eval_iters fixed batches, the same whatever the number of ranks, shared out between them
     ix = torch.randint(len(val_ids), (eval_iters, batch_size), generator=torch.Generator().manual_seed(seed + 1))
     total = torch.zeros(2, device=ctx.device)  # (sum of batch losses, batches)
-    for r in ix[ctx.rank::ctx.world_size]:
+    for r, weight in common.rank_share(ctx, ix):
         loss = forward(model, val_ids[r].to(ctx.device), val_tgt[r].to(ctx.device), val_doc[r].to(ctx.device))
-        total += torch.stack([loss.float(), torch.ones((), device=ctx.device)])
+        total += weight * torch.stack([loss.float(), torch.ones((), device=ctx.device)])
     total = common.sum_over_ranks(ctx, total)
     metrics = {'val/loss': (total[0] / total[1]).item()}
-    if eval_items_per_task and task_items and ctx.master:
+    if eval_items_per_task and task_items and (ctx.master or ctx.fsdp):  # FSDP: every rank joins the forwards
         metrics.update({f'val/{k}': v for k, v in evals.task_metrics(raw_model, tokenizer, task_items, eval_items_per_task).items()})
     model.train()
     return metrics
 
 
 def state():
-    weights = merged_state_dict(raw_model) if lora_rank else raw_model.state_dict()
-    lora = {'lora': lora_state_dict(raw_model)} if lora_rank else {}
+    state = common.model_state(ctx, raw_model)
+    weights = merged_state_dict(raw_model, state) if lora_rank else state
+    lora = {'lora': {k: v for k, v in state.items() if 'lora_' in k}} if lora_rank else {}
     return common.checkpoint(ctx, 'sft', weights, model_args, tokenizer, config, parent, pretrain_dataset, optimizer,
                              iter_num, data_generator, **lora)
 

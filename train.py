@@ -79,12 +79,13 @@ wsd_decay_frac = 0.2  # wsd: fraction of lr_decay_iters spent decaying
 device = 'auto'  # 'auto' | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
 dtype = 'auto'  # 'auto' (bf16 on capable GPUs, fp32 on CPU) | 'float32' | 'bfloat16' | 'float16'
 compile_model = False  # torch.compile: faster steps after a ~20 s first compile
+parallel = 'ddp'  # under torchrun: 'ddp' (every rank holds the whole model) | 'fsdp' (FSDP2: sharded over the ranks)
 seed = 1337
 peak_flops = 0.0  # for MFU; 0 = measure (CPU) or look up (GPU)
 config = configure(globals())  # overrides from config files and --key=value arguments
 # -----------------------------------------------------------------------------
 
-ctx = common.setup(device, dtype, seed, out_dir, gradient_accumulation_steps)
+ctx = common.setup(device, dtype, seed, out_dir, gradient_accumulation_steps, parallel)
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 if ctx.master:
     print(f"tokens per iteration: {tokens_per_iter:,} ({gradient_accumulation_steps} accum x {batch_size} batch x {block_size} ctx); "
@@ -151,6 +152,7 @@ else:
         raise SystemExit(f"block_size={block_size} is longer than the checkpoint's context ({model.config.block_size}); "
                          f"use --block_size={model.config.block_size} or less")
 model.to(ctx.device)
+common.shard(ctx, model)  # FSDP only
 if ctx.master:
     print(f"model: {model.get_num_params() / 1e6:.2f}M non-embedding parameters "
           f"({model.get_num_active_params() / 1e6:.2f}M active per token), init_from={init_from}")
@@ -176,10 +178,10 @@ def estimate_loss():
         data = open_split(split)
         ix = torch.randint(len(data) - block_size - 1, (eval_iters, batch_size), generator=torch.Generator().manual_seed(seed + 1))
         total = torch.zeros(2, device=ctx.device)  # (sum of losses, count)
-        for rows in ix[ctx.rank::ctx.world_size]:
+        for rows, weight in common.rank_share(ctx, ix):
             with ctx.autocast:
                 _, loss = model(*windows(data, rows))
-            total += torch.stack([loss.float(), torch.ones((), device=ctx.device)])
+            total += weight * torch.stack([loss.float(), torch.ones((), device=ctx.device)])
         total = common.sum_over_ranks(ctx, total)
         out[split] = (total[0] / total[1]).item()
     model.train()
@@ -188,7 +190,7 @@ def estimate_loss():
 
 
 def state():
-    return common.checkpoint(ctx, 'pretrain', raw_model.state_dict(), model_args, tokenizer, config, parent, dataset,
+    return common.checkpoint(ctx, 'pretrain', common.model_state(ctx, raw_model), model_args, tokenizer, config, parent, dataset,
                              optimizer, iter_num, data_generator,
                              evals_without_improvement=evals_without_improvement)
 

@@ -56,17 +56,18 @@ def run(stage, stage_args, out_dir, *args, ranks=1):
 GLOBAL_BATCH = ['--gradient_accumulation_steps=8', '--batch_size=1', '--max_iters=4', '--eval_interval=4']
 CASES = {'pretrain': ['--dropout=0'], 'pretrain-moe': ['--dropout=0', '--n_experts=4', '--n_shared_experts=1'],
          'sft-packed': ['--dropout=0', '--packing=True', '--batch_size=2', '--val_fraction=0.3'], 'reward': ['--dropout=0', '--lm_coef=0.5'],
-         'dpo': []}
+         'sft-lora': ['--dropout=0', '--lora_rank=4', '--learning_rate=1e-2'], 'dpo': []}
 
 
 @pytest.mark.parametrize('case', CASES)
-def test_one_two_and_eight_ranks_give_the_same_losses(case, stage_args, tmp_path):
+def test_one_two_and_eight_ranks_and_fsdp_give_the_same_losses(case, stage_args, tmp_path):
     stage = case.split('-')[0]
     args = [*GLOBAL_BATCH, *CASES[case]]
     runs = {ranks: run(stage, stage_args, str(tmp_path / f'r{ranks}'), *args, ranks=ranks) for ranks in (1, 2, 8)}
+    runs['fsdp'] = run(stage, stage_args, str(tmp_path / 'fsdp'), *args, '--parallel=fsdp', ranks=2)
     one = runs[1]
     assert one[4]['val/loss'] != one[0]['val/loss']  # it trained
-    for ranks in (2, 8):
+    for ranks in (2, 8, 'fsdp'):
         for key in ('val/loss', 'val/train_split_loss', 'val/accuracy'):
             if key in one[4]:
                 assert runs[ranks][4][key] == pytest.approx(one[4][key], rel=1e-4), (ranks, key)
@@ -84,6 +85,25 @@ def test_a_resume_under_another_world_size_continues_the_same_curve(stage, stage
     for step in (4, 6):
         assert resumed[step]['val/loss'] == pytest.approx(straight[step]['val/loss'], rel=1e-4), step
     assert straight[6]['val/loss'] < straight[0]['val/loss']
+
+
+def test_checkpoints_move_between_fsdp_ddp_and_one_process(stage_args, tmp_path):
+    """FSDP gathers its shards into the one checkpoint layout: a run continues the same curve
+    when it switches FSDP -> DDP -> FSDP, and one process samples from the result."""
+    args = ['--gradient_accumulation_steps=2', '--eval_interval=2', '--dropout=0', '--lr_decay_iters=6',
+            '--learning_rate=3e-3', '--min_lr=3e-4']
+    straight = run('pretrain', stage_args, str(tmp_path / 'straight'), *args, '--max_iters=6')
+    out = str(tmp_path / 'switched')
+    run('pretrain', stage_args, out, *args, '--max_iters=2', '--parallel=fsdp', ranks=2)
+    run('pretrain', stage_args, out, *args, '--max_iters=4', '--init_from=resume', ranks=2)
+    switched = run('pretrain', stage_args, out, *args, '--max_iters=6', '--init_from=resume', '--parallel=fsdp', ranks=2)
+    for step in (4, 6):
+        assert switched[step]['val/loss'] == pytest.approx(straight[step]['val/loss'], rel=1e-4), step
+    ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+    assert not any(type(v) is not torch.Tensor for v in ckpt['model'].values())  # whole tensors, no DTensor shards
+    proc = run_script('sample.py', f'--out_dir={out}', '--num_samples=1', '--max_new_tokens=8', '--start=def ',
+                      '--device=cpu')
+    assert proc.stdout.strip()
 
 
 def free_port():
