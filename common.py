@@ -271,7 +271,7 @@ class StopFlag:
 
     def requested(self, ctx):
         """True on every rank if any rank was signalled: ranks must leave the loop together.
-        Under DDP every step starts a vote (an all-reduce of one CPU number on a gloo side group,
+        Under DDP every step starts a vote (an all-reduce of one CPU number over gloo,
         asynchronous: no GPU sync, no stall) and reads the vote of the step before, which has long
         finished: all ranks read the same result at the same step, one step after the signal."""
         if not ctx.ddp:
@@ -341,8 +341,8 @@ def setup(device, dtype, seed, out_dir, gradient_accumulation_steps=None, parall
     if parallel == 'fsdp' and dtype == 'float16':
         raise SystemExit("parallel='fsdp' with dtype='float16' is not supported (the loss scaler would skip steps per "
                          "shard): use dtype='bfloat16'")
-    # the stop vote's group: gloo on CPU tensors even where training uses nccl (see StopFlag)
-    stop_group = dist.new_group(backend='gloo') if ddp else None
+    # the stop vote runs on CPU tensors (see StopFlag): where training uses nccl it needs a gloo group
+    stop_group = dist.new_group(backend='gloo') if ddp and dist.get_backend() != 'gloo' else None
     accum_per_rank = None
     if gradient_accumulation_steps is not None:
         if gradient_accumulation_steps % world_size:

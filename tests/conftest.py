@@ -11,6 +11,8 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+if os.environ.get('PYTEST_XDIST_WORKER'):  # pytest -n N: N workers share the cores, one torch thread each
+    os.environ['OMP_NUM_THREADS'] = '1'
 
 
 def run_script(script, *args, env=None, check=True, timeout=600):
