@@ -126,9 +126,21 @@ def min_p_filter(logits, min_p):
     return logits.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, float('-inf'))
 
 
-def sample_token(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, generator=None):
+def draw(probs, uniform):
+    """Inverse-CDF sampling: per row, the first token whose cumulative probability passes the
+    row's uniform number in [0, 1). One number per row (torch.multinomial draws its own), so the
+    rows of a batch split over ranks can take their numbers from one shared stream, and N ranks
+    sample exactly what one process would. Tokens with zero probability are never drawn."""
+    cdf = probs.cumsum(dim=-1)
+    total = cdf[:, -1:]
+    target = torch.minimum(uniform[:, None] * total, total.nextafter(torch.zeros_like(total)))  # < total: no rounding past the end
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1)
+
+
+def sample_token(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, generator=None, uniform=None):
     """(B, V) logits -> (B,) token ids: argmax at temperature 0, else a draw from the softmax of
-    logits / temperature after the top-k, top-p and min-p filters (in that order, as in HF)."""
+    logits / temperature after the top-k, top-p and min-p filters (in that order, as in HF).
+    uniform: the rows' random numbers (B,) in [0, 1); default drawn from generator."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -138,7 +150,9 @@ def sample_token(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, generat
         logits = top_p_filter(logits, top_p)
     if min_p > 0.0:
         logits = min_p_filter(logits, min_p)
-    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator).squeeze(-1)
+    if uniform is None:
+        uniform = torch.rand(logits.size(0), generator=generator, device=logits.device)
+    return draw(F.softmax(logits, dim=-1), uniform)
 
 
 def token_logprobs(logits, tokens):
@@ -201,11 +215,13 @@ def completes_stop_string(ids, stop_bytes, decode_bytes):
 # ----------------------------------------------------------------------------- decoding
 
 @torch.inference_mode()
-def decode_steps(model, prompts, config, pad_id=0, tokenizer=None, step_fn=None):
+def decode_steps(model, prompts, config, pad_id=0, tokenizer=None, step_fn=None, rows=None):
     """The sampling loop, one yield per new token: (token, logprob, live, done), each (B,).
     live: the row was still generating (token is real); done: the row has ended (after this token).
     The model should be in eval mode. tokenizer is needed only for stop strings; step_fn replaces
-    the model's forward for decode steps (a compiled one)."""
+    the model's forward for decode steps (a compiled one). rows = (first, total): these prompts
+    are rows first.. of a batch of `total` split over ranks: every step draws `total` random
+    numbers (from config.seed, the same on every rank) and uses this batch's slice."""
     cfg, step_fn = config, (model if step_fn is None else step_fn)
     device = model.lm_head.weight.device
     idx, pad = pad_prompts(prompts, pad_id, device)  # (B, T)
@@ -227,13 +243,15 @@ def decode_steps(model, prompts, config, pad_id=0, tokenizer=None, step_fn=None)
         seen, counts = penalty_state(idx, pad, logits.size(-1))
     done = torch.zeros(B, dtype=torch.bool, device=device)
     n_real = real_vocab_size(cfg, tokenizer)
+    first, total = rows or (0, B)
     for t in range(cfg.max_new_tokens):
         logits = logits[:, -1].float()  # (B, V)
         processed = mask_padded_ids(logits, n_real)  # never an id the tokenizer lacks
         if cfg.has_penalties:
             processed = apply_penalties(processed, seen, counts, cfg.repetition_penalty,
                                         cfg.presence_penalty, cfg.frequency_penalty)
-        token = sample_token(processed, cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p, generator)  # (B,)
+        uniform = torch.rand(total, generator=generator, device=device)[first:first + B] if cfg.temperature else None
+        token = sample_token(processed, cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p, uniform=uniform)  # (B,)
         logprob = token_logprobs(logits, token)
         live = ~done
         token = token.masked_fill(done, pad_id)
@@ -257,14 +275,15 @@ def decode_steps(model, prompts, config, pad_id=0, tokenizer=None, step_fn=None)
                             attn_mask=None if key_mask is None else key_mask[..., :i + 1], kv_cache=cache)
 
 
-def generate_ids(model, prompts, config=None, pad_id=0, tokenizer=None, step_fn=None):
+def generate_ids(model, prompts, config=None, pad_id=0, tokenizer=None, step_fn=None, rows=None):
     """Prompt ids (ragged) -> Generation(tokens, mask, logprobs, stopped): the batched entry point for
     rollouts and evals. Sampling or greedy per `config`, beam search when config.num_beams > 1; rows
-    stop on config.stop_token_ids (here None = none) and, given the tokenizer, on config.stop_strings."""
+    stop on config.stop_token_ids (here None = none) and, given the tokenizer, on config.stop_strings.
+    rows: see decode_steps (a batch split over ranks)."""
     cfg = config or GenerationConfig()
     if cfg.num_beams > 1:
         return beam_search(model, prompts, cfg, pad_id, tokenizer)
-    steps = list(decode_steps(model, prompts, cfg, pad_id, tokenizer, step_fn))
+    steps = list(decode_steps(model, prompts, cfg, pad_id, tokenizer, step_fn, rows))
     if not steps:
         return empty_generation(len(prompts), model.lm_head.weight.device)
     tokens, logprobs, mask, done = (torch.stack(x, dim=1) for x in zip(*steps))  # (B, T) each

@@ -18,6 +18,7 @@ One iteration:
 The math is in rl.py; this file is the loop. Metrics carry TRL's names (objective/kl, ...).
 """
 
+import dataclasses
 import math
 import os
 import time
@@ -129,7 +130,7 @@ if critic_init == 'reward' and share_backbone:
 if parallel != 'ddp':  # each rank's rollouts stop at their own length: a sharded forward needs every rank in step
     raise SystemExit(f"parallel={parallel!r}: ppo.py runs under DDP only (rollouts of different lengths per rank "
                      f"cannot share FSDP's collectives); use parallel='ddp'")
-ctx = common.setup(device, dtype, seed, out_dir)  # each rank samples its own rollouts (its own seed)
+ctx = common.setup(device, dtype, seed, out_dir)
 device = ctx.device
 
 # models: policy and frozen reference from the SFT checkpoint; the critic; the reward model
@@ -260,6 +261,11 @@ CONSOLE_KEYS = {  # of the metrics below, those on the console line (all go to h
 CONSOLE_KEYS['grpo'] = tuple(k for k in CONSOLE_KEYS['ppo'] if k != 'loss/value_avg')
 
 
+def global_sum(x):
+    """The sum of x's elements over every rank's batch (whitening statistics)."""
+    return common.sum_over_ranks(ctx, x.sum())
+
+
 def mean_all(x):
     """Mean over ranks of a scalar tensor, as a float (a host sync: only once per iteration)."""
     return common.mean_over_ranks(ctx, x).item()
@@ -285,8 +291,13 @@ while True:
     ix = torch.randint(len(prompts), (ctx.world_size, batch_size), generator=data_generator)[ctx.rank]
     batch = [prompts[i] for i in ix.tolist() for _ in range(num_generations)]  # a prompt's samples adjacent
     query, query_pad = pad_prompts([p['ids'] for p in batch], tokenizer.pad_id, device)  # (N, Tq), left-padded
+    # sampled from one stream per iteration that every rank shares, each rank its slice of rows:
+    # N ranks draw the rollouts one process with N x batch_size would
+    iteration_seed = seed + 1_000_003 * (iter_num + 1)
     policy.eval()
-    gen = generate_ids(policy, [p['ids'] for p in batch], gen_config, tokenizer.pad_id)
+    rollout_config = dataclasses.replace(gen_config, seed=iteration_seed)
+    gen = generate_ids(policy, [p['ids'] for p in batch], rollout_config, tokenizer.pad_id,
+                       rows=(ctx.rank * n_rollouts, ctx.world_size * n_rollouts))
     policy.train()
     response, mask = gen.tokens, gen.mask  # (N, R): pad after each response's end
     ids = torch.cat([query, response], dim=1)  # (N, L)
@@ -316,19 +327,23 @@ while True:
         rewards = -kl_coef_now * kl
         rewards[torch.arange(len(ids), device=device), rl.last_token_index(mask)] += scores
         if whiten_rewards:
-            rewards = rl.masked_whiten(rewards, mask, shift_mean=False)
+            rewards = rl.masked_whiten(rewards, mask, shift_mean=False, total=global_sum)
         advantages, returns = rl.gae(rewards, values, mask, gamma, lam)
-        advantages = rl.masked_whiten(advantages, mask)
+        advantages = rl.masked_whiten(advantages, mask, total=global_sum)
     else:
         advantages = rl.group_advantages(scores, num_generations, scale_rewards)[:, None] * mask  # (N, R)
 
     # 5. the update: ppo_epochs passes over shuffled minibatches
+    shuffle = torch.Generator().manual_seed(iteration_seed)
     stats = {k: torch.zeros((), device=device) for k in ('approxkl', 'clipfrac', 'pg', 'vf', 'vf_clipfrac', 'entropy', 'ratio', 'tokens')}
     n_steps, stopped_early = 0, False
     for epoch in range(ppo_epochs):
-        order = torch.randperm(len(ids), generator=data_generator).to(device)
+        # its own stream: a shuffle of this rank's rows must not move the shared prompt stream
+        order = torch.randperm(len(ids), generator=shuffle).to(device)
         for mb in order.split(minibatch_size):
-            mb_tokens, mb_kl = mask[mb].sum(), torch.zeros((), device=device)
+            # the token count a rank's share is normalised by: the minibatch's tokens over all ranks / N
+            # (DDP averages the ranks' gradients), so loss_norm='token' weighs tokens as one process does
+            mb_tokens, mb_kl = common.sum_over_ranks(ctx, mask[mb].sum()) / ctx.world_size, torch.zeros((), device=device)
             micro_batches = mb.split(micro)
             for k, index in enumerate(micro_batches):
                 common.sync_grads(ctx, model, k == len(micro_batches) - 1)

@@ -31,13 +31,17 @@ def masked_mean(x, mask, dim=None):
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
-def masked_whiten(x, mask, shift_mean=True, eps=1e-8):
+def masked_whiten(x, mask, shift_mean=True, eps=1e-8, total=torch.sum):
     """(x - mean) / std over masked positions (unbiased variance, as TRL); padding becomes 0.
-    shift_mean=False keeps the mean (whitening rewards must not change their sign on average)."""
-    mean = masked_mean(x, mask)
+    shift_mean=False keeps the mean (whitening rewards must not change their sign on average).
+    total(t): the sum of t's elements; under DDP over every rank's batch, so that N ranks whiten
+    by the statistics of the whole batch, as one process does."""
+    mask = mask.to(x.dtype)
+    count = total(mask)
+    mean = total(x * mask) / count.clamp(min=1)
     centred = x - mean
-    n = mask.sum().clamp(min=2)
-    var = masked_mean(centred ** 2, mask) * n / (n - 1)
+    n = count.clamp(min=2)
+    var = total(centred ** 2 * mask) / count.clamp(min=1) * n / (n - 1)
     whitened = centred * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean

@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from generate import (GenerationConfig, TextGenerator, beam_search, generate_ids, min_p_filter, sample_token,
+from generate import (GenerationConfig, TextGenerator, beam_search, draw, generate_ids, min_p_filter, sample_token,
                       top_k_filter, top_p_filter)
 from model import GPT, GPTConfig
 from tokenizer import char_tokenizer, train_bpe
@@ -144,6 +144,32 @@ def test_same_seed_same_sample_and_different_seed_different_sample():
     cfg = lambda seed: GenerationConfig(max_new_tokens=24, seed=seed)
     a, b, c = (generate_ids(model, [[1, 2]], cfg(s)).rows() for s in (7, 7, 8))
     assert a == b and a != c
+
+
+def test_draw_samples_the_distribution_and_never_a_zero_probability_token():
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0]])
+    u = torch.rand(200_000, generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount(draw(probs.expand(len(u), -1), u), minlength=6).double()
+    assert counts[[0, 2, 5]].sum() == 0
+    expected = probs[0] * len(u)
+    chi2 = ((counts - expected)[[1, 3, 4]] ** 2 / expected[[1, 3, 4]]).sum()
+    assert chi2 < 13.8  # chi-square, 2 degrees of freedom, p = 0.001
+    # the ends of [0, 1), and probabilities that sum to a little less than 1 (rounding)
+    edges = torch.tensor([0.0, 1.0 - 2 ** -24, 0.5])
+    tokens = draw(torch.tensor([[0.0, 0.3, 0.0, 0.6999, 0.0]]).expand(3, -1), edges)
+    assert tokens.tolist() == [1, 3, 3]
+
+
+def test_a_batch_split_over_ranks_samples_what_one_process_samples():
+    """rows=(first, total): each part of a batch draws its slice of one shared stream, so the
+    rows of a batch sampled in two halves (two ranks) equal the whole batch sampled at once."""
+    model = random_model(40)
+    prompts = [[1, 2, 3], [4], [5, 6], [7, 8, 9, 10]]
+    config = GenerationConfig(max_new_tokens=12, temperature=1.0, seed=7)
+    whole = generate_ids(model, prompts, config)
+    halves = [generate_ids(model, prompts[i:i + 2], config, rows=(i, 4)) for i in (0, 2)]
+    assert [r for h in halves for r in h.rows()] == whole.rows()
+    assert generate_ids(model, prompts[2:], config).rows() != whole.rows()[2:]  # without rows: other numbers
 
 
 def test_repetition_penalty_lowers_repeats():

@@ -3,9 +3,9 @@ same losses at the same global batch; a resume under another world size continue
 (8 -> 2 -> 1 ranks); two nodes on one machine match one process; a rank killed mid-run ends the
 job quickly with a clear message and leaves a checkpoint that resumes.
 
-PPO/GRPO are not in the equivalence rung: each rank samples its rollouts from its own random
-stream, so N ranks and one process draw different rollouts (the same estimator, other numbers)."""
+PPO/GRPO too: their rollouts are sampled from one stream that every rank shares."""
 
+import json
 import os
 import signal
 import socket
@@ -71,6 +71,35 @@ def test_one_two_and_eight_ranks_and_fsdp_give_the_same_losses(case, stage_args,
         for key in ('val/loss', 'val/train_split_loss', 'val/accuracy'):
             if key in one[4]:
                 assert runs[ranks][4][key] == pytest.approx(one[4][key], rel=1e-4), (ranks, key)
+
+
+def train_rows(out_dir):
+    with open(os.path.join(out_dir, 'history.jsonl')) as f:
+        return {row['iter']: row for row in map(json.loads, f) if row['kind'] == 'train'}
+
+
+@pytest.mark.parametrize('algorithm', ['ppo', 'grpo'])
+def test_rl_on_one_two_and_eight_ranks_samples_and_learns_the_same(algorithm, stage_args, tmp_path):
+    """8 prompts per iteration in all: one process with batch_size=8, 2 ranks with 4, 8 with 1.
+    The rollouts are sampled from one stream every rank shares (each its rows), advantages are
+    whitened over all ranks, the token-level loss normalised by all ranks' tokens. One minibatch
+    per epoch: with several, each rank shuffles its own rollouts into them."""
+    # GRPO: an untrained policy's rewards are all equal (no advantage); the entropy bonus moves it
+    grpo = ['--algorithm=grpo', '--num_generations=2', '--kl_coef=0.1', '--entropy_coef=0.1']
+    args = ['--max_iters=3', '--eval_interval=3', '--log_interval=1', '--num_minibatches=1', '--ppo_epochs=2',
+            *(grpo if algorithm == 'grpo' else [])]
+    runs = {ranks: str(tmp_path / f'r{ranks}') for ranks in (1, 2, 8)}
+    for ranks, out in runs.items():
+        run('ppo', stage_args, out, *args, f'--batch_size={8 // ranks}', ranks=ranks)
+    one = train_rows(runs[1])
+    keys = ['objective/scores', 'objective/kl', 'loss/policy_avg', 'policy/approxkl_avg', 'val/response_length',
+            *(['loss/value_avg'] if algorithm == 'ppo' else [])]
+    assert one[3]['policy/approxkl_avg'] > 0  # the policy moved
+    for ranks in (2, 8):
+        other = train_rows(runs[ranks])
+        for it in (1, 3):
+            for key in keys:
+                assert other[it][key] == pytest.approx(one[it][key], rel=1e-4, abs=1e-6), (ranks, it, key)
 
 
 @pytest.mark.parametrize('stage', ['pretrain', 'sft'])
