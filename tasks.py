@@ -344,19 +344,26 @@ def make_tasks(seed=1337, name='Mini', maker='the Mini-LLM project', add_digits=
     return out
 
 
+def _write_atomic(path, text):
+    """Write a temp file of this process, then rename it: under torchrun every rank may write the
+    suite at once (the same content); each rename is atomic, so no reader sees half a file."""
+    tmp = f'{path}.{os.getpid()}.tmp'
+    with open(tmp, 'w', encoding='utf-8') as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def write_tasks(out_dir='data/tasks', **kwargs):
     """Write <split>.jsonl for the six splits and tasks.json (the arguments and counts).
     Returns {split: records}."""
     os.makedirs(out_dir, exist_ok=True)
     splits = make_tasks(**kwargs)
     for split, records in splits.items():
-        tmp = os.path.join(out_dir, f'{split}.jsonl.tmp')
-        with open(tmp, 'w', encoding='utf-8') as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + '\n' for r in records)
-        os.replace(tmp, os.path.join(out_dir, f'{split}.jsonl'))
+        _write_atomic(os.path.join(out_dir, f'{split}.jsonl'),
+                      ''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in records))
     counts = {split: len(records) for split, records in splits.items()}
-    with open(os.path.join(out_dir, 'tasks.json'), 'w') as f:
-        json.dump({'args': _effective_args(kwargs), 'counts': counts}, f, indent=1)
+    _write_atomic(os.path.join(out_dir, 'tasks.json'),
+                  json.dumps({'args': _effective_args(kwargs), 'counts': counts}, indent=1))
     return counts
 
 

@@ -89,3 +89,9 @@ def eval_rows(out_dir):
     """{iter: row} of the eval rows of a run's history.jsonl (training rows have kind 'train')."""
     with open(os.path.join(out_dir, 'history.jsonl')) as f:
         return {row['iter']: row for row in map(json.loads, f) if row['kind'] == 'eval'}
+
+
+def pytest_collection_modifyitems(items):
+    """The quick pipeline (the longest test by far, ~7 min on one thread) first: under pytest -n it
+    then runs on one worker while the others take the rest, instead of starting last."""
+    items.sort(key=lambda item: 'test_pipeline.py' not in item.nodeid)

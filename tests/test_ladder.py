@@ -135,6 +135,20 @@ def test_checkpoints_move_between_fsdp_ddp_and_one_process(stage_args, tmp_path)
     assert proc.stdout.strip()
 
 
+def test_fsdp_evaluates_by_generation_as_one_process_on_a_fresh_task_suite(tiny_checkpoint, tmp_path):
+    """SFT on the built-in suite, which both ranks generate at once on first use; the task
+    metrics by greedy generation need every rank under FSDP (each forward is a collective)."""
+    args = [f'--init_from={tiny_checkpoint}', f'--data_root={tmp_path / "data"}', '--max_seq_len=128', '--batch_size=2',
+            '--gradient_accumulation_steps=2', '--max_iters=2', '--eval_interval=2', '--eval_iters=2',
+            '--eval_items_per_task=3']
+    code, output = wait(launch('sft.py', [*args, '--parallel=fsdp', f'--out_dir={tmp_path / "fsdp"}'], 2))
+    assert code == 0, output[-3000:]
+    run_script('sft.py', *args, f'--out_dir={tmp_path / "one"}', env={'OMP_NUM_THREADS': '1'})
+    fsdp, one = eval_rows(tmp_path / 'fsdp')[2], eval_rows(tmp_path / 'one')[2]
+    for key in ('val/loss', 'val/code_loss', 'val/arith_acc', 'val/identity_acc'):
+        assert fsdp[key] == pytest.approx(one[key], rel=1e-4), key
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))

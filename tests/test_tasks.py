@@ -4,12 +4,15 @@ import ast
 import json
 import os
 import re
+import subprocess
+import sys
 import sysconfig
 
 import pytest
 
 import data
 import tasks
+from conftest import REPO
 
 
 @pytest.fixture(scope='module')
@@ -148,3 +151,13 @@ def test_corrupt_code_changes_the_body_deterministically():
     a = tasks.corrupt_code(body, random.Random(0))
     assert a != body and a == tasks.corrupt_code(body, random.Random(0))
     assert tasks.corrupt_code("    pass", random.Random(0)) != "    pass"
+
+
+def test_ranks_generating_the_suite_at_once_all_succeed(tmp_path):
+    """Under torchrun every rank of a stage calls ensure_tasks on a fresh data_root at once: they
+    raced on one temp file name (FileNotFoundError on the loser's rename)."""
+    code = f"import sys; sys.path.insert(0, {REPO!r}); import tasks; tasks.ensure_tasks({str(tmp_path / 'tasks')!r})"
+    procs = [subprocess.Popen([sys.executable, '-c', code], stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), '\n'.join(errors)
+    assert sorted(os.listdir(tmp_path / 'tasks')) == sorted([f'{s}.jsonl' for s in tasks.SPLITS] + ['tasks.json'])
