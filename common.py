@@ -5,6 +5,7 @@ reward.py, dpo.py, ppo.py) runs, top to bottom:
     ctx = setup(...)                          DDP, device, per-rank seed, autocast + GradScaler
     ckpt, parent = start_from(ctx, ...)       the previous stage's checkpoint (or its own, to resume)
     ... its model and data ...
+    shard(ctx, model)                         parallel='fsdp' only: FSDP2, before the optimizer
     optimizer = adamw(params, ...)            decay on matrices only
     resume_training(ctx, ckpt, optimizer)     optimizer, loss scale, random streams
     model = wrap(ctx, model, compile_model)   torch.compile, then DDP
@@ -26,7 +27,7 @@ import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from types import SimpleNamespace
 
 import torch
@@ -422,7 +423,7 @@ def set_lr(optimizer, it, config):
 def resume_training(ctx, ckpt, optimizer, generator=None):
     """Restore what makes a resumed run continue the same curve: the optimizer, the fp16 loss scale
     the GradScaler had reached, the random streams. Only rank 0's torch stream is saved, so under
-    DDP each rank is re-seeded (by rank and step): ranks never share a stream (dropout, rollouts).
+    DDP each rank is re-seeded (by rank and step): ranks never share a stream (dropout).
     Returns (iter_num, best_val_loss) to continue from."""
     load_optimizer_state(ctx, optimizer, ckpt['optimizer'])
     if ckpt['scaler']:  # empty from a run outside fp16 (a disabled GradScaler saves nothing): start fresh
@@ -452,6 +453,22 @@ def shard(ctx, model):
     fully_shard(model, mp_policy=policy)
     ctx.sharded = model
     return model
+
+
+@contextmanager
+def gathered(ctx):
+    """Under FSDP: the root unit's parameters (embedding, head, final norm) gathered for calls that
+    bypass the root module's forward, e.g. generating with the policy inside PPO's ActorCritic
+    (each block gathers its own). The root must have run one forward first (FSDP picks its root
+    at the first forward)."""
+    if not ctx.fsdp:
+        yield
+        return
+    ctx.sharded.unshard()
+    try:
+        yield
+    finally:
+        ctx.sharded.reshard()
 
 
 def wrap(ctx, model, compile_model):

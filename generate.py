@@ -215,13 +215,15 @@ def completes_stop_string(ids, stop_bytes, decode_bytes):
 # ----------------------------------------------------------------------------- decoding
 
 @torch.inference_mode()
-def decode_steps(model, prompts, config, pad_id=0, tokenizer=None, step_fn=None, rows=None):
+def decode_steps(model, prompts, config, pad_id=0, tokenizer=None, step_fn=None, rows=None, all_done=None):
     """The sampling loop, one yield per new token: (token, logprob, live, done), each (B,).
     live: the row was still generating (token is real); done: the row has ended (after this token).
     The model should be in eval mode. tokenizer is needed only for stop strings; step_fn replaces
     the model's forward for decode steps (a compiled one). rows = (first, total): these prompts
     are rows first.. of a batch of `total` split over ranks: every step draws `total` random
-    numbers (from config.seed, the same on every rank) and uses this batch's slice."""
+    numbers (from config.seed, the same on every rank) and uses this batch's slice. all_done(done)
+    decides when the loop ends (default: when every row here is done; under FSDP, where each
+    forward is a collective, when every rank's rows are)."""
     cfg, step_fn = config, (model if step_fn is None else step_fn)
     device = model.lm_head.weight.device
     idx, pad = pad_prompts(prompts, pad_id, device)  # (B, T)
@@ -265,7 +267,7 @@ def decode_steps(model, prompts, config, pad_id=0, tokenizer=None, step_fn=None,
                         ended.append(b)
             done[ended] = True
         yield token, logprob, live, done
-        if t == cfg.max_new_tokens - 1 or (can_stop and bool(done.all())):
+        if t == cfg.max_new_tokens - 1 or (can_stop and (all_done(done) if all_done else bool(done.all()))):
             return
         if cfg.has_penalties:
             seen.scatter_(1, token[:, None], True)
@@ -275,15 +277,15 @@ def decode_steps(model, prompts, config, pad_id=0, tokenizer=None, step_fn=None,
                             attn_mask=None if key_mask is None else key_mask[..., :i + 1], kv_cache=cache)
 
 
-def generate_ids(model, prompts, config=None, pad_id=0, tokenizer=None, step_fn=None, rows=None):
+def generate_ids(model, prompts, config=None, pad_id=0, tokenizer=None, step_fn=None, rows=None, all_done=None):
     """Prompt ids (ragged) -> Generation(tokens, mask, logprobs, stopped): the batched entry point for
     rollouts and evals. Sampling or greedy per `config`, beam search when config.num_beams > 1; rows
     stop on config.stop_token_ids (here None = none) and, given the tokenizer, on config.stop_strings.
-    rows: see decode_steps (a batch split over ranks)."""
+    rows, all_done: see decode_steps (a batch split over ranks)."""
     cfg = config or GenerationConfig()
     if cfg.num_beams > 1:
         return beam_search(model, prompts, cfg, pad_id, tokenizer)
-    steps = list(decode_steps(model, prompts, cfg, pad_id, tokenizer, step_fn, rows))
+    steps = list(decode_steps(model, prompts, cfg, pad_id, tokenizer, step_fn, rows, all_done))
     if not steps:
         return empty_generation(len(prompts), model.lm_head.weight.device)
     tokens, logprobs, mask, done = (torch.stack(x, dim=1) for x in zip(*steps))  # (B, T) each

@@ -102,7 +102,7 @@ grad_clip = 1.0
 device = 'auto'
 dtype = 'auto'
 compile_model = False
-parallel = 'ddp'  # under torchrun: 'ddp' only for now (see below)
+parallel = 'ddp'  # under torchrun: 'ddp' (every rank holds the whole model) | 'fsdp' (FSDP2: sharded over the ranks)
 seed = 1337
 config = configure(globals())  # overrides from config files and --key=value arguments
 # -----------------------------------------------------------------------------
@@ -127,10 +127,7 @@ if critic_init == 'reward' and share_backbone:
     raise SystemExit("critic_init='reward' needs the critic's own transformer: with share_backbone=True the value "
                      "head sits on the policy; set share_backbone=False, or critic_init='policy'")
 
-if parallel != 'ddp':  # each rank's rollouts stop at their own length: a sharded forward needs every rank in step
-    raise SystemExit(f"parallel={parallel!r}: ppo.py runs under DDP only (rollouts of different lengths per rank "
-                     f"cannot share FSDP's collectives); use parallel='ddp'")
-ctx = common.setup(device, dtype, seed, out_dir)
+ctx = common.setup(device, dtype, seed, out_dir, parallel=parallel)
 device = ctx.device
 
 # models: policy and frozen reference from the SFT checkpoint; the critic; the reward model
@@ -173,6 +170,11 @@ actor_critic = rl.ActorCritic(policy, critic, value_head)
 if resume:
     actor_critic.load_state_dict({**{'policy.' + k: v for k, v in ckpt['model'].items()}, **ckpt['value']})
 actor_critic.to(device)
+common.shard(ctx, actor_critic)  # FSDP only; the frozen reference and reward model stay whole on every rank
+if ctx.fsdp:  # FSDP picks its root at the first forward: it must be the ActorCritic's, not the policy's alone
+    with torch.no_grad():
+        actor_critic(torch.zeros(1, 2, dtype=torch.long, device=device))
+    actor_critic.reshard()  # the root keeps its gathered parameters after a forward: the optimizer needs the shards
 reference.to(device)
 ref_model = rl.ActorCritic(reference)
 model_args = policy.config.to_dict()
@@ -244,13 +246,16 @@ model = common.wrap(ctx, actor_critic, compile_model)
 
 def evaluate():
     """Held-out task metrics by greedy generation (val/arith_acc = exact match of the final number)."""
-    metrics = evals.task_metrics(policy, tokenizer, task_items, eval_items_per_task) if task_items and ctx.master else {}
+    if not task_items or not (ctx.master or ctx.fsdp):  # FSDP: every rank joins the forwards
+        return {}
+    with common.gathered(ctx):
+        metrics = evals.task_metrics(policy, tokenizer, task_items, eval_items_per_task)
     return {f'val/{k}': v for k, v in metrics.items()}
 
 
 def state():
-    value_state = {k: v for k, v in actor_critic.state_dict().items() if not k.startswith('policy.')}
-    return common.checkpoint(ctx, algorithm, policy.state_dict(), model_args, tokenizer, config, parent, pretrain_dataset,
+    value_state = {k: v for k, v in common.model_state(ctx, actor_critic).items() if not k.startswith('policy.')}
+    return common.checkpoint(ctx, algorithm, common.model_state(ctx, policy), model_args, tokenizer, config, parent, pretrain_dataset,
                              optimizer, iter_num, data_generator, value=value_state, kl_coef=kl_coef_now)
 
 
@@ -259,6 +264,11 @@ CONSOLE_KEYS = {  # of the metrics below, those on the console line (all go to h
             'policy/clipfrac_avg', 'loss/policy_avg', 'loss/value_avg', 'lr', 'time/rollout_frac'),
 }
 CONSOLE_KEYS['grpo'] = tuple(k for k in CONSOLE_KEYS['ppo'] if k != 'loss/value_avg')
+
+
+def all_ranks_done(done):
+    """Under FSDP a rollout ends when every rank's rows have (each decode step is a collective)."""
+    return bool(done.all()) if not ctx.fsdp else common.sum_over_ranks(ctx, (~done).sum()).item() == 0
 
 
 def global_sum(x):
@@ -296,8 +306,9 @@ while True:
     iteration_seed = seed + 1_000_003 * (iter_num + 1)
     policy.eval()
     rollout_config = dataclasses.replace(gen_config, seed=iteration_seed)
-    gen = generate_ids(policy, [p['ids'] for p in batch], rollout_config, tokenizer.pad_id,
-                       rows=(ctx.rank * n_rollouts, ctx.world_size * n_rollouts))
+    with common.gathered(ctx):
+        gen = generate_ids(policy, [p['ids'] for p in batch], rollout_config, tokenizer.pad_id,
+                           rows=(ctx.rank * n_rollouts, ctx.world_size * n_rollouts), all_done=all_ranks_done)
     policy.train()
     response, mask = gen.tokens, gen.mask  # (N, R): pad after each response's end
     ids = torch.cat([query, response], dim=1)  # (N, L)

@@ -79,11 +79,12 @@ def train_rows(out_dir):
 
 
 @pytest.mark.parametrize('algorithm', ['ppo', 'grpo'])
-def test_rl_on_one_two_and_eight_ranks_samples_and_learns_the_same(algorithm, stage_args, tmp_path):
+def test_rl_on_one_two_and_eight_ranks_and_fsdp_samples_and_learns_the_same(algorithm, stage_args, tmp_path):
     """8 prompts per iteration in all: one process with batch_size=8, 2 ranks with 4, 8 with 1.
     The rollouts are sampled from one stream every rank shares (each its rows), advantages are
     whitened over all ranks, the token-level loss normalised by all ranks' tokens. One minibatch
-    per epoch: with several, each rank shuffles its own rollouts into them."""
+    per epoch: with several, each rank shuffles its own rollouts into them. The FSDP run also
+    evaluates by generation on the task suite (every rank joins those forwards)."""
     # GRPO: an untrained policy's rewards are all equal (no advantage); the entropy bonus moves it
     grpo = ['--algorithm=grpo', '--num_generations=2', '--kl_coef=0.1', '--entropy_coef=0.1']
     args = ['--max_iters=3', '--eval_interval=3', '--log_interval=1', '--num_minibatches=1', '--ppo_epochs=2',
@@ -91,11 +92,14 @@ def test_rl_on_one_two_and_eight_ranks_samples_and_learns_the_same(algorithm, st
     runs = {ranks: str(tmp_path / f'r{ranks}') for ranks in (1, 2, 8)}
     for ranks, out in runs.items():
         run('ppo', stage_args, out, *args, f'--batch_size={8 // ranks}', ranks=ranks)
+    runs['fsdp'] = str(tmp_path / 'fsdp')
+    run('ppo', stage_args, runs['fsdp'], *args, '--batch_size=4', '--parallel=fsdp', '--eval_items_per_task=2',
+        f'--data_root={tmp_path / "data"}', ranks=2)
     one = train_rows(runs[1])
     keys = ['objective/scores', 'objective/kl', 'loss/policy_avg', 'policy/approxkl_avg', 'val/response_length',
             *(['loss/value_avg'] if algorithm == 'ppo' else [])]
     assert one[3]['policy/approxkl_avg'] > 0  # the policy moved
-    for ranks in (2, 8):
+    for ranks in (2, 8, 'fsdp'):
         other = train_rows(runs[ranks])
         for it in (1, 3):
             for key in keys:
@@ -133,6 +137,22 @@ def test_checkpoints_move_between_fsdp_ddp_and_one_process(stage_args, tmp_path)
     proc = run_script('sample.py', f'--out_dir={out}', '--num_samples=1', '--max_new_tokens=8', '--start=def ',
                       '--device=cpu')
     assert proc.stdout.strip()
+
+
+def test_ppo_checkpoints_move_between_fsdp_and_ddp(stage_args, tmp_path):
+    """PPO (policy, critic transformer, value head) switched FSDP -> DDP -> FSDP on 2 ranks
+    continues the curve of one process with the same 8 prompts per iteration."""
+    args = ['--eval_interval=2', '--log_interval=1', '--num_minibatches=1', '--ppo_epochs=2']
+    straight = str(tmp_path / 'straight')
+    run('ppo', stage_args, straight, *args, '--batch_size=8', '--max_iters=6')
+    out = str(tmp_path / 'switched')
+    run('ppo', stage_args, out, *args, '--batch_size=4', '--max_iters=2', '--parallel=fsdp', ranks=2)
+    run('ppo', stage_args, out, *args, '--batch_size=4', '--max_iters=4', '--init_from=resume', ranks=2)
+    run('ppo', stage_args, out, *args, '--batch_size=4', '--max_iters=6', '--init_from=resume', '--parallel=fsdp', ranks=2)
+    a, b = train_rows(straight), train_rows(out)
+    for it in (3, 6):
+        for key in ('objective/kl', 'loss/policy_avg', 'loss/value_avg', 'policy/approxkl_avg'):
+            assert b[it][key] == pytest.approx(a[it][key], rel=1e-4, abs=1e-6), (it, key)
 
 
 def test_fsdp_evaluates_by_generation_as_one_process_on_a_fresh_task_suite(tiny_checkpoint, tmp_path):
