@@ -718,5 +718,13 @@ def finish(ctx, log, interrupted, summary):
         log.wandb.finish()
     log.stop.close()
     cleanup_distributed(ctx.ddp)
+    code = 130 if interrupted else 0
+    if ctx.ddp:
+        # leave without the interpreter's teardown: the model still holds the process group, and
+        # gloo's threads can hold tensors whose release there needs the GIL and aborts the rank
+        # now and then ("terminate called without an active exception"; see pytorch#179291)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     if interrupted:
-        sys.exit(130)
+        sys.exit(code)

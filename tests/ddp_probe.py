@@ -6,7 +6,6 @@ rank's torch random state at exit. Writes $PROBE_DIR/rank<R>.json.
     python -m torch.distributed.run --nproc_per_node=2 tests/ddp_probe.py sft.py --key=value ...
 """
 
-import atexit
 import hashlib
 import json
 import os
@@ -18,6 +17,7 @@ import torch.distributed as dist
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+import common  # noqa: E402 (the stage script imports this same module)
 counts = {'max': 0, 'max_blocking': 0, 'other': 0}
 _all_reduce = dist.all_reduce
 
@@ -36,8 +36,13 @@ def report():
                    'all_reduce_other': counts['other'], 'rng': digest}, f)
 
 
+def reporting_cleanup(ddp, _cleanup=common.cleanup_distributed):
+    report()  # a stage under torchrun leaves by os._exit after this: atexit handlers would not run
+    _cleanup(ddp)
+
+
 dist.all_reduce = counting_all_reduce
-atexit.register(report)
+common.cleanup_distributed = reporting_cleanup
 script = sys.argv[1]
 sys.argv = sys.argv[1:]
 runpy.run_path(os.path.join(REPO, script), run_name='__main__')
