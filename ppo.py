@@ -16,6 +16,8 @@ One iteration:
   5. update    ppo_epochs passes over num_minibatches shuffled minibatches: clipped policy loss,
                clipped value loss, entropy bonus, grad clipping; stops early past target_kl
 The math is in rl.py; this file is the loop. Metrics carry TRL's names (objective/kl, ...).
+Under torchrun batch_size is per rank; the ranks sample their rows from one shared random stream
+and whiten over all ranks, so N ranks run what one process with N x batch_size would.
 """
 
 import dataclasses
@@ -254,8 +256,10 @@ def evaluate():
 
 
 def state():
-    value_state = {k: v for k, v in common.model_state(ctx, actor_critic).items() if not k.startswith('policy.')}
-    return common.checkpoint(ctx, algorithm, common.model_state(ctx, policy), model_args, tokenizer, config, parent, pretrain_dataset,
+    weights = common.model_state(ctx, actor_critic)  # one gather under FSDP: the policy's weights, then the rest
+    policy_state = {k.removeprefix('policy.'): v for k, v in weights.items() if k.startswith('policy.')}
+    value_state = {k: v for k, v in weights.items() if not k.startswith('policy.')}
+    return common.checkpoint(ctx, algorithm, policy_state, model_args, tokenizer, config, parent, pretrain_dataset,
                              optimizer, iter_num, data_generator, value=value_state, kl_coef=kl_coef_now)
 
 
