@@ -541,11 +541,7 @@ def rank_share(ctx, items):
 
 def mean_over_ranks(ctx, x):
     """x (a tensor) averaged over the ranks (a collective: call it on every rank)."""
-    if ctx.ddp:
-        x = x.clone()
-        dist.all_reduce(x)
-        x /= ctx.world_size
-    return x
+    return sum_over_ranks(ctx, x) / ctx.world_size
 
 
 def model_state(ctx, module):

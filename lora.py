@@ -76,9 +76,9 @@ def merge_lora(model):
     return model
 
 
-def lora_state_dict(model):
-    """Only the adapters (what a LoRA checkpoint needs on top of its base model)."""
-    return {k: v for k, v in model.state_dict().items() if 'lora_' in k}
+def lora_state_dict(state):
+    """Only the adapters of a state dict (what a LoRA checkpoint needs on top of its base model)."""
+    return {k: v for k, v in state.items() if 'lora_' in k}
 
 
 def merged_state_dict(model, state=None):

@@ -3,7 +3,7 @@ The math of RL fine-tuning, as small pure functions on (B, T) tensors over respo
 ppo.py to tell its story with. `mask` is 1 (True) on real response tokens, 0 on padding after a
 response's end; every function leaves padding out.
 
-    masked_mean, masked_whiten                     statistics over real tokens only
+    masked_whiten                                  whitening over real tokens only (and all ranks)
     kl_penalty                                     k1 / k3 estimators of KL(pi || pi_ref)
     adaptive_kl_coef                               Ziegler et al.'s proportional KL controller
     gae                                            generalised advantage estimation (PPO)
@@ -22,14 +22,6 @@ import torch.nn.functional as F
 
 
 # ----------------------------------------------------------------------------- statistics
-
-def masked_mean(x, mask, dim=None):
-    """Mean of x over positions where mask is set (all of them, or along dim)."""
-    mask = mask.to(x.dtype)
-    if dim is None:
-        return (x * mask).sum() / mask.sum().clamp(min=1)
-    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
-
 
 def masked_whiten(x, mask, shift_mean=True, eps=1e-8, total=torch.sum):
     """(x - mean) / std over masked positions (unbiased variance, as TRL); padding becomes 0.

@@ -18,7 +18,7 @@ import data
 import evals
 import tasks
 from configurator import configure
-from lora import apply_lora, merged_state_dict
+from lora import apply_lora, lora_state_dict, merged_state_dict
 
 # ----------------------------------------------------------------------------- config
 # I/O
@@ -207,7 +207,7 @@ def evaluate():
 def state():
     state = common.model_state(ctx, raw_model)
     weights = merged_state_dict(raw_model, state) if lora_rank else state
-    lora = {'lora': {k: v for k, v in state.items() if 'lora_' in k}} if lora_rank else {}
+    lora = {'lora': lora_state_dict(state)} if lora_rank else {}
     return common.checkpoint(ctx, 'sft', weights, model_args, tokenizer, config, parent, pretrain_dataset, optimizer,
                              iter_num, data_generator, **lora)
 
