@@ -28,12 +28,16 @@ class GPTConfig:
     n_head: int = 12
     n_kv_head: int = 0            # 0 -> n_head (MHA); 1 -> MQA; in between -> GQA
     n_embd: int = 768
+    head_dim: int = 0             # 0 -> n_embd // n_head (imported models may differ, e.g. Qwen3: 128)
     dropout: float = 0.0
     bias: bool = False            # bias in Linears and LayerNorms
+    qkv_bias: bool = False        # bias in the q, k, v projection only (Qwen2)
     norm: str = 'rmsnorm'         # 'rmsnorm' | 'layernorm'
+    norm_eps: float = 0.0         # 0 -> 1e-6 for rmsnorm, 1e-5 for layernorm
     pos: str = 'rope'             # 'rope' | 'learned'
     rope_theta: float = 10000.0
     mlp: str = 'swiglu'           # 'swiglu' | 'gelu'
+    gelu_approximate: str = 'none'  # 'none' (exact erf) | 'tanh' (GPT-2's original "gelu_new")
     mlp_hidden: int = 0           # 0 -> 4*n_embd for gelu, ~8/3*n_embd (multiple of 64) for swiglu
     qk_norm: bool = False         # normalise q and k per head before attention (stabilises training)
     tie_embeddings: bool = True   # share the token embedding with the output head
@@ -50,10 +54,14 @@ class GPTConfig:
             self.n_kv_head = self.n_head
         if self.mlp_hidden == 0:
             self.mlp_hidden = 4 * self.n_embd if self.mlp == 'gelu' else 64 * math.ceil(8 * self.n_embd / 3 / 64)
-        assert self.n_embd % self.n_head == 0, "n_embd must be divisible by n_head"
+        if self.norm_eps == 0:
+            self.norm_eps = 1e-6 if self.norm == 'rmsnorm' else 1e-5
+        if self.head_dim == 0:
+            assert self.n_embd % self.n_head == 0, "n_embd must be divisible by n_head (or set head_dim)"
+            self.head_dim = self.n_embd // self.n_head
         assert self.n_head % self.n_kv_head == 0, "n_head must be divisible by n_kv_head"
         assert self.norm in ('rmsnorm', 'layernorm') and self.pos in ('rope', 'learned')
-        assert self.mlp in ('swiglu', 'gelu')
+        assert self.mlp in ('swiglu', 'gelu') and self.gelu_approximate in ('none', 'tanh')
         assert self.n_experts == 0 or 1 <= self.n_experts_active <= self.n_experts
 
     def to_dict(self):
@@ -63,8 +71,8 @@ class GPTConfig:
 def Norm(config, dim=None):
     dim = dim or config.n_embd
     if config.norm == 'rmsnorm':
-        return nn.RMSNorm(dim, eps=1e-6)
-    return nn.LayerNorm(dim, bias=config.bias)
+        return nn.RMSNorm(dim, eps=config.norm_eps)
+    return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.bias)
 
 
 # ----------------------------------------------------------------------------- rotary embeddings
@@ -92,8 +100,7 @@ class KVCache:
     `pos` is how many positions are filled; GPT.forward writes at [pos, pos+T) and advances it."""
 
     def __init__(self, config, batch_size, max_len, device, dtype):
-        hs = config.n_embd // config.n_head
-        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, hs)
+        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.pos = 0
@@ -118,10 +125,11 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
-        self.head_dim = config.n_embd // config.n_head
+        self.head_dim = config.head_dim
         # q, k and v in one matmul: rows are n_head query heads, then n_kv_head key and value heads
-        self.c_attn = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_attn = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim,
+                                bias=config.bias or config.qkv_bias)
+        self.c_proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=config.bias)
         self.c_proj.residual_proj = True
         self.q_norm = Norm(config, self.head_dim) if config.qk_norm else None
         self.k_norm = Norm(config, self.head_dim) if config.qk_norm else None
@@ -129,7 +137,7 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, rope, attn_mask, kv_cache):
-        B, T, C = x.size()
+        B, T, _ = x.size()
         qkv = self.c_attn(x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k, v = qkv.split([self.n_head, self.n_kv_head, self.n_kv_head], dim=1)  # (B, nh, T, hs), (B, nkv, T, hs) x2
         if self.q_norm is not None:
@@ -143,7 +151,7 @@ class Attention(nn.Module):
             q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_head != self.n_head)  # GQA without repeat_interleave copies
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -155,6 +163,7 @@ class MLP(nn.Module):
         super().__init__()
         hidden = hidden or config.mlp_hidden
         self.swiglu = config.mlp == 'swiglu'
+        self.gelu_approximate = config.gelu_approximate
         self.c_fc = nn.Linear(config.n_embd, (2 if self.swiglu else 1) * hidden, bias=config.bias)
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.c_proj.residual_proj = True
@@ -166,7 +175,7 @@ class MLP(nn.Module):
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
-            h = F.gelu(h)
+            h = F.gelu(h, approximate=self.gelu_approximate)
         return self.dropout(self.c_proj(h))
 
 
@@ -194,6 +203,7 @@ class MoE(nn.Module):
         self.renormalize = config.moe_renormalize and config.n_experts_active > 1
         self.capacity_factor = config.moe_capacity_factor
         self.swiglu = config.mlp == 'swiglu'
+        self.gelu_approximate = config.gelu_approximate
         self.router = nn.Linear(C, E, bias=False)
         self.w_in = nn.Parameter(torch.randn(E, C, (2 if self.swiglu else 1) * H) * 0.02)
         self.w_out = nn.Parameter(torch.randn(E, H, C) * 0.02)  # GPT re-initialises both
@@ -232,7 +242,7 @@ class MoE(nn.Module):
             g, u = h.chunk(2, dim=-1)
             h = F.silu(g) * u
         else:
-            h = F.gelu(h)
+            h = F.gelu(h, approximate=self.gelu_approximate)
         y = torch.bmm(h, self.w_out.to(h.dtype)).view(E * capacity, C)  # (E*cap, C)
         y = torch.cat([y, y.new_zeros(1, C)])  # the spare row reads as zero
 
@@ -282,7 +292,7 @@ class GPT(nn.Module):
             self.lm_head.weight = self.transformer.wte.weight
         if config.pos == 'rope':
             # persistent=False: derived from the config, so not stored in checkpoints
-            cos, sin = rope_cache(config.block_size, config.n_embd // config.n_head, config.rope_theta)
+            cos, sin = rope_cache(config.block_size, config.head_dim, config.rope_theta)
             self.register_buffer('rope_cos', cos, persistent=False)
             self.register_buffer('rope_sin', sin, persistent=False)
         self.apply(self._init_weights)
@@ -329,7 +339,7 @@ class GPT(nn.Module):
         """Model FLOPs utilisation: achieved FLOP/s over `peak_flops`. Training costs 6 FLOPs per
         parameter per token plus attention's 12 * L * H * hs * T (PaLM paper, appendix B)."""
         cfg = self.config
-        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
+        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.head_dim, cfg.block_size
         flops_per_token = 6 * self.get_num_active_params() + 12 * L * H * Q * T
         return flops_per_token * tokens_per_iter / dt / peak_flops
 

@@ -46,12 +46,16 @@ n_layer = 6
 n_head = 6
 n_kv_head = 0  # 0 = n_head
 n_embd = 384
+head_dim = 0  # 0 = n_embd // n_head
 dropout = 0.0
 bias = False
+qkv_bias = False  # bias on the q, k, v projection only (Qwen2)
 norm = 'rmsnorm'
+norm_eps = 0.0  # 0 = 1e-6 for rmsnorm, 1e-5 for layernorm
 pos = 'rope'
 rope_theta = 10000.0
 mlp = 'swiglu'
+gelu_approximate = 'none'  # 'tanh' = GPT-2's original gelu
 mlp_hidden = 0
 qk_norm = False
 tie_embeddings = True
