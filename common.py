@@ -155,7 +155,11 @@ def save_checkpoint(obj, path):
 
 def load_checkpoint(out_dir, device='cpu', which='best'):
     """Load a checkpoint safely (weights_only: no code runs): a .pt path, or an out_dir's best.pt
-    (which='best', when the run kept one) or its ckpt.pt, the latest state (which='latest')."""
+    (which='best', when the run kept one) or its ckpt.pt, the latest state (which='latest').
+    'hf:PATH' imports a transformers model directory (hf.py) as a checkpoint of stage 'hf'."""
+    if out_dir.startswith('hf:'):
+        import hf
+        return hf.checkpoint_from_hf(out_dir.removeprefix('hf:'))
     path = checkpoint_path(out_dir, which)
     if not os.path.exists(path):
         raise SystemExit(f"no checkpoint at {path}: train that stage first, or check init_from/out_dir")
@@ -366,8 +370,9 @@ def setup(device, dtype, seed, out_dir, gradient_accumulation_steps=None, parall
 
 
 def checkpoint_path(path, which='best'):
-    """A .pt path as it is; an out_dir -> its best.pt (which='best', when the run kept one) or ckpt.pt."""
-    if path.endswith('.pt'):
+    """A .pt path (or an 'hf:' model) as it is; an out_dir -> its best.pt (which='best', when the run
+    kept one) or ckpt.pt."""
+    if path.endswith('.pt') or path.startswith('hf:'):
         return path
     best = os.path.join(path, 'best.pt')
     return best if which == 'best' and os.path.exists(best) else os.path.join(path, 'ckpt.pt')

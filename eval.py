@@ -3,6 +3,11 @@ Evaluate any stage's checkpoint on equal terms: held-out loss and bits per byte 
 dataset's val.bin, and the task metrics on the built-in suite's held-out items.
     python eval.py --out_dir=out-sft
     python eval.py --out_dir=out-tiny --score_tasks=False --json_out=eval.json
+    python eval.py --out_dir=out-qwen-id --score_tasks=False --chat_file=held_out.jsonl --expect=Nova
+
+chat_file scores your own held-out chat JSONL (OpenAI "messages" or MiniMind "conversations"):
+each conversation up to its last assistant turn is the prompt, and the greedy reply is compared
+with that turn (file_exact) and, with expect, must contain that text (file_contains).
 """
 
 import json
@@ -14,6 +19,7 @@ import numpy as np
 import torch
 
 import common
+import data
 import evals
 import tasks as task_suite
 from configurator import configure
@@ -26,6 +32,9 @@ eval_batches = 20  # batches of batch_size x block_size tokens from val.bin
 batch_size = 8
 score_tasks = True  # task metrics by greedy generation on the held-out suite
 items_per_task = 1000
+chat_file = ''  # your own held-out chat JSONL, scored by greedy generation
+expect = ''  # chat_file: text every reply should contain (e.g. the assistant's new name)
+max_new_tokens = 64  # chat_file replies
 json_out = ''  # also write the metrics here
 device = 'auto'
 seed = 1337
@@ -73,6 +82,10 @@ else:
 if score_tasks:
     items = task_suite.heldout(task_suite.ensure_tasks(os.path.join(data_root, 'tasks')))
     metrics.update(evals.task_metrics(model, tokenizer, items, items_per_task))
+
+# your own held-out conversations
+if chat_file:
+    metrics.update(evals.chat_file_metrics(model, tokenizer, data.load_sft([chat_file]), expect, max_new_tokens))
 
 metrics['eval_seconds'] = time.time() - t0
 print(json.dumps(metrics, indent=1))

@@ -43,6 +43,33 @@ def task_metrics(model, tokenizer, items, per_task=100, max_new_tokens=48, batch
 
 
 @torch.no_grad()
+def chat_file_metrics(model, tokenizer, conversations, expect='', max_new_tokens=64, batch_size=32):
+    """Your own held-out conversations: the greedy reply to each conversation up to its last
+    assistant turn, against that turn. file_exact: the share equal to it (whitespace stripped);
+    file_contains (with expect): the share that contain `expect`. Prints a few replies."""
+    items = [(c[:max(i for i, m in enumerate(c) if m['role'] == 'assistant')], c) for c in conversations
+             if any(m['role'] == 'assistant' for m in c)]
+    if not items:
+        raise SystemExit("chat_file has no conversation with an assistant turn to compare against")
+    was_training = model.training
+    model.eval()
+    generator = TextGenerator(model, tokenizer)
+    replies = []
+    for i in range(0, len(items), batch_size):
+        prompts = [tokenizer.render_prompt(prompt) for prompt, _ in items[i:i + batch_size]]
+        replies += generator.generate(prompts, temperature=0.0, max_new_tokens=max_new_tokens)
+    model.train(was_training)
+    references = [conv[len(prompt)]['content'] for prompt, conv in items]
+    for (prompt, _), reply in list(zip(items, replies))[:3]:
+        print(f"{prompt[-1]['content']!r} -> {reply!r}")
+    metrics = {'file_items': len(items),
+               'file_exact': sum(r.strip() == ref.strip() for r, ref in zip(replies, references)) / len(items)}
+    if expect:
+        metrics['file_contains'] = sum(expect in r for r in replies) / len(items)
+    return metrics
+
+
+@torch.no_grad()
 def reply_loss(model, tokenizer, items, batch_size=16):
     """Mean per-token loss of the reference answers (assistant tokens only)."""
     block = model.config.block_size - 1

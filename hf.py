@@ -336,6 +336,11 @@ def save_hf(ckpt, path, dtype='float32'):
     return model
 
 
+def load_exported(path):
+    """A transformers directory as transformers loads it, in fp32 and eval mode."""
+    return _transformers().AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
 def checkpoint_from_hf(path):
     """A transformers model directory -> a checkpoint dict in our layout (stage 'hf'), with the
     model's own tokenizer (tokenizer.HFTokenizer: its BPE, special tokens and chat template)."""
