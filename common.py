@@ -38,7 +38,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import GPT, Block, GPTConfig
-from tokenizer import Tokenizer
+from tokenizer import from_spec
 
 
 # ----------------------------------------------------------------------------- device and DDP
@@ -184,7 +184,8 @@ def model_from_checkpoint(ckpt, **overrides):
 
 
 def tokenizer_from_checkpoint(ckpt):
-    return Tokenizer(ckpt['tokenizer'])
+    """Ours (bpe, char, gpt2) or an imported model's own (hf), by the spec's kind."""
+    return from_spec(ckpt['tokenizer'])
 
 
 def rng_state(data_generator=None):

@@ -26,14 +26,7 @@ import os
 import torch
 
 from model import GPT, GPTConfig
-
-# One ChatML conversation exactly as tokenizer.render_chat/render_prompt lay it out.
-CHATML_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
-
+from tokenizer import CHATML_TEMPLATE, HFTokenizer  # the template renders our ChatML byte for byte
 
 def _transformers():
     try:
@@ -345,7 +338,6 @@ def checkpoint_from_hf(path):
     """A transformers model directory -> a checkpoint dict in our layout (stage 'hf'), with the
     model's own tokenizer (tokenizer.HFTokenizer: its BPE, special tokens and chat template)."""
     tf = _transformers()
-    from tokenizer import HFTokenizer
     if not os.path.isfile(os.path.join(path, 'config.json')):
         raise SystemExit(f"init_from=hf:{path}: no config.json there (a transformers model directory, as "
                          f"save_pretrained or `hf download` writes it)")
@@ -359,7 +351,10 @@ def checkpoint_from_hf(path):
     state = state_dict_from_hf(hf_model.state_dict(), cfg, architecture(cfg))
     model = GPT(cfg)
     model.load_state_dict(state, strict=True)  # every weight accounted for, nothing left over
-    tokenizer = HFTokenizer.from_dir(path)
+    try:
+        tokenizer = HFTokenizer.from_dir(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"init_from=hf:{path}: {e}") from None
     return {'stage': 'hf', 'model': model.state_dict(), 'model_args': cfg.to_dict(), 'tokenizer': tokenizer.spec,
             'tokenizer_identity': tokenizer.identity, 'config': {'hf_path': os.path.abspath(path)},
             'iter_num': 0, 'best_val_loss': float('inf'), 'parent': None, 'dataset': None}

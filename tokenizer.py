@@ -1,15 +1,17 @@
 """
-Tokenizers, one interface for three kinds:
+Tokenizers, one interface for four kinds:
 
     bpe   byte-level BPE trained with rustbpe, run with tiktoken (the nanochat approach)
     char  one token per character (the nanoGPT Shakespeare recipe)
     gpt2  tiktoken's GPT-2 encoding (needs its files: online once, or tiktoken's cache)
+    hf    a Hugging Face model's own tokenizer (tokenizer.json) and chat template, to fine-tune it
 
 A tokenizer is saved as plain JSON (never a pickle) next to the data, and the same dict goes into
-every checkpoint, so any checkpoint can be sampled on its own.
+every checkpoint, so any checkpoint can be sampled on its own: from_spec(spec) rebuilds either class.
 
 Chat uses ChatML:  <|im_start|>role\\ncontent<|im_end|>\\n  and render_chat() returns a loss mask
 that is 1 only on assistant content and its <|im_end|>, which every fine-tuning stage trains on.
+Kind hf renders with the model's Jinja template instead, with the same mask on its end-of-turn token.
 """
 
 import base64
@@ -50,7 +52,8 @@ class Tokenizer:
             self.enc = tiktoken.Encoding(name='gpt2_chat', pat_str=base._pat_str, mergeable_ranks=base._mergeable_ranks,
                                          special_tokens=self.special_tokens)
         else:
-            raise ValueError(f"unknown tokenizer kind {self.kind!r} (expected bpe, char or gpt2)")
+            raise ValueError(f"unknown tokenizer kind {self.kind!r} (expected bpe, char or gpt2; "
+                             "build kind hf with from_spec)")
         self.n_vocab = max(self.special_tokens.values()) + 1
         self.eot_id = self.special_tokens['<|endoftext|>']
         self.im_start_id = self.special_tokens['<|im_start|>']
@@ -136,8 +139,9 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path):
+        """Either class, by the kind the file names."""
         with open(path) as f:
-            return cls(json.load(f))
+            return from_spec(json.load(f))
 
     @property
     def identity(self):
@@ -193,3 +197,213 @@ def gpt2_tokenizer():
     specials = {'<|endoftext|>': base.eot_token}
     specials.update({name: base.eot_token + i for i, name in enumerate(SPECIAL_TOKENS) if i > 0})
     return Tokenizer({'kind': 'gpt2', 'special_tokens': specials})
+
+
+# ----------------------------------------------------------------------------- Hugging Face (kind hf)
+
+# The special-token attributes transformers passes to every chat template (bos_token, eos_token, ...)
+HF_NAMED_TOKENS = ('bos_token', 'eos_token', 'unk_token', 'sep_token', 'pad_token', 'cls_token', 'mask_token')
+
+# The template transformers documents for ChatML; the same layout as Tokenizer.render_chat
+CHATML_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] "
+                   "+ '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+                   "{% endif %}")
+
+
+def from_spec(spec):
+    """The tokenizer a spec describes (a tokenizer.json of ours, or a checkpoint's 'tokenizer')."""
+    return HFTokenizer(spec) if spec['kind'] == 'hf' else Tokenizer(spec)
+
+
+def _byte_decoder():
+    """GPT-2's byte-level table, reversed: the printable character that stands for each byte -> byte."""
+    keep = [*range(ord('!'), ord('~') + 1), *range(ord('¡'), ord('¬') + 1), *range(ord('®'), ord('ÿ') + 1)]
+    moved = [b for b in range(256) if b not in keep]
+    return {**{chr(b): b for b in keep}, **{chr(256 + n): b for n, b in enumerate(moved)}}
+
+
+_BYTE_DECODER = _byte_decoder()
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face fast tokenizer (the `tokenizers` library) and its chat template behind our
+    interface. spec: {'kind': 'hf', 'tokenizer_json': the file's text, 'chat_template': Jinja text or
+    None, 'special_token_strings': {'bos_token': ..., 'eos_token': ..., ...}}."""
+
+    def __init__(self, spec):
+        from tokenizers import Tokenizer as RustTokenizer
+        self.spec, self.kind = spec, 'hf'
+        self.tok = RustTokenizer.from_str(spec['tokenizer_json'])
+        self.named = dict(spec['special_token_strings'])  # what the template sees as bos_token, eos_token, ...
+        added = self.tok.get_added_tokens_decoder()  # id -> AddedToken
+        self.added_text = {i: t.content for i, t in added.items()}  # decoded verbatim, not through the byte table
+        self.special_tokens = {t.content: i for i, t in added.items() if t.special}
+        named_ids = {s: self.tok.token_to_id(s) for s in self.named.values()}  # some are in the base vocab (</s>)
+        self.special_tokens.update({s: i for s, i in named_ids.items() if i is not None})
+        self.n_vocab = max(self.tok.get_vocab(with_added_tokens=True).values()) + 1
+        self.byte_level = 'ByteLevel(' in repr(self.tok.decoder)  # alone or in a Sequence
+        has_chatml = {'<|im_start|>', '<|im_end|>'} <= set(self.special_tokens)
+        self.chat_template = spec['chat_template'] or (CHATML_TEMPLATE if has_chatml else None)
+        self.turn_start, self.turn_end = self._turn_tokens() if self.chat_template else (None, None)
+        eos = self.named.get('eos_token')
+        self.eot_id = self.special_tokens.get(eos, self.special_tokens.get(self.turn_end))
+        if self.eot_id is None:
+            raise ValueError("this Hugging Face tokenizer names no eos_token (tokenizer_config.json) and has no chat "
+                             "template to take an end-of-turn token from: set eos_token")
+        # without a chat template generation still needs a stop token: the end of the document
+        self.im_end_id = self.special_tokens[self.turn_end] if self.turn_end else self.eot_id
+        self.im_start_id = self.special_tokens.get(self.turn_start)
+        self.pad_id = self.special_tokens.get(self.named.get('pad_token'), self.eot_id)
+
+    @classmethod
+    def from_dir(cls, path):
+        """A Hugging Face model or tokenizer directory: tokenizer.json, tokenizer_config.json (special
+        tokens, chat_template), chat_template.jinja (where transformers 5 saves the template, and
+        which wins over the config's, as in transformers) and special_tokens_map.json if present."""
+        def read(name):
+            file = os.path.join(path, name)
+            if os.path.exists(file):
+                with open(file, encoding='utf-8') as f:
+                    return f.read()
+        tokenizer_json = read('tokenizer.json')
+        if tokenizer_json is None:
+            raise FileNotFoundError(
+                f"{path} has no tokenizer.json: only Hugging Face fast tokenizers (tokenizer.json) are supported. "
+                "transformers writes one for most slow tokenizers: "
+                "AutoTokenizer.from_pretrained(path).save_pretrained(path)")
+        config = json.loads(read('tokenizer_config.json') or '{}')
+        legacy = json.loads(read('special_tokens_map.json') or '{}')  # only fills what the config leaves out
+        named = {k: config.get(k) or legacy.get(k) for k in HF_NAMED_TOKENS}
+        named = {k: v['content'] if isinstance(v, dict) else v for k, v in named.items() if v}
+        template = config.get('chat_template')
+        if isinstance(template, list):  # named ones: [{'name': 'default', 'template': ...}, {'name': 'tool_use', ...}]
+            template = {t['name']: t['template'] for t in template}.get('default')
+        template = read('chat_template.jinja') or template
+        return cls({'kind': 'hf', 'tokenizer_json': tokenizer_json, 'chat_template': template,
+                    'special_token_strings': named})
+
+    def to_transformers(self):
+        """The same tokenizer as a transformers PreTrainedTokenizerFast (for hf.py's export), with the
+        template this class renders: the ChatML fallback included, so the export chats as we trained."""
+        import transformers
+        from tokenizers import Tokenizer as RustTokenizer
+        fast = RustTokenizer.from_str(self.spec['tokenizer_json'])
+        return transformers.PreTrainedTokenizerFast(tokenizer_object=fast, chat_template=self.chat_template,
+                                                    **self.named)
+
+    # --------------------------------------------------------------------- encode / decode
+
+    def encode(self, text, allow_special=False):
+        """Text -> ids. Special-token strings in `text` are plain text unless allow_special."""
+        self.tok.encode_special_tokens = not allow_special  # True: split them like any other text
+        return self.tok.encode(text, add_special_tokens=False).ids  # no post-processor BOS: templates add it
+
+    def encode_batch(self, texts, num_threads=8):
+        """Many documents at once, no special tokens. The `tokenizers` thread pool is process-wide
+        (RAYON_NUM_THREADS), so num_threads is not used."""
+        self.tok.encode_special_tokens = True
+        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids):
+        return self.tok.decode(list(ids), skip_special_tokens=False)
+
+    def decode_bytes(self, ids):
+        """Raw bytes of ids. A byte-level BPE token is a string of stand-in characters, one per byte:
+        map them back, so that a character split over two tokens arrives whole once both have."""
+        if not self.byte_level:
+            return self.decode(ids).encode('utf-8')
+        return b''.join(self.added_text[i].encode('utf-8') if i in self.added_text
+                        else bytes(_BYTE_DECODER[c] for c in self.tok.id_to_token(i)) for i in ids)
+
+    # --------------------------------------------------------------------- chat
+
+    def render_chat(self, messages, max_len=None):
+        """Messages [{'role', 'content'}] -> (ids, mask) as the model's chat template lays them out.
+        mask is 1 on each assistant message's content and the end-of-turn token after it."""
+        ids, mask = [], []
+        for text, plain, train in self._pieces(messages):
+            piece = self.encode(text, allow_special=not plain)
+            ids += piece
+            mask += [train] * len(piece)
+        if max_len is not None:
+            ids, mask = ids[:max_len], mask[:max_len]
+        return ids, mask
+
+    def render_prompt(self, messages):
+        """The conversation, then the template's generation prompt: what generation continues."""
+        return [i for text, plain, _ in self._pieces(messages, add_generation_prompt=True)
+                for i in self.encode(text, allow_special=not plain)]
+
+    def _render(self, messages, add_generation_prompt=False):
+        """The template's text for `messages`, rendered exactly as transformers' apply_chat_template
+        renders it (the named special tokens passed as variables)."""
+        if self.chat_template is None:
+            raise ValueError("this Hugging Face tokenizer has no chat template and no <|im_start|>/<|im_end|> tokens, "
+                             "so it cannot render chats: use a chat model's tokenizer, or add a chat_template to "
+                             "its tokenizer_config.json (or a chat_template.jinja)")
+        from transformers.utils.chat_template_utils import render_jinja_template
+        texts, _ = render_jinja_template(conversations=[messages], chat_template=self.chat_template,
+                                         add_generation_prompt=add_generation_prompt, **self.named)
+        return texts[0]
+
+    def _pieces(self, messages, add_generation_prompt=False):
+        """The rendering split into [(text, plain, train)]: template text (special tokens parsed), each
+        message's content (plain text, as our ChatML encodes it), and after assistant content its
+        end-of-turn token; train is 1 on those two. Tokenized piece by piece, the mask's edges are exact.
+
+        The template runs twice: with each content replaced by a mark, to see where it puts it, and as
+        is, to check it puts the content there verbatim (or stripped: Llama 3 trims it); and once more
+        per assistant message, to check the prompt before it (_check_reply)."""
+        marks = [f'\ue000{i}\ue001' for i in range(len(messages))]  # private-use characters: no template touches them
+        rest = self._render([{**m, 'content': k} for m, k in zip(messages, marks)], add_generation_prompt)
+        full = self._render(messages, add_generation_prompt)
+        pieces, pos, done = [], 0, 0  # pos: how far `full` is matched; done: how far it is in pieces
+        for i, (m, mark) in enumerate(zip(messages, marks)):
+            before, found, rest = rest.partition(mark)
+            if not found or mark in rest or not full.startswith(before, pos):
+                raise ValueError(f"the chat template does not render message {i}'s content once, as given (it "
+                                 "drops, repeats or rewrites it), so its tokens cannot be found in the rendering")
+            pos += len(before)
+            content = next((c for c in (m['content'], m['content'].strip()) if full.startswith(c, pos)), None)
+            if content is None:
+                raise ValueError(f"the chat template changes message {i}'s content beyond stripping it")
+            train = m['role'] == 'assistant'
+            if train:
+                self._check_reply(messages, i, full, pos, content)
+            pieces += [(full[done:pos], False, 0), (content, True, int(train))]
+            pos = done = pos + len(content)
+            if train:
+                pieces.append((self.turn_end, False, 1))
+                done += len(self.turn_end)
+        if full[pos:] != rest:
+            raise ValueError("the chat template renders the conversation's end differently once contents change")
+        return pieces + [(full[done:], False, 0)]
+
+    def _check_reply(self, messages, i, full, start, content):
+        """Assistant message i must read as render_prompt(messages[:i]) + its content + the end-of-turn
+        token: that is how generation, reward.py and dpo.py lay out a reply."""
+        if full[:start] != self._render(messages[:i], add_generation_prompt=True):
+            raise ValueError(f"the chat template does not render assistant message {i} after the prompt that "
+                             f"messages[:{i}] with add_generation_prompt renders: it rewrites earlier turns or the "
+                             "assistant header (e.g. adds a thinking block), so a model would be trained on a "
+                             "layout it never sees when generating")
+        if not full.startswith(self.turn_end, start + len(content)):
+            raise ValueError(f"the chat template does not end assistant message {i} with its end-of-turn token "
+                             f"{self.turn_end!r}")
+
+    def _turn_tokens(self):
+        """(start, end) of a turn, as strings: the first special token of the generation prompt, and
+        the first special token the template puts after an assistant reply."""
+        marker = '\ue000reply\ue001'
+        user = [{'role': 'user', 'content': 'A'}]
+        text = self._render(user + [{'role': 'assistant', 'content': marker}])
+        end = self._first_special(text.partition(marker)[2])
+        if end is None:
+            raise ValueError(f"the chat template puts no special token after an assistant reply ({text!r}), so "
+                             "there is no end-of-turn token to train on and stop at")
+        prompt, generation = self._render(user), self._render(user, add_generation_prompt=True)
+        return self._first_special(generation.removeprefix(prompt)), end
+
+    def _first_special(self, text):
+        hits = [(text.find(s), -len(s), s) for s in self.special_tokens if s in text]
+        return min(hits)[2] if hits else None
