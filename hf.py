@@ -22,11 +22,13 @@ convention in both, so no permutation is needed. transformers is imported only o
 
 import json
 import os
+import shutil
 
 import torch
 
 from model import GPT, GPTConfig
 from tokenizer import CHATML_TEMPLATE, HFTokenizer  # the template renders our ChatML byte for byte
+
 
 def _transformers():
     try:
@@ -320,12 +322,17 @@ def save_hf(ckpt, path, dtype='float32'):
     gen.bos_token_id = None
     if model.config.vocab_size > tokenizer.n_vocab:  # the padded ids (vocab rounded up) never come out
         gen.suppress_tokens = list(range(tokenizer.n_vocab, model.config.vocab_size))
-    os.makedirs(path, exist_ok=True)
-    model.save_pretrained(path)
-    hf_tokenizer(tokenizer).save_pretrained(path)
+    # written beside, then swapped in: a crash mid-export leaves the previous export whole
+    tmp = f'{path.rstrip("/")}.tmp{os.getpid()}'
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    hf_tokenizer(tokenizer).save_pretrained(tmp)
     lineage = {k: ckpt.get(k) for k in ('stage', 'iter_num', 'parent', 'dataset', 'tokenizer_identity')}
-    with open(os.path.join(path, 'mini_llm.json'), 'w') as f:
+    with open(os.path.join(tmp, 'mini_llm.json'), 'w') as f:
         json.dump({'exported_from': lineage, 'model_args': ckpt['model_args']}, f, indent=1, default=str)
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    os.replace(tmp, path)
     return model
 
 

@@ -65,6 +65,16 @@ def test_export_loads_in_transformers_with_our_logits(tok, tmp_path, name):
             assert (model(ids)[0] - loaded(ids).logits).abs().max().item() <= 1e-4
 
 
+def test_export_replaces_an_earlier_one_whole(tok, tmp_path):
+    path = tmp_path / 'export'
+    path.mkdir()
+    (path / 'stale.txt').write_text('from an earlier export')
+    _, ckpt = random_checkpoint(tok)
+    hf.save_hf(ckpt, str(path))
+    assert not (path / 'stale.txt').exists() and (path / 'model.safetensors').exists()
+    assert os.listdir(tmp_path) == ['export']  # no temp directory left behind
+
+
 def test_exported_tokenizer_has_our_ids_and_renders_our_chatml(tok, tmp_path):
     _, ckpt = random_checkpoint(tok)
     hf.save_hf(ckpt, str(tmp_path))
