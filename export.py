@@ -58,8 +58,10 @@ if check:
     prompt = tokenizer.render_prompt([{'role': 'user', 'content': 'What is 12+30?'}])[-model.config.block_size:]
     ids = torch.tensor([prompt])
     exported = hf.load_exported(path) if export_format == 'hf' else gguf_export.load_exported(path)
-    if dtype != 'float32':  # compare with our weights rounded as the export's were
-        model.to(getattr(torch, dtype)).float()
+    if dtype != 'float32':  # compare with our weights rounded as the export's were (not the RoPE tables)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(p.to(getattr(torch, dtype)).float())
     with torch.no_grad():
         ours, theirs = model(ids)[0], exported(ids).logits
     diff = (ours - theirs).abs().max().item()
