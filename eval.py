@@ -81,7 +81,8 @@ else:
 # task metrics
 if score_tasks:
     items = task_suite.heldout(task_suite.ensure_tasks(os.path.join(data_root, 'tasks')))
-    metrics.update(evals.task_metrics(model, tokenizer, items, items_per_task))
+    per_item = {}  # each item's score, in order: pipeline.py's report pairs them between stages (McNemar)
+    metrics.update(evals.task_metrics(model, tokenizer, items, items_per_task, per_item=per_item))
 
 # your own held-out conversations
 if chat_file:
@@ -91,4 +92,4 @@ metrics['eval_seconds'] = time.time() - t0
 print(json.dumps(metrics, indent=1))
 if json_out:
     with open(json_out, 'w') as f:
-        json.dump(metrics, f, indent=1)
+        json.dump({**metrics, 'per_item': per_item} if score_tasks else metrics, f, indent=1)

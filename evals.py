@@ -8,6 +8,8 @@ compare on equal terms:
                    score by exact match on a tiny model; its loss still moves with training)
 """
 
+import math
+
 import torch
 
 import common
@@ -18,8 +20,9 @@ GENERATED_TASKS = {'identity': 'identity_acc', 'arithmetic': 'arith_acc', 'chat'
 
 
 @torch.no_grad()
-def task_metrics(model, tokenizer, items, per_task=100, max_new_tokens=48, batch_size=64):
-    """items: {task: [{'messages', 'answer'}]} (tasks.heldout). Greedy generation, batched."""
+def task_metrics(model, tokenizer, items, per_task=100, max_new_tokens=48, batch_size=64, per_item=None):
+    """items: {task: [{'messages', 'answer'}]} (tasks.heldout). Greedy generation, batched.
+    per_item: a dict to receive each task's item scores, in order (for McNemar between checkpoints)."""
     was_training = model.training
     model.eval()
     generator = TextGenerator(model, tokenizer)
@@ -35,11 +38,28 @@ def task_metrics(model, tokenizer, items, per_task=100, max_new_tokens=48, batch
             replies = generator.generate(prompts, temperature=0.0, max_new_tokens=max_new_tokens)
             scores += [tasks.score(task, reply, it['answer']) for reply, it in zip(replies, batch)]
         metrics[name] = sum(scores) / len(scores)
+        if per_item is not None:
+            per_item[task] = scores
     code = items.get('code', [])[:per_task]
     if code:
         metrics['code_loss'] = reply_loss(model, tokenizer, code)
     model.train(was_training)
     return metrics
+
+
+def mcnemar(before, after):
+    """McNemar's test on paired right/wrong outcomes of the same items (McNemar 1947): gained = right
+    only after, lost = right only before. z = (gained - lost) / sqrt(gained + lost); p is the exact
+    two-sided binomial p-value (gained ~ Binomial(gained + lost, 1/2) when nothing changed), right
+    for the small counts a tiny model's change gives. Returns (gained, lost, z, p)."""
+    assert len(before) == len(after), "McNemar needs the same items before and after"
+    gained = sum(1 for b, a in zip(before, after) if a and not b)
+    lost = sum(1 for b, a in zip(before, after) if b and not a)
+    n = gained + lost
+    if n == 0:
+        return 0, 0, 0.0, 1.0
+    tail = sum(math.comb(n, k) for k in range(min(gained, lost) + 1)) / 2 ** n
+    return gained, lost, (gained - lost) / math.sqrt(n), min(1.0, 2 * tail)
 
 
 @torch.no_grad()

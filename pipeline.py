@@ -172,6 +172,27 @@ def fmt(v):
     return f'{v:.4f}' if isinstance(v, float) else str(v)
 
 
+def alignment_table(evals):
+    """Each alignment stage against its SFT start, task by task, on the same held-out items: accuracy
+    before -> after, the items gained and lost, and McNemar's z and exact p (evals.mcnemar). A gain
+    with p > 0.05 is within what chance moves on that many items."""
+    from evals import mcnemar
+    lines = ['', '## Alignment: SFT -> each stage on the same held-out items (McNemar)', '',
+             '| stage | task | SFT | after | gained | lost | z | p |', '|---|---|---|---|---|---|---|---|']
+    before = evals['sft'].get('per_item', {})
+    for stage in ('dpo', 'ppo', 'grpo'):
+        after = evals.get(stage, {}).get('per_item', {})
+        for task in before:
+            if len(after.get(task, [])) != len(before[task]):
+                continue  # not scored on the same items
+            right_before, right_after = [x == 1.0 for x in before[task]], [x == 1.0 for x in after[task]]
+            gained, lost, z, p = mcnemar(right_before, right_after)
+            n = len(right_before)
+            lines.append(f"| {stage} | {task} | {sum(right_before) / n:.1%} | {sum(right_after) / n:.1%} | {gained} | "
+                         f"{lost} | {z:+.2f} | {p:.3g} |")
+    return lines
+
+
 def write_report():
     lines = [f"# Mini-LLM pipeline report{' (quick)' if quick else ''}", '',
              f"Machine: {platform.node()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
@@ -194,11 +215,7 @@ def write_report():
                   '| stage | ' + ' | '.join(keys) + ' |', '|---' * (len(keys) + 1) + '|']
         lines += [f"| {s} | " + ' | '.join(fmt(e.get(k, '')) for k in keys) + ' |' for s, e in evals.items()]
         if 'sft' in evals:
-            lines += ['', 'Alignment stages, before (SFT) -> after:', '']
-            for s in ('dpo', 'ppo', 'grpo'):
-                if s in evals:
-                    lines.append(f"- {s}: " + ', '.join(f"{k} {fmt(evals['sft'].get(k))} -> {fmt(evals[s].get(k))}"
-                                                      for k in ('identity_acc', 'arith_acc', 'chat_acc') if k in evals[s]))
+            lines += alignment_table(evals)
     chat_log = f'{R}/chat/log.txt'
     if os.path.exists(chat_log):
         replies = [l for l in open(chat_log).read().splitlines() if l.startswith('assistant>')]

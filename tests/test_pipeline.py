@@ -57,6 +57,8 @@ def test_quick_pipeline_runs_every_stage_and_resumes_after_a_kill(tmp_path):
     assert reward[-1]['val/loss'] < reward[0]['val/loss'] - 0.03, reward
     assert reward[-1]['val/accuracy_identity'] >= 0.9 and reward[-1]['val/accuracy_code'] >= 0.6, reward[-1]
     report = open(f'{run_dir}/report.md').read()
-    for section in ('## Stages', '## Every checkpoint on the same held-out data', '## A sample chat', '## Curves'):
+    for section in ('## Stages', '## Every checkpoint on the same held-out data', '## A sample chat', '## Curves',
+                    '## Alignment: SFT -> each stage on the same held-out items (McNemar)'):
         assert section in report
-    assert 'assistant>' in report
+    assert 'assistant>' in report and '| grpo | arithmetic |' in report
+    assert '![sft](sft_curves.png)' in report and os.path.getsize(f'{run_dir}/sft_curves.png') > 10_000
