@@ -21,6 +21,7 @@ length, exact and MinHash near-duplicate removal), mixing, and fast tokenising t
 import glob
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -37,7 +38,18 @@ from fractions import Fraction
 import numpy as np
 
 ROLES = ('system', 'user', 'assistant')
-SHAREGPT_ROLES = {'human': 'user', 'user': 'user', 'gpt': 'assistant', 'assistant': 'assistant', 'system': 'system'}
+
+
+class _Names(dict):
+    """A dict whose get() gives the default for a key that cannot be a name (a list or an object
+    from the JSON): a bad role then becomes a bad-field error, not "TypeError: unhashable type"."""
+
+    def get(self, key, default=None):
+        return super().get(key, default) if isinstance(key, str) else default
+
+
+SHAREGPT_ROLES = _Names({'human': 'user', 'user': 'user', 'gpt': 'assistant', 'assistant': 'assistant',
+                         'system': 'system'})
 
 
 class DataError(ValueError):
@@ -52,39 +64,64 @@ class _BadField(Exception):
 
 # ----------------------------------------------------------------------------- reading JSONL
 
+_LINES = re.compile(r'[^\n]*\n|[^\n]+\Z')  # lines split at \n only (str.splitlines also splits at \x0c, U+2028, ...)
+
+
+def read_lines(path):
+    """Yield (line_number, line or None, error text or None) for each line of a text file, decoded
+    line by line: a byte that is not UTF-8 spoils its own line only. (A decoding file object
+    raises mid-file instead, and what its 8 KB buffer held is gone with the rest of the file.)
+    Newlines come as open() gives them: \r\n and a lone \r become \n."""
+    lineno = 0
+    with open(path, 'rb') as f:
+        for raw in f:
+            try:
+                text = raw.decode('utf-8')
+            except UnicodeDecodeError as e:
+                lineno += 1
+                yield lineno, None, (f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column "
+                                     f"{e.start + 1}: {e.reason}); re-save the file as UTF-8")
+                continue
+            lines = [text]
+            if '\r' in text:  # old Mac files end lines with a lone \r: split there too, as open() does
+                lines = _LINES.findall(text.replace('\r\n', '\n').replace('\r', '\n'))
+            for line in lines:
+                lineno += 1
+                yield lineno, line, None
+
+
 def scan_jsonl(path, parse):
     """Yield (line_number, parsed record or None, error text or None) for each non-blank line."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
-    with open(path, encoding='utf-8', errors='strict') as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                if not isinstance(obj, dict):
-                    raise _BadField('(record)', f"expected a JSON object {{...}}, got {type(obj).__name__}")
-                yield lineno, parse(obj), None
-            except json.JSONDecodeError as e:
-                yield lineno, None, f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})"
-            except _BadField as e:
-                yield lineno, None, f"{path}:{lineno}: field {e.field!r}: {e.problem}"
+    for lineno, line, error in read_lines(path):
+        if error is not None:  # bytes that are not UTF-8: a bad line like any other
+            yield lineno, None, error
+            continue
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            if not isinstance(obj, dict):
+                raise _BadField('(record)', f"expected a JSON object {{...}}, got {type(obj).__name__}")
+            yield lineno, parse(obj), None
+        except json.JSONDecodeError as e:
+            yield lineno, None, f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})"
+        except _BadField as e:
+            yield lineno, None, f"{path}:{lineno}: field {e.field!r}: {e.problem}"
 
 
 def read_jsonl(path, parse, skip_bad_lines=False, what='record'):
     """All parsed records of a JSONL file. The first bad line raises DataError, unless
     skip_bad_lines, which skips bad lines and prints how many. No good line at all is an error."""
-    try:
-        records, bad = [], []
-        for _, record, error in scan_jsonl(path, parse):
-            if error is None:
-                records.append(record)
-            elif skip_bad_lines:
-                bad.append(error)
-            else:
-                raise DataError(error + " (fix the line, or pass skip_bad_lines=True to skip bad lines)")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); re-save it as UTF-8") from None
+    records, bad = [], []
+    for _, record, error in scan_jsonl(path, parse):
+        if error is None:
+            records.append(record)
+        elif skip_bad_lines:
+            bad.append(error)
+        else:
+            raise DataError(error + " (fix the line, or pass skip_bad_lines=True to skip bad lines)")
     if bad:
         print(f"{path}: skipped {len(bad)} bad line(s) of {len(records) + len(bad)}; first: {bad[0]}")
     if not records:
@@ -202,8 +239,8 @@ def parse_pref(obj):
 def parse_rl(obj):
     """RL prompt -> {'messages': [... ending with a user turn], 'answer': str or None}. Accepts
     {"prompt": str or messages} and {"messages"/"conversations": [...]}; a final assistant turn
-    (MiniMind's RLAIF files carry a placeholder one) is dropped. "answer" (str or number) is what
-    verifiable_reward checks against."""
+    (MiniMind's RLAIF files carry a placeholder one) is dropped. "answer" (str or number, not
+    empty) is what verifiable_reward checks against."""
     if 'prompt' in obj:
         prompt = obj['prompt']
         if isinstance(prompt, str):
@@ -228,6 +265,8 @@ def parse_rl(obj):
     answer = obj.get('answer')
     if isinstance(answer, bool) or not isinstance(answer, (str, int, float, type(None))):
         raise _BadField('answer', f"expected a string or a number, got {type(answer).__name__}")
+    if isinstance(answer, str) and not answer.strip():  # '' is in every response: it would reward them all
+        raise _BadField('answer', "empty; leave \"answer\" out for a prompt with nothing to check")
     return {'messages': messages, 'answer': None if answer is None else str(answer)}
 
 
@@ -276,34 +315,67 @@ PARSERS = {'sft': parse_sft, 'pref': parse_pref, 'rl': parse_rl}
 
 
 def validate_file(path, kind, tok=None):
-    """Check a chat file without training: returns (counts dict, [every bad line's error])."""
+    """Check a chat file without training: returns (counts dict, [every bad line's error]). With a
+    tokenizer, a record it cannot encode (a char tokenizer lacks one of its characters) is a bad
+    line too: training would stop on it."""
     if kind not in PARSERS:
         raise ValueError(f"unknown kind {kind!r}: use sft, pref or rl")
     counts, errors = {'records': 0, 'turns': 0, 'tokens': 0 if tok else None}, []
     if not os.path.isfile(path):
         return counts, [f"{path}: no such file"]
-    try:
-        for _, record, error in scan_jsonl(path, PARSERS[kind]):
-            if error:
-                errors.append(error)
-                continue
-            counts['records'] += 1
-            if kind == 'sft':
-                conversations = [record]
-            elif kind == 'pref':
-                p = record['prompt_messages']
-                conversations = [p + [{'role': 'assistant', 'content': record[k]}] for k in ('chosen', 'rejected')]
-            else:
-                conversations = [record['messages']]
-                counts['with_answer'] = counts.get('with_answer', 0) + (record['answer'] is not None)
-            counts['turns'] += len(conversations[0])
-            if tok is not None:
-                counts['tokens'] += sum(len(tok.render_chat(c)[0]) for c in conversations)
-    except UnicodeDecodeError as e:
-        errors.append(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); re-save it as UTF-8")
+
+    def parse(obj):  # -> (record, its conversations as rendered, their tokens), in scan_jsonl's try
+        record = PARSERS[kind](obj)
+        if kind == 'sft':
+            conversations = [record]
+        elif kind == 'pref':
+            p = record['prompt_messages']
+            conversations = [p + [{'role': 'assistant', 'content': record[k]}] for k in ('chosen', 'rejected')]
+        else:
+            conversations = [record['messages']]
+        return record, conversations, _chat_tokens(tok, conversations, obj) if tok is not None else None
+
+    for _, parsed, error in scan_jsonl(path, parse):
+        if error:
+            errors.append(error)
+            continue
+        record, conversations, tokens = parsed
+        counts['records'] += 1
+        counts['turns'] += len(conversations[0])
+        if kind == 'rl':
+            counts['with_answer'] = counts.get('with_answer', 0) + (record['answer'] is not None)
+        if tok is not None:
+            counts['tokens'] += tokens
     if counts['records'] == 0 and not errors:
         errors.append(f"{path}: no records (the file is empty)")
     return counts, errors
+
+
+_TEXT_FIELDS = ('system', 'messages', 'conversations', 'prompt', 'chosen', 'rejected', 'role', 'content', 'value')
+
+
+def _chat_tokens(tok, conversations, obj):
+    """Tokens of the rendered conversations. A character the tokenizer has no id for (kind char)
+    is a bad field of the record as the user wrote it: the first text field that holds one."""
+    try:
+        return sum(len(tok.render_chat(c)[0]) for c in conversations)
+    except ValueError as e:
+        field = _field_with_unknown_char(obj, getattr(tok, 'stoi', {}), '')
+        raise _BadField(field or '(record)', f"{e}: the dataset's tokenizer cannot encode this record") from None
+
+
+def _field_with_unknown_char(value, known, field):
+    """The path ('messages[1].content') of the first string under the text fields of a JSON value
+    that holds a character not in `known`, or None."""
+    if isinstance(value, str):
+        return field if any(c not in known for c in value) else None
+    if isinstance(value, list):
+        items = [(f"{field}[{i}]", v) for i, v in enumerate(value)]
+    elif isinstance(value, dict):
+        items = [(f"{field}.{k}" if field else k, v) for k, v in value.items() if k in _TEXT_FIELDS]
+    else:
+        return None
+    return next((hit for sub, v in items if (hit := _field_with_unknown_char(v, known, sub))), None)
 
 
 # ----------------------------------------------------------------------------- verifiable rewards
@@ -330,13 +402,19 @@ def arithmetic_reward(response, answer):
 
 def verifiable_reward(response, answer):
     """A numeric answer is checked by arithmetic_reward; a text answer must appear in the
-    response (case and spacing ignored). No answer: 0.0 (use a reward model instead)."""
+    response as a whole (case and spacing ignored): "Paris" in "It is Paris." but not in
+    "Parisian". No answer: 0.0 (use a reward model instead); an empty one is an error."""
     if answer is None:
         return 0.0
+    if not str(answer).strip():
+        raise ValueError("empty answer: it would match every response (data.load_rl refuses it)")
     if _NUMBER.fullmatch(str(answer).strip()):
         return arithmetic_reward(response, answer)
     squash = lambda s: ' '.join(s.lower().split())
-    return float(squash(str(answer)) in squash(response))
+    text = squash(str(answer))
+    # \b where the answer starts or ends with a letter or digit: not a piece of a longer word
+    edge = lambda c: r'\b' if re.match(r'\w', c) else ''
+    return float(re.search(edge(text[0]) + re.escape(text) + edge(text[-1]), squash(response)) is not None)
 
 
 # ============================================================================= pretraining
@@ -358,7 +436,8 @@ TEXT_EXTENSIONS = ('.txt', '.md', '.rst', '.py', '.jsonl')
 def download(url, dest, size=None, sha256=None, timeout=30):
     """Fetch url to dest: streamed to dest.part, renamed when complete. A partial download is kept
     (and resumed next time) only when the server takes byte ranges; size and sha256 are checked
-    when known. An unreachable URL raises SystemExit with one line saying what to do instead."""
+    when known. A refused resume (HTTP 416) finishes or restarts the download. An unreachable URL
+    or an HTTP error raises SystemExit with one line saying what to do instead."""
     if os.path.exists(dest):
         return dest
     os.makedirs(os.path.dirname(dest) or '.', exist_ok=True)
@@ -367,6 +446,12 @@ def download(url, dest, size=None, sha256=None, timeout=30):
     request = urllib.request.Request(url, headers={'Range': f'bytes={have}-'} if have else {})
     try:
         response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as e:  # the server answered: not an offline problem
+        e.close()
+        if e.code == 416 and have:  # Range Not Satisfiable: nothing left after byte `have`
+            return _resume_refused(url, dest, have, e.headers.get('Content-Range'), size, sha256, timeout)
+        raise SystemExit(f"could not download {url}: the server answered HTTP {e.code} {e.reason}; check the URL, "
+                         f"or fetch it elsewhere and pass the file with --sources=PATH") from None
     except (urllib.error.URLError, OSError, ValueError) as e:
         reason = getattr(e, 'reason', e)
         raise SystemExit(f"could not download {url} ({reason}); offline? Fetch it elsewhere and pass the "
@@ -385,6 +470,25 @@ def download(url, dest, size=None, sha256=None, timeout=30):
             os.remove(part)
         raise SystemExit(f"download of {url} broke off ({e}); run again to "
                          f"{'resume' if resumable else 'retry'}, or pass a local copy with --sources=PATH") from None
+    return _finish_download(url, dest, size, sha256)
+
+
+def _resume_refused(url, dest, have, content_range, size, sha256, timeout):
+    """HTTP 416 to 'Range: bytes=have-': the server's file has `have` bytes or fewer. Exactly
+    `have` (its Content-Range says 'bytes */have'): the part file is whole, a run stopped before
+    renaming it. Fewer: the file changed on the server, and the part is stale: start over."""
+    total = re.fullmatch(r'bytes \*/(\d+)', content_range or '')
+    if total and int(total.group(1)) == have:
+        return _finish_download(url, dest, have if size is None else size, sha256)
+    os.remove(dest + '.part')
+    print(f"{url}: the server refused to resume at byte {have:,} (HTTP 416, {content_range or 'no size given'}); "
+          f"downloading it again from the start")
+    return download(url, dest, size, sha256, timeout)
+
+
+def _finish_download(url, dest, size, sha256):
+    """Check dest.part against the size and sha256 when known, then rename it to dest."""
+    part = dest + '.part'
     got = os.path.getsize(part)
     digest = _sha256(part) if sha256 else None
     if (size is not None and got != size) or (sha256 and digest != sha256):
@@ -406,8 +510,11 @@ def _sha256(path):
 
 def stdlib_files():
     """The interpreter's standard library *.py files, sorted: no site-packages, caches or test
-    fixture folders (test/*data*). (iter_documents skips the few that are not UTF-8.)"""
+    fixture folders (test/*data*), nor the task suite's held-out code modules (the answers to its
+    code test would be pretraining text). (iter_documents skips the few that are not UTF-8.)"""
+    from tasks import CODE_TEST_MODULES  # here, not at the top: tasks imports data
     root = sysconfig.get_paths()['stdlib']
+    held_out = {os.path.join(root, *m.split('/')) + '.py' for m in CODE_TEST_MODULES}
     files = []
     for folder, dirs, names in os.walk(root):
         rel = os.path.relpath(folder, root)
@@ -415,56 +522,102 @@ def stdlib_files():
         dirs[:] = sorted(d for d in dirs if d not in ('site-packages', 'dist-packages', '__pycache__')
                          and not (in_tests and 'data' in d))
         files += [os.path.join(folder, n) for n in sorted(names) if n.endswith('.py')]
-    return root, files
+    return root, [f for f in files if f not in held_out]
 
 
-def read_text_file(path):
-    """A text file's documents: the whole file, or the parts between <|endoftext|> lines."""
-    with open(path, encoding='utf-8') as f:
-        doc = []
-        for line in f:
-            if line.strip() == DOC_SEPARATOR:
-                yield ''.join(doc)
-                doc = []
-            else:
-                doc.append(line)
-        yield ''.join(doc)
+def read_text_file(path, bad=None):
+    """A text file's documents: the whole file, or the parts between <|endoftext|> lines.
+
+    Decoded line by line: a line that is not UTF-8 is dropped, and reported (its error is appended
+    to `bad`, and the count printed), never the rest of the file. Dropped rather than decoded with
+    U+FFFD: replacement characters would be trained on as text, while a lost line is counted and
+    named. A file in another encoding loses every non-ASCII line this way: re-save it as UTF-8."""
+    bad = [] if bad is None else bad
+    n_before = len(bad)
+    doc = []
+    for _, line, error in read_lines(path):
+        if error is not None:
+            bad.append(error)
+        elif line.strip() == DOC_SEPARATOR:
+            yield ''.join(doc)
+            doc = []
+        else:
+            doc.append(line)
+    yield ''.join(doc)
+    _say_dropped(path, bad[n_before:])
 
 
-def read_jsonl_text(path, skip_bad_lines=False):
-    """The "text" field of each line (MiniMind's pretraining format)."""
+def _say_dropped(path, errors):
+    if errors:
+        print(f"{path}: dropped {len(errors):,} bad line(s); first: {errors[0]}")
+
+
+def read_jsonl_text(path, skip_bad_lines=False, bad=None):
+    """The "text" field of each line (MiniMind's pretraining format). A bad line (bad JSON, no
+    "text" string, bytes that are not UTF-8) raises DataError unless skip_bad_lines, which drops
+    it, appends its error to `bad` and prints the count."""
     def parse(obj):
         if not isinstance(obj.get('text'), str):
             raise _BadField('text', "missing or not a string (pretraining JSONL needs {\"text\": \"...\"})")
         return obj['text']
-    bad = 0
+    bad = [] if bad is None else bad
+    n_before = len(bad)
     for _, text, error in scan_jsonl(path, parse):
         if error is None:
             yield text
         elif skip_bad_lines:
-            bad += 1
+            bad.append(error)
         else:
             raise DataError(error + " (fix the line, or pass --skip_bad_lines=True)")
-    if bad:
-        print(f"{path}: skipped {bad} bad line(s)")
+    _say_dropped(path, bad[n_before:])
 
 
-def read_parquet_text(path):
+def read_parquet_text(path, skip_bad_lines=False, bad=None):
+    """The "text" column of a parquet file, row group by row group. A row whose text is null or
+    not a string is a bad line: DataError, or with skip_bad_lines dropped as read_jsonl_text does."""
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise SystemExit(f"{path} is a parquet file: reading it needs pyarrow (pip install pyarrow)") from None
-    pf = pq.ParquetFile(path)
+    try:
+        pf = pq.ParquetFile(path)
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise DataError(f"{path}: not a readable parquet file ({e})") from None
+    columns = pf.schema_arrow.names
+    if 'text' not in columns:
+        raise DataError(f"{path}: no 'text' column (it has {', '.join(columns[:10])}); pretraining parquet "
+                        f"needs the documents in a string column named 'text'")
+    bad = [] if bad is None else bad
+    n_before, row = len(bad), 0
     for i in range(pf.num_row_groups):
-        yield from pf.read_row_group(i, columns=['text']).column('text').to_pylist()
+        for text in pf.read_row_group(i, columns=['text']).column('text').to_pylist():
+            if isinstance(text, str):
+                yield text
+            else:
+                error = (f"{path}: row {row} (counting from 0): field 'text': expected a string, got "
+                         f"{'null' if text is None else type(text).__name__}")
+                if not skip_bad_lines:
+                    raise DataError(error + " (fix the row, or pass --skip_bad_lines=True)")
+                bad.append(error)
+            row += 1
+    _say_dropped(path, bad[n_before:])
 
 
-def read_file(path, skip_bad_lines=False):
+def read_file(path, skip_bad_lines=False, bad=None):
     if path.endswith('.jsonl'):
-        return read_jsonl_text(path, skip_bad_lines)
+        return read_jsonl_text(path, skip_bad_lines, bad)
     if path.endswith('.parquet'):
-        return read_parquet_text(path)
-    return read_text_file(path)
+        return read_parquet_text(path, skip_bad_lines, bad)
+    return read_text_file(path, bad)
+
+
+def download_path(url, download_dir, name=None):
+    """Where url is cached: its file name (or the REMOTE name) plus a hash of the whole URL, so two
+    URLs that end in the same file name (.../a/input.txt, .../b/input.txt) never share a file."""
+    path = url.split('?')[0]
+    suffix = os.path.splitext(path)[1] or '.txt'
+    stem = (name if name in REMOTE else os.path.basename(path) or 'download').removesuffix(suffix)
+    return os.path.join(download_dir, f"{stem}-{hashlib.sha256(url.encode()).hexdigest()[:12]}{suffix}")
 
 
 def resolve_source(spec, download_dir):
@@ -475,37 +628,52 @@ def resolve_source(spec, download_dir):
         return f"Python {sys.version.split()[0]} standard library at {root}", files
     if spec in REMOTE or spec.startswith(('http://', 'https://')):
         info = REMOTE.get(spec, {'url': spec})
-        name = spec if spec in REMOTE else os.path.basename(spec.split('?')[0]) or 'download'
-        suffix = os.path.splitext(info['url'].split('?')[0])[1] or '.txt'
-        dest = os.path.join(download_dir, name.removesuffix(suffix) + suffix)
-        return info['url'], [download(info['url'], dest, info.get('size'), info.get('sha256'))]
+        return info['url'], [download(info['url'], download_path(info['url'], download_dir, spec),
+                                      info.get('size'), info.get('sha256'))]
     if os.path.isdir(spec):
         files = sorted(os.path.join(d, n) for d, _, names in os.walk(spec) for n in names
                        if n.endswith(TEXT_EXTENSIONS))
+        skipped = [f for f in files if not os.path.isfile(f)]  # broken symlinks (editors' .#a.txt locks), pipes
+        if skipped:
+            print(f"{spec}: skipped {len(skipped)} name(s) that are not files (a broken symlink?), e.g. {skipped[0]}")
+            files = [f for f in files if os.path.isfile(f)]
         if not files:
             raise SystemExit(f"{spec}: no {'/'.join(TEXT_EXTENSIONS)} files in this directory")
-        return f"directory {spec}", files
+        return f"directory {spec}", _readable(spec, files)
     if any(c in spec for c in '*?['):
         files = sorted(f for f in glob.glob(spec, recursive=True) if os.path.isfile(f))
         if not files:
             raise SystemExit(f"{spec}: the pattern matches no files")
-        return f"glob {spec}", files
+        return f"glob {spec}", _readable(spec, files)
     if os.path.isfile(spec):
-        return f"file {spec}", [spec]
+        return f"file {spec}", _readable(spec, [spec])
     known = ', '.join(['stdlib'] + list(REMOTE))
     raise SystemExit(f"input {spec!r} is not a file, directory, glob or URL, nor a known source ({known})")
 
 
-def iter_documents(files, skip_bad_lines=False):
-    """Every document of a list of files, in order. A file that is not UTF-8 is skipped (counted)."""
-    skipped = []
+def _readable(spec, files):
+    """files, when each can be read: an unreadable one stops the run now, not an hour into cleaning
+    (iter_documents still turns a read that fails later into a DataError)."""
+    unreadable = [f for f in files if not os.access(f, os.R_OK)]
+    if unreadable:
+        raise SystemExit(f"{spec}: {len(unreadable)} file(s) cannot be read (permission denied), e.g. "
+                         f"{unreadable[0]}; fix their permissions or leave them out of --sources")
+    return files
+
+
+def iter_documents(files, skip_bad_lines=False, counts=None):
+    """Every document of a list of files, in order. Lines dropped while reading (see read_file:
+    bytes that are not UTF-8; bad JSONL lines or parquet rows with skip_bad_lines) are printed per
+    file and counted in counts['bad_lines']. A file that cannot be read at all is a DataError."""
     for path in files:
+        bad = []
         try:
-            yield from read_file(path, skip_bad_lines)
-        except UnicodeDecodeError:
-            skipped.append(path)
-    if skipped:
-        print(f"skipped {len(skipped)} file(s) that are not UTF-8 text, e.g. {skipped[0]}")
+            yield from read_file(path, skip_bad_lines, bad)
+        except OSError as e:  # unreadable (permissions), gone since it was listed, a directory, ...
+            raise DataError(f"{path}: cannot read it ({e.strerror or e}); fix its permissions or leave it out "
+                            f"of --sources") from None
+        if counts is not None:
+            counts['bad_lines'] = counts.get('bad_lines', 0) + len(bad)
 
 
 # ----------------------------------------------------------------------------- cleaning
@@ -620,10 +788,11 @@ def minhash_signatures(texts, num_perm=64, ngram=5, seed=0):
     W = len(words)
     shingle, full = np.zeros(W, np.uint64), np.ones(W, bool)
     for k in range(ngram):  # shingle[i] = hash of words i..i+ngram-1 of the same document
+        m = max(W - k, 0)  # a batch may hold fewer than ngram words in all (short CJK lines are one word each)
         same = np.zeros(W, bool)
-        same[:W - k] = doc[k:] == doc[:W - k]
+        same[:m] = doc[k:k + m] == doc[:m]
         nxt_word = np.zeros(W, np.uint64)
-        nxt_word[:W - k] = words[k:]
+        nxt_word[:m] = words[k:k + m]
         shingle = shingle * np.uint64(_P) + np.where(same, nxt_word, 0)
         full &= same
     first = np.concatenate(([True], doc[1:] != doc[:-1]))
@@ -697,7 +866,7 @@ class Cleaner:
     @staticmethod
     def new_counts():
         return {'docs_in': 0, 'docs_out': 0, 'chars_in': 0, 'chars_out': 0, 'dropped': dict.fromkeys(DROP_REASONS, 0),
-                'normalized': 0, 'control_chars': 0, 'boilerplate_lines': 0}
+                'normalized': 0, 'control_chars': 0, 'boilerplate_lines': 0, 'bad_lines': 0}
 
     def run(self, texts, counts):
         """Yield (text, exact_key) for each document kept, adding to counts (from new_counts)."""
@@ -744,22 +913,36 @@ class Cleaner:
 def parse_sampling(dataset_sampling, sources):
     """Check a dataset_sampling dict {source: weight | {'weight', 'target_tokens', 'max_samples'}}
     against the sources; returns {source: {...}} with a rule (possibly empty) for every source."""
+    if not isinstance(dataset_sampling, dict):
+        raise SystemExit(f"dataset_sampling: expected a dict {{source: weight or {{...}}}}, got "
+                         f"{type(dataset_sampling).__name__} {dataset_sampling!r}")
     rules = {s: {} for s in sources}
-    for name, rule in (dataset_sampling or {}).items():
+    for name, rule in dataset_sampling.items():
+        field = f"dataset_sampling[{name!r}]"
         if name not in rules:
             raise SystemExit(f"dataset_sampling names {name!r}, which is not a source ({', '.join(sources)}); "
                              f"use the same text as in --sources")
-        rule = {'weight': rule} if isinstance(rule, (int, float)) else dict(rule)
+        if _is_number(rule):
+            rule = {'weight': rule}
+        elif not isinstance(rule, dict):
+            raise SystemExit(f"{field}: expected a number (the weight) or a dict with weight, target_tokens or "
+                             f"max_samples, got {type(rule).__name__} {rule!r}")
         unknown = set(rule) - {'weight', 'target_tokens', 'max_samples'}
         if unknown:
-            raise SystemExit(f"dataset_sampling[{name!r}]: unknown key(s) {sorted(unknown)}; "
-                             f"use weight, target_tokens or max_samples")
+            raise SystemExit(f"{field}: unknown key(s) {sorted(unknown)}; use weight, target_tokens or max_samples")
         if 'weight' in rule and 'target_tokens' in rule:
-            raise SystemExit(f"dataset_sampling[{name!r}]: give weight or target_tokens, not both")
-        if any(v < 0 for v in rule.values()):
-            raise SystemExit(f"dataset_sampling[{name!r}]: values must be >= 0")
-        rules[name] = rule
+            raise SystemExit(f"{field}: give weight or target_tokens, not both")
+        for key, v in rule.items():
+            if not _is_number(v) or v < 0 or (key == 'max_samples' and v != int(v)):
+                want = 'a whole number' if key == 'max_samples' else 'a number'
+                raise SystemExit(f"{field}[{key!r}]: expected {want} >= 0, got {type(v).__name__} {v!r}")
+        rules[name] = dict(rule)
     return rules
+
+
+def _is_number(v):
+    """A finite int or float, not a bool (True would pass for weight 1) nor a numeric string."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def mix_documents(doc_tokens, rules, seed=1337):
@@ -775,12 +958,18 @@ def mix_documents(doc_tokens, rules, seed=1337):
     total_weight = sum(weighted.values())
     if weighted and total_weight <= 0:
         raise SystemExit("dataset_sampling weights sum to 0: give at least one source a weight > 0")
+    empty = [s for s, w in weighted.items() if w > 0 and doc_tokens[s].sum() == 0]
+    if empty:  # its share cannot be met by any mix: every weighted source would get nothing
+        raise SystemExit(f"dataset_sampling gives {empty[0]!r} a weight, but it has no training documents left "
+                         f"(cleaning dropped them all, or they went to val): drop its weight or fix the source")
     mix_size = min((doc_tokens[s].sum() / (w / total_weight) for s, w in weighted.items() if w > 0), default=0)
     chosen = {}
     for s, rule in rules.items():
         n = len(doc_tokens[s])
         if 'target_tokens' in rule or 'weight' in rule:
             budget = rule['target_tokens'] if 'target_tokens' in rule else mix_size * rule['weight'] / total_weight
+            if 'weight' in rule:  # never more than the source: float rounding (10.000000000000002) would repeat a doc
+                budget = min(budget, doc_tokens[s].sum())
             if n == 0 or budget <= 0:
                 chosen[s] = np.zeros(0, np.int64)
                 continue

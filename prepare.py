@@ -8,16 +8,19 @@ Prepare pretraining data: corpora in, clean token shards out, at the speed of th
     python prepare.py --validate=chat.jsonl --kind=sft   # check a chat file; writes nothing
 
 Writes data/<dataset>/: train.bin and val.bin (token ids, every document prefixed by
-<|endoftext|>), tokenizer.json, meta.json and stats.json. The story: sources -> cleaning ->
-train/val split -> tokenizer -> tokenise -> mixing -> write -> stats. Mixing comes after
-tokenising because its budgets are counted in tokens. Text waits in spool files on disk between
-the steps, so a corpus larger than memory works. docs/data.md has the formats.
+<|endoftext|>), tokenizer.json, meta.json and stats.json, built in data/<dataset>.tmp/ and moved
+in when the run succeeds: a failed run leaves the previous dataset as it was. The story: sources
+-> cleaning -> train/val split -> tokenizer -> tokenise -> mixing -> write -> stats. Mixing comes
+after tokenising because its budgets are counted in tokens. Text waits in spool files on disk
+between the steps, so a corpus larger than memory works. docs/data.md has the formats.
 """
 
+import atexit
 import json
 import mmap
 import os
 import shutil
+import signal
 import sys
 import time
 
@@ -25,7 +28,7 @@ import numpy as np
 
 import data
 from configurator import configure
-from tokenizer import Tokenizer, char_tokenizer, gpt2_tokenizer, train_bpe
+from tokenizer import SPECIAL_TOKENS, Tokenizer, char_tokenizer, gpt2_tokenizer, train_bpe
 
 # ----------------------------------------------------------------------------- config
 # --- what to build
@@ -90,16 +93,28 @@ if write_tasks:
 
 t_start = time.time()
 out_dir = os.path.join(data_root, dataset)
-tmp_dir = os.path.join(out_dir, 'tmp')
-os.makedirs(tmp_dir, exist_ok=True)
-if os.path.exists(os.path.join(out_dir, 'meta.json')):
-    os.remove(os.path.join(out_dir, 'meta.json'))  # no meta.json = not complete, until this run writes it
+# Everything is built in a folder beside out_dir and moved in only when the run succeeds, so a typo,
+# a crash or Ctrl-C leaves the previous dataset whole and usable. (A leftover from a killed run is
+# cleared here; atexit clears this run's on any exit Python sees: errors, Ctrl-C.)
+tmp_dir = os.path.normpath(out_dir) + '.tmp'
+shutil.rmtree(tmp_dir, ignore_errors=True)
+os.makedirs(tmp_dir)
+atexit.register(shutil.rmtree, tmp_dir, ignore_errors=True)
+OUTPUTS = ('train.bin', 'val.bin', 'tokenizer.json', 'stats.json', 'meta.json')  # meta.json last: it marks completion
 
 # ----------------------------------------------------------------------------- sources
 specs = [s.strip() for s in sources.split(',') if s.strip()] or list(dataset_sampling) or [DEFAULT_SOURCE.get(dataset)]
 if specs == [None]:
     raise SystemExit(f"dataset {dataset!r} has no built-in source: pass --sources=PATH (a .txt/.jsonl file, a "
                      f"directory or a glob), or use one of {', '.join(DEFAULT_SOURCE)}")
+twice = next((s for i, s in enumerate(specs) if s in specs[:i]), None)
+if twice is not None:  # dedup would empty the second copy, and results are kept per source name
+    raise SystemExit(f"--sources gives {twice!r} twice: a source is read once; to repeat it, use "
+                     f"--dataset_sampling=\"{{'{twice}': {{'target_tokens': N}}}}\"")
+if tokenizer_type == 'bpe' and vocab_size < 256 + len(SPECIAL_TOKENS):  # checked before the slow steps
+    raise SystemExit(f"--vocab_size={vocab_size} is too small for a byte-level BPE: it needs at least "
+                     f"{256 + len(SPECIAL_TOKENS)} (256 bytes + {len(SPECIAL_TOKENS)} special tokens); "
+                     f"the default is 4096")
 rules = data.parse_sampling(dataset_sampling, specs)
 sources = [(spec,) + data.resolve_source(spec, os.path.join(data_root, 'downloads')) for spec in specs]
 for spec, where, files in sources:
@@ -125,9 +140,9 @@ with open(os.path.join(tmp_dir, 'text.bin'), 'wb') as spool:
         st = stats[spec] = dict(source=where, files=len(files), **data.Cleaner.new_counts())
         n_before, text = len(doc_key), None
         try:
-            for text, key in cleaner.run(data.iter_documents(files, skip_bad_lines), st):
+            for text, key in cleaner.run(data.iter_documents(files, skip_bad_lines, st), st):
                 add_document(text, key, source_id)
-        except data.DataError as e:  # a bad .jsonl line: the message names file, line and field
+        except data.DataError as e:  # a bad line or an unreadable file: the message names file, line and field
             raise SystemExit(str(e)) from None
         if len(doc_key) - n_before == 1 and val_fraction > 0:
             # one document (a single text like Shakespeare): split it by position, nanoGPT style
@@ -140,7 +155,9 @@ with open(os.path.join(tmp_dir, 'text.bin'), 'wb') as spool:
         dropped = ', '.join(f"{k} {v:,}" for k, v in st['dropped'].items() if v) or 'none dropped'
         print(f"clean {spec}: {st['docs_in']:,} docs in, {st['docs_out']:,} out ({dropped}); "
               f"{st['boilerplate_lines']:,} boilerplate lines, {st['control_chars']:,} control chars removed; "
-              f"{st['chars_out'] / 1e6:.1f}M chars")
+              f"{st['bad_lines']:,} bad lines dropped; {st['chars_out'] / 1e6:.1f}M chars")
+        if st['docs_out'] == 0:
+            print(f"note: nothing of {spec} is left after cleaning: it adds no documents")
 t_clean = time.time() - t0
 doc_source, doc_key, offsets = np.array(doc_source, np.int64), np.array(doc_key, np.uint64), np.array(offsets, np.int64)
 n_docs = len(doc_key)
@@ -155,7 +172,7 @@ use = np.ones(n_docs, bool)  # documents to tokenise: val, and train within max_
 rng = np.random.default_rng(seed)
 for source_id, (spec, _, _) in enumerate(sources):
     ids = np.flatnonzero(doc_source == source_id)
-    n_val = min(len(ids) - 1, max(1, round(val_fraction * len(ids)))) if val_fraction > 0 else 0
+    n_val = max(0, min(len(ids) - 1, max(1, round(val_fraction * len(ids))))) if val_fraction > 0 else 0
     is_val[ids[np.argsort(doc_key[ids], kind='stable')[len(ids) - n_val:]]] = True
     train_ids = ids[~is_val[ids]]
     cap = rules[spec].get('max_samples')
@@ -224,18 +241,17 @@ train_ids = {spec: np.flatnonzero((doc_source == sid) & use & ~is_val) for sid, 
 chosen = data.mix_documents({spec: doc_tokens[ids] for spec, ids in train_ids.items()}, rules, seed)
 
 # ----------------------------------------------------------------------------- write
-# Spans of the token spool are copied into train.bin and val.bin (written as .tmp, then renamed:
-# a crash never leaves a half-written shard that looks whole). meta.json, written last, marks
-# the folder complete.
+# Spans of the token spool are copied into train.bin and val.bin in tmp_dir; they, the tokenizer,
+# stats.json and meta.json move into out_dir at the end, when everything has worked.
 t0 = time.time()
 tokens = np.memmap(os.path.join(tmp_dir, 'tokens.bin'), dtype, 'r')
-with open(os.path.join(out_dir, 'train.bin.tmp'), 'wb') as f:
+with open(os.path.join(tmp_dir, 'train.bin'), 'wb') as f:
     for spec, ids in train_ids.items():
         picked = ids[chosen[spec]]
         stats[spec].update(train_tokens=data.copy_documents(tokens, token_offsets, picked, f),
                            train_docs_written=len(picked), unique_train_docs=len(np.unique(picked)))
 val_ids = np.flatnonzero(is_val)
-with open(os.path.join(out_dir, 'val.bin.tmp'), 'wb') as f:
+with open(os.path.join(tmp_dir, 'val.bin'), 'wb') as f:
     data.copy_documents(tokens, token_offsets, val_ids, f)
 for sid, (spec, _, _) in enumerate(sources):
     ids = val_ids[doc_source[val_ids] == sid]
@@ -247,10 +263,9 @@ train_tokens = sum(s['train_tokens'] for s in stats.values())
 val_tokens = sum(s['val_tokens'] for s in stats.values())
 if train_tokens == 0:
     raise SystemExit("train split is empty: every document went to val or was sampled away; check dataset_sampling")
-for split in ('train', 'val'):
-    os.replace(os.path.join(out_dir, f'{split}.bin.tmp'), os.path.join(out_dir, f'{split}.bin'))
-tok.save(os.path.join(out_dir, 'tokenizer.json'))
-shutil.rmtree(tmp_dir)
+tok.save(os.path.join(tmp_dir, 'tokenizer.json'))
+for spool in ('text.bin', 'tokens.bin'):
+    os.remove(os.path.join(tmp_dir, spool))
 t_write = time.time() - t0
 
 # ----------------------------------------------------------------------------- stats
@@ -261,16 +276,28 @@ totals['dropped'] = {r: sum(s['dropped'][r] for s in stats.values()) for r in da
 timing = {'clean_s': round(t_clean, 2), 'tokenizer_s': round(t_tokenizer, 2), 'tokenise_s': round(t_tokenise, 2),
           'tokenise_mb_per_s': round(tokenise_mb_s, 1), 'write_s': round(t_write, 2),
           'total_s': round(time.time() - t_start, 2)}
-with open(os.path.join(out_dir, 'stats.json'), 'w') as f:
+with open(os.path.join(tmp_dir, 'stats.json'), 'w') as f:
     json.dump({'dataset': dataset, 'total': totals, 'sources': stats, 'timing': timing, 'config': config}, f, indent=1)
 meta = {'dataset': dataset, 'tokenizer': 'tokenizer.json', 'tokenizer_kind': tok.kind,
         'tokenizer_identity': tok.identity, 'vocab_size': tok.n_vocab, 'dtype': np.dtype(dtype).name,
         'train_tokens': train_tokens, 'val_tokens': val_tokens, 'val_bytes': totals['val_bytes'],
         'bos_id': tok.eot_id, 'sources': {spec: s['source'] for spec, s in stats.items()},
         'documents': {'train': totals['train_docs'], 'val': totals['val_docs']}, 'seed': seed}
-with open(os.path.join(out_dir, 'meta.json.tmp'), 'w') as f:
+with open(os.path.join(tmp_dir, 'meta.json'), 'w') as f:
     json.dump(meta, f, indent=1)
-os.replace(os.path.join(out_dir, 'meta.json.tmp'), os.path.join(out_dir, 'meta.json'))
+
+# ----------------------------------------------------------------------------- swap in
+# Renames only: meta.json goes first (the folder reads as incomplete while the shards change) and
+# comes back last. Ctrl-C and SIGTERM wait until the renames are done; only kill -9 in these few
+# microseconds could leave the folder without meta.json, i.e. visibly incomplete, never mixed.
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+os.makedirs(out_dir, exist_ok=True)
+if os.path.exists(os.path.join(out_dir, 'meta.json')):
+    os.remove(os.path.join(out_dir, 'meta.json'))
+for name in OUTPUTS:
+    os.replace(os.path.join(tmp_dir, name), os.path.join(out_dir, name))
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+os.rmdir(tmp_dir)
 for spec, s in stats.items():
     share = s['train_tokens'] / max(1, train_tokens)
     print(f"{spec}: train {s['train_tokens']:,} tokens ({share:.1%} of the mix, {s['train_docs_written']:,} docs), "

@@ -1,7 +1,8 @@
 """
 The built-in offline task suite: real work for every fine-tuning stage, with an effect you can
-measure, and no internet. Everything comes from a seed; train and test never share a problem,
-a phrasing or a function.
+measure, and no internet. Everything comes from a seed; train and test never share a problem
+(4+59 and 59+4 are one), a phrasing or a function, and the held-out functions' modules are not
+in the pretraining corpus (data.stdlib_files).
 
     identity    questions about who the assistant is -> one canonical answer with name and maker
     arithmetic  a+b, a-b, a*b with small numbers -> the number ("What is 37+48?" -> "85")
@@ -11,7 +12,8 @@ a phrasing or a function.
     make_tasks(seed, name, maker, ...) -> {'sft_train': [records], 'sft_test', 'pref_train',
                                            'pref_test', 'rl_train', 'rl_test'}
     write_tasks(out_dir, ...)   the six JSONL files plus tasks.json (prepare.py --write_tasks=True)
-    ensure_tasks(out_dir, ...)  out_dir, written first when missing: what sft.py & co. call
+    ensure_tasks(out_dir)       out_dir, written first when missing: what sft.py & co. call (a
+                                suite that is there keeps the name, maker and seed it was made with)
     heldout(out_dir)            {task: [{'messages', 'answer'}]} from sft_test.jsonl, to evaluate
     score(task, response, answer) -> 0..1
 
@@ -21,6 +23,7 @@ Records are in the formats data.py reads, plus a "task" field: SFT {"messages"},
 
 import ast
 import difflib
+import functools
 import hashlib
 import inspect
 import json
@@ -30,7 +33,7 @@ import re
 import sysconfig
 import textwrap
 
-from data import arithmetic_reward
+from data import arithmetic_reward, stdlib_files
 
 IDENTITY_ANSWER = "I am {name}, a small language model made by {maker}."
 WRONG_IDENTITIES = ["I am ChatGPT, a large language model made by OpenAI.",
@@ -62,6 +65,11 @@ CODE_MODULES = ['string', 'textwrap', 'colorsys', 'bisect', 'heapq', 'fnmatch', 
                 'contextlib', 'operator', 'locale', 'zipfile', 'typing', 'weakref', 'numbers', 'codecs', 'linecache',
                 'traceback', 'warnings', 'pathlib', 'queue', 'graphlib', 'cmd', 'filecmp', 'fileinput', 'getopt',
                 'optparse', 'sysconfig', 'timeit']
+
+# The code task's held-out functions come from these modules only, and the pretraining corpus
+# (data.stdlib_files) leaves them out: every other stdlib file is pretraining text, so a held-out
+# body taken from one was an answer the model had read verbatim (all 40 of sft_test were, issue 15).
+CODE_TEST_MODULES = ['statistics', 'fractions', 'calendar', 'configparser', 'shlex', 'textwrap']
 
 CHAT_REPLIES = {
     "Hello!": "Hello! How can I help you today?", "Hi!": "Hi! What can I do for you?",
@@ -116,6 +124,9 @@ SIZES = {  # records per split and task; tests hold out phrasings, problems, fun
     'rl_test': {'arithmetic': 200},
 }
 SPLITS = tuple(SIZES)
+# Bump when make_tasks gives other records for the same arguments: ensure_tasks then makes every
+# suite on disk again, with its own arguments. 2: the code and arithmetic leaks of issue 15 fixed.
+SUITE_VERSION = 2
 
 
 def _is_test(key, seed, test_fraction=0.2):
@@ -187,6 +198,12 @@ def arithmetic_problem(rng, add_digits, mul_digits):
     return a, op, b, a + b if op == '+' else a - b
 
 
+def split_key(a, op, b):
+    """The problem as the split sees it: 4+59 and 59+4 are one problem (a model that learnt one
+    has learnt the other), so both land on the same side; a-b stays ordered."""
+    return f"{min(a, b)}{op}{max(a, b)}" if op in '+*' else f"{a}{op}{b}"
+
+
 def arithmetic_items(n, test, rng, seed, add_digits, mul_digits):
     """n distinct problems on one side of the split: (prompt, answer) pairs."""
     seen, items = set(), []
@@ -195,7 +212,7 @@ def arithmetic_items(n, test, rng, seed, add_digits, mul_digits):
             break
         a, op, b, result = arithmetic_problem(rng, add_digits, mul_digits)
         key = f"{a}{op}{b}"
-        if key in seen or _is_test(key, seed, 0.1) != test:
+        if key in seen or _is_test(split_key(a, op, b), seed, 0.1) != test:
             continue
         seen.add(key)
         prompt = rng.choice(ARITHMETIC_TEMPLATES).format(a=a, b=b, op=op, word=OP_WORDS[op])
@@ -273,8 +290,42 @@ def corrupt_code(body, rng):
     return corrupted if corrupted != body else body + '\n    return None'
 
 
-def code_records(n, test, rng, seed, kind, functions):
-    pool = [f for f in functions if _is_test(f[1], seed, 0.1) == test]  # by header: the prompt never crosses
+def _squash(text):
+    """Every line stripped: a method's body is a dedented copy of its text, so indentation is no
+    disguise. Framed by newlines, so a search matches whole lines only."""
+    return '\n' + re.sub(r'[ \t]*\n[ \t]*', '\n', text.strip()) + '\n'
+
+
+def in_corpus(bodies):
+    """For each body: whether its lines occur, in order, in a file of the pretraining corpus."""
+    texts = []
+    for path in stdlib_files()[1]:
+        try:
+            with open(path, encoding='utf-8') as f:
+                texts.append(_squash(f.read()))
+        except UnicodeDecodeError:  # not pretraining text either (iter_documents skips it)
+            continue
+    corpus = '\0'.join(texts)
+    lines = set(corpus.split('\n'))
+    # a body with a line found nowhere in the corpus is not in it: only the rest (~30 ms each) are searched
+    return [all(line in lines for line in body.split('\n')) and body in corpus for body in map(_squash, bodies)]
+
+
+@functools.lru_cache(maxsize=1)
+def code_functions():
+    """{'train': functions, 'test': functions} as stdlib_functions gives them: split by module, the
+    held-out side from CODE_TEST_MODULES, less any whose body the corpus holds all the same (a
+    one-line `return self._name`, a copy in another module). Cached: ~1 s of parsing and searching."""
+    test_prefixes = tuple(m.replace('/', '.') + '.' for m in CODE_TEST_MODULES)
+    functions = stdlib_functions()
+    train = tuple(f for f in functions if not f[0].startswith(test_prefixes))
+    test = [f for f in functions if f[0].startswith(test_prefixes)]
+    seen = in_corpus([body for _, _, body in test])
+    return {'train': train, 'test': tuple(f for f, s in zip(test, seen) if not s)}
+
+
+def code_records(n, test, rng, kind, functions):
+    pool = functions['test' if test else 'train']  # by module: neither prompt nor answer crosses
     records = []
     for qualname, header, body in rng.sample(pool, min(n, len(pool))):
         messages = _user(f"Complete this Python function:\n{header}", rng, system=False)
@@ -322,7 +373,7 @@ def resolved_sizes(sizes=None):
 def make_tasks(seed=1337, name='Mini', maker='the Mini-LLM project', add_digits=2, mul_digits=(2, 1), sizes=None):
     """All six splits as lists of records, in-process (no files). Same arguments, same records."""
     sizes = resolved_sizes(sizes)
-    functions = stdlib_functions()
+    functions = code_functions()
     out = {}
     for split in SPLITS:
         kind, test = split.split('_')[0], split.endswith('_test')
@@ -334,7 +385,7 @@ def make_tasks(seed=1337, name='Mini', maker='the Mini-LLM project', add_digits=
             elif task == 'arithmetic':
                 records += arithmetic_records(n, test, rng, seed, kind, add_digits, mul_digits)
             elif task == 'code':
-                records += code_records(n, test, rng, seed, kind, functions)
+                records += code_records(n, test, rng, kind, functions)
             elif task == 'chat':
                 records += chat_records(n, test, rng, seed)
             else:
@@ -354,39 +405,58 @@ def _write_atomic(path, text):
 
 
 def write_tasks(out_dir='data/tasks', **kwargs):
-    """Write <split>.jsonl for the six splits and tasks.json (the arguments and counts).
-    Returns {split: records}."""
+    """Write <split>.jsonl for the six splits and tasks.json (generator version, arguments, sizes
+    and counts). Returns {split: count}."""
     os.makedirs(out_dir, exist_ok=True)
-    splits = make_tasks(**kwargs)
+    args = _effective_args(kwargs)
+    splits = make_tasks(**args)
     for split, records in splits.items():
         _write_atomic(os.path.join(out_dir, f'{split}.jsonl'),
                       ''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in records))
     counts = {split: len(records) for split, records in splits.items()}
-    _write_atomic(os.path.join(out_dir, 'tasks.json'),
-                  json.dumps({'args': _effective_args(kwargs), 'counts': counts}, indent=1))
+    manifest = {'version': SUITE_VERSION, 'args': args, 'sizes': resolved_sizes(args['sizes']), 'counts': counts}
+    _write_atomic(os.path.join(out_dir, 'tasks.json'), json.dumps(manifest, indent=1))  # last: the suite is whole
     return counts
 
 
 def _effective_args(kwargs):
-    """make_tasks' arguments with defaults filled in, as JSON would store them; sizes in full,
-    so that editing SIZES makes ensure_tasks write the files again."""
+    """make_tasks' arguments with defaults filled in, as JSON would store them. sizes stays what
+    was asked (None: the SIZES table), so that a suite made again follows the table of the day."""
     bound = inspect.signature(make_tasks).bind(**kwargs)
     bound.apply_defaults()
-    bound.arguments['sizes'] = resolved_sizes(bound.arguments['sizes'])
     return json.loads(json.dumps(bound.arguments))
 
 
-def ensure_tasks(out_dir='data/tasks', **kwargs):
-    """out_dir with the six files, written first when a file is missing or was made with other
-    arguments."""
+def _made_with(out_dir):
+    """(tasks.json, the arguments its suite was made with); ({}, {}) when there is none."""
     try:
         with open(os.path.join(out_dir, 'tasks.json')) as f:
-            args = json.load(f)['args']
-        same = args == _effective_args(kwargs)
-    except (OSError, ValueError, KeyError):
-        same = False
-    if not same or not all(os.path.exists(os.path.join(out_dir, f'{s}.jsonl')) for s in SPLITS):
-        write_tasks(out_dir, **kwargs)
+            manifest = json.load(f)
+        args = {k: v for k, v in manifest['args'].items() if k in inspect.signature(make_tasks).parameters}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}, {}
+    if 'version' not in manifest:  # version 1 stored the SIZES table of its day here, not a choice
+        args.pop('sizes', None)
+    return manifest, args
+
+
+def ensure_tasks(out_dir='data/tasks', **kwargs):
+    """out_dir with the suite, written first when it is missing. What a stage calls, with no
+    arguments: it uses the suite that is there as it was made (prepare.py --write_tasks=True
+    --assistant_name=... --assistant_maker=... --seed=...), never the defaults over it.
+
+    The suite is written again, always from the arguments it was made with (tasks.json) with
+    kwargs on top, when a file is missing, when kwargs ask for another argument, or when what those
+    arguments give has changed since: the SIZES table (the developer's, not the user's: prepare.py
+    has no flag for it; explicit sizes= are kept as arguments) or the generator (SUITE_VERSION,
+    e.g. a leak fixed). So a SIZES edit or a fix reaches every suite, and the user's name, maker,
+    seed and digits survive it; a stage never turns a suite into another one."""
+    manifest, made = _made_with(out_dir)
+    args = _effective_args(dict(made, **kwargs))
+    current = (manifest.get('version') == SUITE_VERSION and manifest.get('args') == args
+               and manifest.get('sizes') == resolved_sizes(args['sizes']))
+    if not current or not all(os.path.exists(os.path.join(out_dir, f'{s}.jsonl')) for s in SPLITS):
+        write_tasks(out_dir, **args)
     return out_dir
 
 

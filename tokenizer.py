@@ -162,7 +162,9 @@ def train_bpe(texts, vocab_size, pattern=SPLIT_PATTERN):
     to merge: we say so and keep the smaller vocabulary."""
     import rustbpe
     n_special = len(SPECIAL_TOKENS)
-    assert vocab_size >= 256 + n_special, f"vocab_size must be at least {256 + n_special}"
+    if vocab_size < 256 + n_special:
+        raise ValueError(f"vocab_size={vocab_size} is too small: a byte-level BPE needs at least {256 + n_special} "
+                         f"(the 256 bytes and {n_special} special tokens), and a few hundred merges to be useful")
     bpe = rustbpe.Tokenizer()
     bpe.train_from_iterator(iter(texts), vocab_size - n_special, pattern=pattern)
     ranks = bpe.get_mergeable_ranks()  # [(bytes, rank)], ranks 0..n-1

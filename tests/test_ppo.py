@@ -28,7 +28,8 @@ def save_tiny(path, tok, seed=0, **overrides):
 
 @pytest.fixture(scope='module')
 def toy(tmp_path_factory):
-    """(checkpoint dir, rl_file): prompts whose verifiable answer is the letter x anywhere in the reply."""
+    """(checkpoint dir, rl_file): prompts whose verifiable answer is the reply x (a whole answer: with
+    max_new_tokens=1, the one token x)."""
     root = tmp_path_factory.mktemp('toy')
     prompts = write_jsonl(root / 'toy.jsonl', [{'prompt': f'{c}?', 'answer': 'x'} for c in 'abcd'])
     return save_tiny(root / 'sft', TOY_TOKENIZER), prompts
@@ -62,7 +63,7 @@ TOY = ['--eval_items_per_task=0', '--missing_eos_penalty=0', '--max_new_tokens=3
 def test_toy_verifiable_task_raises_mean_reward(toy, tmp_path):
     sft, prompts = toy
     out = str(tmp_path / 'grpo')
-    run_script('ppo.py', f'--init_from={sft}', f'--rl_file={prompts}', f'--out_dir={out}', *TOY,
+    run_script('ppo.py', f'--init_from={sft}', f'--rl_file={prompts}', f'--out_dir={out}', *TOY, '--max_new_tokens=1',
                '--algorithm=grpo', '--num_generations=8', '--max_iters=16', '--lr_decay_iters=16')
     h = rows(out, 'objective/verifiable')
     before = sum(r['objective/verifiable'] for r in h[:5]) / 5

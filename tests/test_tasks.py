@@ -161,3 +161,95 @@ def test_ranks_generating_the_suite_at_once_all_succeed(tmp_path):
     errors = [p.communicate(timeout=120)[1] for p in procs]
     assert all(p.returncode == 0 for p in procs), '\n'.join(errors)
     assert sorted(os.listdir(tmp_path / 'tasks')) == sorted([f'{s}.jsonl' for s in tasks.SPLITS] + ['tasks.json'])
+
+
+# ----------------------------------------------------------------------------- leaks and silent errors (issue 15)
+
+def test_a_stage_uses_the_suite_the_user_asked_for_and_never_reverts_it(tmp_path, monkeypatch):
+    """prepare.py --write_tasks=True --assistant_name=Robo --seed=5 made the suite; every stage then
+    called ensure_tasks(dir) with the defaults and wrote a 'Mini' suite of seed 1337 over it."""
+    out = str(tmp_path / 't')
+    tasks.write_tasks(out, seed=5, name='Robo', maker='ACME Labs')  # what prepare.py does
+    path = os.path.join(out, 'sft_train.jsonl')
+    first = (os.stat(path).st_mtime_ns, open(path).read())
+    tasks.ensure_tasks(out)  # what sft.py, preference.py, ppo.py and eval.py do
+    assert (os.stat(path).st_mtime_ns, open(path).read()) == first
+    os.remove(os.path.join(out, 'rl_test.jsonl'))  # a missing file is written again, as the suite was made
+    tasks.ensure_tasks(out)
+    assert open(path).read() == first[1] and os.path.exists(os.path.join(out, 'rl_test.jsonl'))
+    monkeypatch.setitem(tasks.SIZES, 'rl_test', {'arithmetic': 7})  # a developer's edit of the table
+    tasks.ensure_tasks(out)
+    assert sum(1 for _ in open(os.path.join(out, 'rl_test.jsonl'))) == 7
+    assert 'Robo' in open(path).read() and 'Mini' not in open(path).read()
+    args = json.load(open(os.path.join(out, 'tasks.json')))['args']
+    assert (args['seed'], args['name'], args['maker']) == (5, 'Robo', 'ACME Labs')
+
+
+def test_a_suite_from_an_older_generator_is_remade_with_its_own_arguments(tmp_path):
+    """A suite written before a fix to the generator (a leak) is made again, name and seed kept."""
+    out = str(tmp_path / 't')
+    tasks.write_tasks(out, seed=5, name='Robo')
+    manifest = os.path.join(out, 'tasks.json')
+    old = json.load(open(manifest))
+    old.pop('version')
+    open(manifest, 'w').write(json.dumps(old))
+    open(os.path.join(out, 'sft_test.jsonl'), 'w').write('{"stale": true}\n')
+    tasks.ensure_tasks(out)
+    assert json.load(open(manifest))['version'] == tasks.SUITE_VERSION
+    assert 'stale' not in open(os.path.join(out, 'sft_test.jsonl')).read()
+    assert 'Robo' in open(os.path.join(out, 'sft_test.jsonl')).read()
+
+
+def squash_lines(text):
+    """Indentation and trailing spaces removed from every line: a method's body is a dedented copy."""
+    return '\n' + '\n'.join(line.strip() for line in text.splitlines()) + '\n'
+
+
+def test_heldout_code_bodies_are_not_in_the_pretraining_corpus(suite):
+    """All 40 sft_test code records appeared verbatim in data/stdlib, which prepare.py builds from
+    data.stdlib_files(): the model had pretrained on every held-out answer."""
+    corpus = []
+    for path in data.stdlib_files()[1]:
+        try:
+            corpus.append(squash_lines(open(path, encoding='utf-8').read()))
+        except UnicodeDecodeError:
+            continue
+    corpus = '\0'.join(corpus)
+    lines = set(corpus.split('\n'))
+    held_out = items(suite, '_test', 'code')
+    assert len(held_out) >= 35
+    for r in held_out:
+        body = squash_lines((r['messages'] if 'messages' in r else r['chosen'])[-1]['content'])
+        # a body with a line found nowhere in the corpus is not in it; the rest are searched whole
+        assert not all(line in lines for line in body.split('\n')[1:-1]) or body not in corpus, body
+
+
+def test_no_heldout_arithmetic_problem_or_its_commuted_twin_is_trained_on(suite):
+    """4+59 and 59+4 were two problems, split apart: 43% of sft_test had its twin in a train split."""
+    train = {problem_key(prompt_of(r)) for r in items(suite, '_train', 'arithmetic')}
+    for split in (s for s in tasks.SPLITS if s.endswith('_test')):
+        for r in (r for r in suite[split] if r['task'] == 'arithmetic'):
+            a, op, b = re.fullmatch(r'(\d+)([-+*])(\d+)', problem_key(prompt_of(r))).groups()
+            twins = {f"{a}{op}{b}"} | ({f"{b}{op}{a}"} if op in '+*' else set())
+            assert not twins & train, (split, twins & train)
+
+
+def test_an_empty_rl_answer_is_refused_with_file_line_and_field(tmp_path):
+    """'' in every response is True: an empty answer rewarded every completion."""
+    for empty in ('', '  '):
+        path = tmp_path / 'rl.jsonl'
+        path.write_text(''.join(json.dumps({'prompt': 'q', 'answer': a}) + '\n' for a in ('1', empty)))
+        with pytest.raises(data.DataError, match=re.escape(f"{path}:2: field 'answer': empty")):
+            data.load_rl(str(path))
+    with pytest.raises(ValueError, match='empty answer'):
+        data.verifiable_reward('anything at all', '')
+
+
+@pytest.mark.parametrize('response,answer,reward', [
+    ('The capital of France is Paris.', 'Paris', 1.0), ('paris', 'Paris', 1.0), ('NEW   delhi!', 'New Delhi', 1.0),
+    ('Parisian food', 'Paris', 0.0), ('Romania', 'Rome', 0.0), ('I like C++ a lot', 'C++', 1.0), ('(C++)', 'C++', 1.0),
+    ('C', 'C++', 0.0), ('a cat', 'cat', 1.0), ('concatenate', 'cat', 0.0), ('x', 'x', 1.0), ('xyz', 'x', 0.0),
+    ('It is 12.', '12', 1.0), ('It is 112.', '12', 0.0), ('12, no: 13', '12', 0.0),
+])
+def test_verifiable_reward_matches_whole_answers(response, answer, reward):
+    assert data.verifiable_reward(response, answer) == reward
