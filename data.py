@@ -19,7 +19,9 @@ length, exact and MinHash near-duplicate removal), mixing, and fast tokenising t
 """
 
 import glob
+import gzip
 import hashlib
+import io
 import json
 import math
 import os
@@ -31,6 +33,7 @@ import time
 import unicodedata
 import urllib.error
 import urllib.request
+import zlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
@@ -67,27 +70,62 @@ class _BadField(Exception):
 _LINES = re.compile(r'[^\n]*\n|[^\n]+\Z')  # lines split at \n only (str.splitlines also splits at \x0c, U+2028, ...)
 
 
+COMPRESSION = {'.gz': 'gzip', '.zst': 'zstd', '.zstd': 'zstd'}  # a file name ending -> how it is compressed
+
+
+def split_compression(path):
+    """'web.jsonl.gz' -> ('web.jsonl', 'gzip'); a name without a compression ending -> (path, None)."""
+    for ending, kind in COMPRESSION.items():
+        if path.endswith(ending):
+            return path[:-len(ending)], kind
+    return path, None
+
+
+def open_binary(path):
+    """path opened for reading bytes, decompressed when its name ends in .gz (Python's gzip) or
+    .zst/.zstd (Zstandard, through pyarrow, which parquet sources need anyway: no other package).
+    Concatenated gzip members and zstd frames read as one stream, as the command-line tools do."""
+    kind = split_compression(path)[1]
+    if kind == 'gzip':  # a large buffer: GzipFile's own readline is ~1.6x slower
+        return io.BufferedReader(gzip.GzipFile(path, 'rb'), 1 << 20)
+    if kind == 'zstd':
+        try:
+            import pyarrow as pa
+        except ImportError:
+            raise SystemExit(f"{path} is Zstandard-compressed: reading it needs pyarrow "
+                             f"(pip install pyarrow)") from None
+        return io.BufferedReader(pa.input_stream(path, compression='zstd'), 1 << 20)
+    return open(path, 'rb')
+
+
 def read_lines(path):
-    """Yield (line_number, line or None, error text or None) for each line of a text file, decoded
-    line by line: a byte that is not UTF-8 spoils its own line only. (A decoding file object
-    raises mid-file instead, and what its 8 KB buffer held is gone with the rest of the file.)
-    Newlines come as open() gives them: \r\n and a lone \r become \n."""
-    lineno = 0
-    with open(path, 'rb') as f:
-        for raw in f:
-            try:
-                text = raw.decode('utf-8')
-            except UnicodeDecodeError as e:
-                lineno += 1
-                yield lineno, None, (f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column "
-                                     f"{e.start + 1}: {e.reason}); re-save the file as UTF-8")
-                continue
-            lines = [text]
-            if '\r' in text:  # old Mac files end lines with a lone \r: split there too, as open() does
-                lines = _LINES.findall(text.replace('\r\n', '\n').replace('\r', '\n'))
-            for line in lines:
-                lineno += 1
-                yield lineno, line, None
+    """Yield (line_number, line or None, error text or None) for each line of a text file (.gz and
+    .zst files decompressed, see open_binary), decoded line by line: a byte that is not UTF-8 spoils
+    its own line only. (A decoding file object raises mid-file instead, and what its 8 KB buffer
+    held is gone with the rest of the file.) Newlines come as open() gives them: \r\n and a lone
+    \r become \n. A compressed file that is corrupt or cut short raises DataError where that shows."""
+    lineno, kind = 0, split_compression(path)[1]
+    with open_binary(path) as f:
+        try:
+            for raw in f:
+                try:
+                    text = raw.decode('utf-8')
+                except UnicodeDecodeError as e:
+                    lineno += 1
+                    yield lineno, None, (f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column "
+                                         f"{e.start + 1}: {e.reason}); re-save the file as UTF-8")
+                    continue
+                lines = [text]
+                if '\r' in text:  # old Mac files end lines with a lone \r: split there too, as open() does
+                    lines = _LINES.findall(text.replace('\r\n', '\n').replace('\r', '\n'))
+                for line in lines:
+                    lineno += 1
+                    yield lineno, line, None
+        except (EOFError, OSError, zlib.error) as e:  # gzip: EOFError (cut short), BadGzipFile; pyarrow: OSError
+            if kind is None:
+                raise  # a plain file that fails mid-read: iter_documents names it
+            raise DataError(f"{path}: cannot decompress it as {kind} after line {lineno:,} ({e}): the file is corrupt "
+                            f"or cut short (an interrupted download?); fetch or compress it again") from None
 
 
 def scan_jsonl(path, parse):
@@ -430,7 +468,14 @@ REMOTE = {
                            'shard_00000.parquet'},
 }
 DOC_SEPARATOR = '<|endoftext|>'  # a line of this splits a .txt file into documents (TinyStories)
-TEXT_EXTENSIONS = ('.txt', '.md', '.rst', '.py', '.jsonl')
+TEXT_EXTENSIONS = ('.txt', '.md', '.rst', '.py', '.jsonl')  # each also compressed: .jsonl.gz, .txt.zst, ...
+
+
+def is_corpus_file(name):
+    """Whether a directory source reads this file: text or JSONL (compressed or not) or parquet.
+    (.arrow files are read when named, or as a save_to_disk folder: a `datasets` cache folder
+    holds .arrow copies of everything it ever processed.)"""
+    return split_compression(name)[0].endswith(TEXT_EXTENSIONS) or name.endswith('.parquet')
 
 
 def download(url, dest, size=None, sha256=None, timeout=30):
@@ -572,25 +617,27 @@ def read_jsonl_text(path, skip_bad_lines=False, bad=None):
     _say_dropped(path, bad[n_before:])
 
 
-def read_parquet_text(path, skip_bad_lines=False, bad=None):
-    """The "text" column of a parquet file, row group by row group. A row whose text is null or
-    not a string is a bad line: DataError, or with skip_bad_lines dropped as read_jsonl_text does."""
+def _pyarrow(path, what):
     try:
-        import pyarrow.parquet as pq
+        import pyarrow
+        import pyarrow.ipc
+        import pyarrow.parquet
     except ImportError:
-        raise SystemExit(f"{path} is a parquet file: reading it needs pyarrow (pip install pyarrow)") from None
-    try:
-        pf = pq.ParquetFile(path)
-    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
-        raise DataError(f"{path}: not a readable parquet file ({e})") from None
-    columns = pf.schema_arrow.names
+        raise SystemExit(f"{path} is {what}: reading it needs pyarrow (pip install pyarrow)") from None
+    return pyarrow
+
+
+def _text_rows(path, columns, batches, skip_bad_lines=False, bad=None):
+    """The strings of the 'text' column of a table read as batches (parquet row groups, Arrow
+    record batches; columns: the table's column names). A row whose text is null or not a string
+    is a bad line: DataError, or with skip_bad_lines dropped as read_jsonl_text does."""
     if 'text' not in columns:
-        raise DataError(f"{path}: no 'text' column (it has {', '.join(columns[:10])}); pretraining parquet "
-                        f"needs the documents in a string column named 'text'")
+        raise DataError(f"{path}: no 'text' column (it has {', '.join(columns[:10])}); pretraining data in "
+                        f"tables needs the documents in a string column named 'text'")
     bad = [] if bad is None else bad
     n_before, row = len(bad), 0
-    for i in range(pf.num_row_groups):
-        for text in pf.read_row_group(i, columns=['text']).column('text').to_pylist():
+    for batch in batches:
+        for text in batch.column('text').to_pylist():
             if isinstance(text, str):
                 yield text
             else:
@@ -603,12 +650,92 @@ def read_parquet_text(path, skip_bad_lines=False, bad=None):
     _say_dropped(path, bad[n_before:])
 
 
+def read_parquet_text(path, skip_bad_lines=False, bad=None):
+    """The "text" column of a parquet file, row group by row group (see _text_rows)."""
+    pq = _pyarrow(path, 'a parquet file').parquet
+    try:
+        pf = pq.ParquetFile(path)
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise DataError(f"{path}: not a readable parquet file ({e})") from None
+    batches = (pf.read_row_group(i, columns=['text']) for i in range(pf.num_row_groups))
+    yield from _text_rows(path, pf.schema_arrow.names, batches, skip_bad_lines, bad)
+
+
+def read_arrow_text(path, skip_bad_lines=False, bad=None):
+    """The "text" column of an Arrow IPC file, batch by batch from a memory map (see _text_rows):
+    the stream format Hugging Face `datasets` writes, or the random-access file format."""
+    pa = _pyarrow(path, 'an Arrow file')
+    with pa.memory_map(path) as source:  # an unreadable file raises OSError here: iter_documents names it
+        try:
+            try:
+                reader = pa.ipc.open_stream(source)
+                batches = reader
+            except pa.ArrowInvalid:  # not a stream: the file format (pyarrow.ipc.new_file, Feather v2)
+                source.seek(0)
+                reader = pa.ipc.open_file(source)
+                batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+        except (OSError, ValueError) as e:
+            raise DataError(f"{path}: not a readable Arrow file ({e})") from None
+        yield from _text_rows(path, reader.schema.names, batches, skip_bad_lines, bad)
+
+
 def read_file(path, skip_bad_lines=False, bad=None):
-    if path.endswith('.jsonl'):
+    """A file's documents, by its name: .jsonl, .parquet, .arrow, else text; .gz and .zst
+    (.jsonl.gz, .txt.zst, ...) decompressed as they are read."""
+    if split_compression(path)[0].endswith('.jsonl'):
         return read_jsonl_text(path, skip_bad_lines, bad)
     if path.endswith('.parquet'):
         return read_parquet_text(path, skip_bad_lines, bad)
+    if path.endswith('.arrow'):
+        return read_arrow_text(path, skip_bad_lines, bad)
     return read_text_file(path, bad)
+
+
+def _json_file(path):
+    try:
+        with open(path, encoding='utf-8') as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{path}: cannot read it as JSON ({e})") from None
+
+
+def saved_dataset(folder):
+    """(description, [.arrow files in order]) of a Hugging Face `datasets` folder written by
+    save_to_disk (arrow files, dataset_info.json, state.json), or None when folder is not one. A
+    DatasetDict folder (dataset_dict.json and a folder per split) gives its 'train' split, and
+    says so.
+
+    Read with pyarrow's IPC reader, not datasets.load_from_disk: pyarrow is needed for parquet
+    anyway, while `datasets` is a large package we do not otherwise require (seconds to import).
+    load_from_disk concatenates the tables of the files listed in state.json's "_data_files", each
+    an Arrow IPC stream, which is what is read here, file by file and batch by batch from a memory
+    map, so memory stays flat and an error names the file and the row."""
+    what = ''
+    if os.path.isfile(os.path.join(folder, 'dataset_dict.json')):
+        splits = _json_file(os.path.join(folder, 'dataset_dict.json')).get('splits') or []
+        if 'train' not in splits:
+            raise SystemExit(f"{folder} is a Hugging Face DatasetDict without a 'train' split (it has "
+                             f"{', '.join(map(str, splits)) or 'none'}): pass the folder of the split to read, "
+                             f"e.g. --sources={os.path.join(folder, str(splits[0]) if splits else 'SPLIT')}")
+        others = [s for s in splits if s != 'train']
+        print(f"{folder}: a Hugging Face DatasetDict with splits {', '.join(splits)}; reading 'train'"
+              + (f" (for another, pass its folder: --sources={os.path.join(folder, others[0])})" if others else ''))
+        folder, what = os.path.join(folder, 'train'), "split 'train' of "
+    state = os.path.join(folder, 'state.json')
+    if not (os.path.isfile(state) and os.path.isfile(os.path.join(folder, 'dataset_info.json'))):
+        if what:
+            raise SystemExit(f"{folder}: not a Hugging Face dataset folder (no state.json and dataset_info.json)")
+        return None
+    names = [f.get('filename') if isinstance(f, dict) else None for f in _json_file(state).get('_data_files') or []]
+    if not names or None in names:
+        raise SystemExit(f"{state}: no list of Arrow files (\"_data_files\": [{{\"filename\": ...}}]); save "
+                         f"the dataset again with Dataset.save_to_disk")
+    files = [os.path.join(folder, n) for n in names]
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+        raise SystemExit(f"{folder}: state.json lists {missing[0]}, which is missing ({len(missing)} of {len(files)} "
+                         f"files): an unfinished copy or save? Save the dataset again")
+    return f"Hugging Face dataset ({what}save_to_disk folder {folder}, {len(files)} Arrow file(s))", files
 
 
 def download_path(url, download_dir, name=None):
@@ -616,13 +743,18 @@ def download_path(url, download_dir, name=None):
     URLs that end in the same file name (.../a/input.txt, .../b/input.txt) never share a file."""
     path = url.split('?')[0]
     suffix = os.path.splitext(path)[1] or '.txt'
+    if suffix in COMPRESSION:  # keep what it holds: web.jsonl.gz -> web-<hash>.jsonl.gz, read as JSONL
+        suffix = os.path.splitext(path[:-len(suffix)])[1] + suffix
     stem = (name if name in REMOTE else os.path.basename(path) or 'download').removesuffix(suffix)
     return os.path.join(download_dir, f"{stem}-{hashlib.sha256(url.encode()).hexdigest()[:12]}{suffix}")
 
 
 def resolve_source(spec, download_dir):
     """A source spec -> (description, [paths or 'stdlib' files]). spec: 'stdlib', a name in
-    REMOTE, an http(s) URL, a file, a directory (its .txt/.md/.rst/.py/.jsonl files) or a glob."""
+    REMOTE, an http(s) URL, a file, a glob, or a directory: a Hugging Face save_to_disk folder
+    (see saved_dataset), else its .txt/.md/.rst/.py/.jsonl files (also .gz/.zst) and .parquet
+    shards, sorted. (--sources is split at commas before this: several URLs are several specs, each
+    downloaded to its own file.)"""
     if spec == 'stdlib':
         root, files = stdlib_files()
         return f"Python {sys.version.split()[0]} standard library at {root}", files
@@ -631,14 +763,17 @@ def resolve_source(spec, download_dir):
         return info['url'], [download(info['url'], download_path(info['url'], download_dir, spec),
                                       info.get('size'), info.get('sha256'))]
     if os.path.isdir(spec):
-        files = sorted(os.path.join(d, n) for d, _, names in os.walk(spec) for n in names
-                       if n.endswith(TEXT_EXTENSIONS))
+        saved = saved_dataset(spec)
+        if saved is not None:
+            return saved[0], _readable(spec, saved[1])
+        files = sorted(os.path.join(d, n) for d, _, names in os.walk(spec) for n in names if is_corpus_file(n))
         skipped = [f for f in files if not os.path.isfile(f)]  # broken symlinks (editors' .#a.txt locks), pipes
         if skipped:
             print(f"{spec}: skipped {len(skipped)} name(s) that are not files (a broken symlink?), e.g. {skipped[0]}")
             files = [f for f in files if os.path.isfile(f)]
         if not files:
-            raise SystemExit(f"{spec}: no {'/'.join(TEXT_EXTENSIONS)} files in this directory")
+            raise SystemExit(f"{spec}: no {'/'.join(TEXT_EXTENSIONS)} files (nor .gz/.zst ones) or .parquet shards in "
+                             f"this directory, and it is not a Hugging Face save_to_disk folder")
         return f"directory {spec}", _readable(spec, files)
     if any(c in spec for c in '*?['):
         files = sorted(f for f in glob.glob(spec, recursive=True) if os.path.isfile(f))
@@ -663,8 +798,9 @@ def _readable(spec, files):
 
 def iter_documents(files, skip_bad_lines=False, counts=None):
     """Every document of a list of files, in order. Lines dropped while reading (see read_file:
-    bytes that are not UTF-8; bad JSONL lines or parquet rows with skip_bad_lines) are printed per
-    file and counted in counts['bad_lines']. A file that cannot be read at all is a DataError."""
+    bytes that are not UTF-8; bad JSONL lines or parquet/Arrow rows with skip_bad_lines) are
+    printed per file and counted in counts['bad_lines']. A file that cannot be read at all is a
+    DataError, and so is a compressed file that is corrupt or cut short."""
     for path in files:
         bad = []
         try:
@@ -761,45 +897,104 @@ def _mix64(h):
     return h ^ (h >> np.uint64(32))
 
 
-def minhash_signatures(texts, num_perm=64, ngram=5, seed=0):
-    """MinHash (Broder 1997) of each text's set of word n-grams, all texts in one set of numpy
+# How minhash_signatures splits text into tokens. Chinese, Japanese, Thai, Lao, Khmer, Myanmar and
+# Tibetan put no spaces between words: read as "words", a run of their letters was a clause or a whole
+# document, one shingle, and two copies differing in one character shared nothing (similarity 0.0).
+# Each of their characters is a token instead. This is decided per run of characters, not per
+# document: a Chinese text quoting English (or the reverse) is shingled by what each stretch is, and
+# no document sits on a cut-off where a few more foreign words would switch its whole shingle set
+# (and leave an edited copy of it nothing in common with it).
+# A Han character or a kana is a syllable (in Chinese a morpheme), and 3 make a shingle: a Chinese
+# document with 1-3% of its characters changed keeps a Jaccard similarity of 0.94-0.84 over character
+# 3-grams and is caught at threshold 0.8, while over 5-grams a 3% edit falls to 0.75. Thai, Lao, Khmer,
+# Myanmar and Tibetan are alphabets of a few dozen letters and marks, whose 3-grams unrelated texts
+# share: there a letter weighs as much as a word, and 5 make a shingle.
+# Below: (first code point, class) of consecutive ranges above ASCII. 0 separator (spaces,
+# punctuation); 1 letter of a spaced script (Latin, Greek, Cyrillic, Hangul, Arabic, ...: runs of them
+# are words); 2 Han, kana, Bopomofo, Yi; 3 Thai, Lao, Tibetan, Myanmar, Khmer.
+_SCRIPT_RANGES = np.array([
+    (0x0080, 0), (0x00AA, 1),  # C1 controls, no-break space, Latin-1 punctuation (¡ « ¿ ...; ª µ º stay letters)
+    (0x00AB, 0), (0x00AC, 1), (0x00BB, 0), (0x00BC, 1), (0x00BF, 0), (0x00C0, 1),
+    (0x0E00, 3), (0x10A0, 1),  # Thai, Lao, Tibetan, Myanmar
+    (0x1780, 3), (0x1800, 1), (0x19E0, 3), (0x1A00, 1),  # Khmer, Khmer symbols
+    (0x2000, 0), (0x2070, 1),  # general punctuation: spaces, dashes, quotes, ellipsis
+    (0x2E80, 2), (0x2FE0, 1),  # CJK and Kangxi radicals
+    (0x3000, 0), (0x3005, 2), (0x3008, 0), (0x3021, 2), (0x3030, 0), (0x3031, 2),  # CJK punctuation; 々〆〇 letters
+    (0x3040, 2), (0x3130, 1), (0x3190, 2), (0xA4D0, 1),  # kana, Bopomofo (not Hangul jamo), CJK ideographs, Yi
+    (0xF900, 2), (0xFB00, 1),  # CJK compatibility ideographs
+    (0xFF00, 0), (0xFF10, 1), (0xFF1A, 0), (0xFF21, 1), (0xFF3B, 0), (0xFF41, 1),  # fullwidth punctuation
+    (0xFF5B, 0), (0xFF66, 2), (0xFFA0, 1),  # ... halfwidth katakana
+    (0x20000, 2), (0x40000, 1),  # CJK ideographs, extensions B to J
+], np.int64)
+_ASCII_CLASS = np.array([1 if chr(c).isalnum() or c == 95 else 0 for c in range(128)], np.uint8)
+
+
+def script_classes(cp):
+    """Code points (N,) int64 -> class of each (N,) uint8, as in _SCRIPT_RANGES: 0 separator,
+    1 letter of a word, 2 Han/kana, 3 Thai/Lao/Khmer/Myanmar/Tibetan letter."""
+    cls = _ASCII_CLASS[np.minimum(cp, 127)]
+    high = np.flatnonzero(cp >= 128)  # the few non-ASCII code points of most text: classify only them
+    if len(high):
+        at = np.searchsorted(_SCRIPT_RANGES[:, 0], cp[high], side='right') - 1
+        cls[high] = _SCRIPT_RANGES[at, 1]
+    return cls
+
+
+def minhash_signatures(texts, num_perm=64, ngram=5, seed=0, char_ngram=3):
+    """MinHash (Broder 1997) of each text's set of shingles, all texts in one set of numpy
     passes: (signatures (len(texts), num_perm) uint32, has_words bool array).
 
-    Words are runs of [0-9a-z_] or non-ASCII bytes of the lower-cased UTF-8; a word's hash is the
-    polynomial sum b_j P^(j-start), read off a running sum. Shingles never cross documents; a
-    text with fewer than `ngram` words has one shingle of all its words. The fraction of equal
-    signature entries of two texts estimates the Jaccard similarity of their shingle sets."""
-    encoded = [t.lower().encode('utf-8', 'replace') for t in texts]
-    doc_start = np.cumsum([0] + [len(e) + 1 for e in encoded])[:-1]
-    b = np.frombuffer(b'\n'.join(encoded), np.uint8)
+    Tokens of the lower-cased text (see _SCRIPT_RANGES): a word is a run of letters and digits of
+    a spaced script (ASCII [0-9a-z_], Latin, Cyrillic, Hangul, ...); each character of a script
+    written without spaces is a token of its own. A shingle is `ngram` words (or Thai, ... letters)
+    or `char_ngram` Han/kana characters: a word weighs char_ngram, a Han/kana character ngram, and a
+    shingle is the shortest run of tokens from its first that weighs ngram * char_ngram, so mixed
+    text gets both kinds (English only: exactly word 5-grams). Shingles never cross documents; a
+    text lighter than one shingle has one shingle of all its tokens. A token's hash is the
+    polynomial sum c_j P^(j-start) over its code points, a shingle's a polynomial over its tokens'
+    hashes, each read off a running sum. The fraction of equal signature entries of two texts
+    estimates the Jaccard similarity of their shingle sets."""
+    # 1) code points and their classes; documents joined by '\n', a separator
+    lowered = [t.lower() for t in texts]
+    doc_start = np.cumsum([0] + [len(t) + 1 for t in lowered])[:-1]
+    cp = np.frombuffer('\n'.join(lowered).encode('utf-32-le', 'surrogatepass'), np.uint32).astype(np.int64)
     sigs = np.full((len(texts), num_perm), np.iinfo(np.uint32).max, np.uint32)
-    is_word = (b >= 0x80) | ((b >= 48) & (b <= 57)) | ((b >= 97) & (b <= 122)) | (b == 95)
-    prev = np.concatenate(([False], is_word[:-1]))
-    nxt = np.concatenate((is_word[1:], [False]))
-    starts, ends = np.flatnonzero(is_word & ~prev), np.flatnonzero(is_word & ~nxt) + 1
+    cls = script_classes(cp)
+    # 2) tokens: runs of class 1, and each code point of class 2 or 3
+    word, single = cls == 1, cls >= 2
+    prev = np.concatenate(([False], word[:-1]))
+    nxt = np.concatenate((word[1:], [False]))
+    starts = np.flatnonzero((word & ~prev) | single)  # (T,) in text order
     if len(starts) == 0:
         return sigs, np.zeros(len(texts), bool)
-    pw, inv = _powers(len(b) + 1)
-    contribution = np.where(is_word, b.astype(np.uint64) * pw[:len(b)], 0)  # b_j P^j on word bytes
+    is_word = word[starts]
+    ends = starts + 1
+    ends[is_word] = np.flatnonzero(word & ~nxt) + 1
+    T = len(starts)
+    pw, inv = _powers(max(len(cp), T + ngram) + 1)
+    contribution = np.where(cls > 0, cp.astype(np.uint64) * pw[:len(cp)], 0)  # c_j P^j on token code points
     running = np.concatenate((np.zeros(1, np.uint64), np.cumsum(contribution, dtype=np.uint64)))
-    words = _mix64((running[ends] - running[starts]) * inv[starts])  # (W,) hash of each word
-    doc = np.searchsorted(doc_start, starts, side='right') - 1  # (W,) document of each word
-    n_words = np.bincount(doc, minlength=len(texts))
-    W = len(words)
-    shingle, full = np.zeros(W, np.uint64), np.ones(W, bool)
-    for k in range(ngram):  # shingle[i] = hash of words i..i+ngram-1 of the same document
-        m = max(W - k, 0)  # a batch may hold fewer than ngram words in all (short CJK lines are one word each)
-        same = np.zeros(W, bool)
-        same[:m] = doc[k:k + m] == doc[:m]
-        nxt_word = np.zeros(W, np.uint64)
-        nxt_word[:m] = words[k:k + m]
-        shingle = shingle * np.uint64(_P) + np.where(same, nxt_word, 0)
-        full &= same
-    first = np.concatenate(([True], doc[1:] != doc[:-1]))
-    valid = full | (first & (n_words[doc] < ngram))
-    x = _mix64(shingle[valid])
+    tokens = _mix64((running[ends] - running[starts]) * inv[starts])  # (T,) hash of each token
+    doc = np.searchsorted(doc_start, starts, side='right') - 1  # (T,) document of each token
+    n_tokens = np.bincount(doc, minlength=len(texts))
+    # 3) shingles: token i to the first token j at which the weight reaches ngram * char_ngram
+    weight = np.cumsum(np.concatenate(([0], np.where(cls[starts] == 2, ngram, char_ngram))))  # (T+1,)
+    stop = np.searchsorted(weight, weight[:-1] + ngram * char_ngram)  # (T,) one past the shingle's last token
+    valid = stop <= T
+    valid[valid] = doc[stop[valid] - 1] == doc[valid]  # shingles never cross documents
+    first = np.concatenate(([True], doc[1:] != doc[:-1]))  # a document lighter than one shingle: all of it
+    last = np.searchsorted(doc, doc, side='right')  # (T,) one past the document's last token
+    light = first & (weight[last] - weight[:-1] < ngram * char_ngram)
+    stop = np.where(light, last, np.minimum(stop, T))
+    valid |= light
+    # a shingle's hash: sum of token_k P^(i + ngram - 1 - k) over its tokens k = i..stop-1, which for
+    # text of ASCII words is the word 5-gram hash of earlier versions bit for bit (same signatures)
+    running = np.concatenate((np.zeros(1, np.uint64), np.cumsum(tokens * inv[:T], dtype=np.uint64)))
+    i = np.flatnonzero(valid)
+    x = _mix64((running[stop[i]] - running[i]) * pw[i + ngram - 1])
     x = ((x >> np.uint64(32)) ^ x).astype(np.uint32)  # (S,)
-    sdoc = doc[valid]
+    # 4) the minimum of each permutation over each document's shingles
+    sdoc = doc[i]
     group = np.flatnonzero(np.concatenate(([True], sdoc[1:] != sdoc[:-1])))
     rng = np.random.default_rng(seed)
     a = rng.integers(1, 2 ** 32, num_perm, dtype=np.uint64).astype(np.uint32) | np.uint32(1)
@@ -808,18 +1003,20 @@ def minhash_signatures(texts, num_perm=64, ngram=5, seed=0):
         h = a[lo:lo + 16, None] * x[None, :] + c[lo:lo + 16, None]  # (16, S), wraps mod 2^32
         h ^= h >> np.uint32(16)
         sigs[sdoc[group], lo:lo + 16] = np.minimum.reduceat(h, group, axis=1).T
-    return sigs, n_words > 0
+    return sigs, n_tokens > 0
 
 
 class NearDuplicates:
     """MinHash LSH: a document is a near-duplicate when some earlier kept document agrees on at
-    least `threshold` of the signature (estimated Jaccard of word 5-gram sets). Signatures are
+    least `threshold` of the signature (estimated Jaccard of the sets of shingles: word 5-grams,
+    and character 3-grams in scripts without spaces; see minhash_signatures). Signatures are
     split into bands of r rows; documents sharing a band are compared. r is the largest divisor
     that still finds a pair at the threshold with probability >= 99%: 1 - (1 - t^r)^(num_perm/r).
     Memory: num_perm x 4 bytes and num_perm/r dict entries per kept document."""
 
-    def __init__(self, threshold=0.8, num_perm=64, ngram=5, seed=0):
+    def __init__(self, threshold=0.8, num_perm=64, ngram=5, seed=0, char_ngram=3):
         self.threshold, self.num_perm, self.ngram, self.seed = threshold, num_perm, ngram, seed
+        self.char_ngram = char_ngram
         rows = [r for r in range(1, num_perm + 1) if num_perm % r == 0 and
                 1 - (1 - threshold ** r) ** (num_perm // r) >= 0.99]
         self.rows = max(rows or [1])
@@ -828,7 +1025,7 @@ class NearDuplicates:
 
     def keep(self, texts):
         """For each text (in order): True to keep it, False when it near-duplicates a kept one."""
-        sigs, has_words = minhash_signatures(texts, self.num_perm, self.ngram, self.seed)
+        sigs, has_words = minhash_signatures(texts, self.num_perm, self.ngram, self.seed, self.char_ngram)
         keep = []
         for sig, ok in zip(sigs, has_words):
             if not ok:  # no words, nothing to compare: exact dedup covers it
