@@ -9,6 +9,7 @@ Three levels, each built on the one below:
     sample_token, top_k_filter, top_p_filter, min_p_filter, apply_penalties   pure (B, V) functions
     generate_ids(model, prompt_ids, config, pad_id) -> Generation                ids in, ids out (PPO/GRPO)
     TextGenerator(model, tokenizer).generate / stream / chat                     text in, text out
+    TextStream(tokenizer, stop_strings).push(id) -> text                         ids to text as they come
 
 Ragged prompts are left-padded so every row's last prompt token sits in the same column; each row
 gets its own positions (its first real token is position 0) and a key mask that hides its pads.
@@ -410,6 +411,41 @@ def beam_search(model, prompts, config, pad_id=0, tokenizer=None):
 
 # ----------------------------------------------------------------------------- text level
 
+class TextStream:
+    """Generated ids -> text, one token at a time: what stream() and the server (serve.py) show as
+    tokens arrive. Bytes go through an incremental UTF-8 decoder, so a character split over tokens
+    appears whole once its last byte arrives; special tokens are left out; text that might be the
+    start of a stop string is held back until it is known not to be, and the text ends where a stop
+    string begins (then `stopped` is True). The pieces join to what TextGenerator.text() gives."""
+
+    def __init__(self, tokenizer, stop_strings=(), special_ids=()):
+        self.tokenizer, self.special_ids = tokenizer, set(special_ids)
+        self.stop_strings = [s for s in stop_strings if s]
+        self.decoder = codecs.getincrementaldecoder('utf-8')(errors='replace')
+        self.held, self.stopped = '', False
+
+    def push(self, tok):
+        """One more token id -> the text that can be shown now ('' if none)."""
+        if self.stopped or tok in self.special_ids:
+            return ''
+        self.held += self.decoder.decode(self.tokenizer.decode_bytes([tok]))
+        cuts = [self.held.find(s) for s in self.stop_strings if s in self.held]
+        if cuts:
+            self.stopped = True
+            return self.held[:min(cuts)]
+        keep = max([n for s in self.stop_strings for n in range(1, len(s)) if self.held.endswith(s[:n])], default=0)
+        piece = self.held[:len(self.held) - keep]
+        self.held = self.held[len(self.held) - keep:]
+        return piece
+
+    def finish(self):
+        """The text still held back, once no token follows."""
+        if self.stopped:
+            return ''
+        piece, self.held = self.held + self.decoder.decode(b'', final=True), ''
+        return piece
+
+
 class TextGenerator:
     """Text in, text out, for a model and its tokenizer. Options come from a GenerationConfig, and
     keyword overrides of its fields on each call:  gen.generate(["Once", "Hi"], temperature=0)."""
@@ -460,33 +496,23 @@ class TextGenerator:
 
     def stream(self, prompt, config=None, **overrides):
         """Yield the completion of one prompt piece by piece as tokens arrive; the pieces join to
-        exactly what generate() returns. Bytes go through an incremental UTF-8 decoder, so a
-        character split over tokens appears whole once its last byte arrives; text that might be the
-        start of a stop string is held back until it is known not to be."""
+        exactly what generate() returns (see TextStream)."""
         cfg = self.config(config, **overrides)
         assert cfg.num_beams == 1, "stream() samples one sequence; beam search needs generate()"
-        stop_strings = [s for s in cfg.stop_strings if s]
-        decoder = codecs.getincrementaldecoder('utf-8')(errors='replace')
-        held = ''
+        text = TextStream(self.tokenizer, cfg.stop_strings, self.special_ids)
         for token, _, live, _ in decode_steps(self.model, [self.encode(prompt)], cfg, self.tokenizer.pad_id,
                                               self.tokenizer, self.step_fn):
             tok = token.item()
             if not live[0] or tok in cfg.stop_token_ids:
                 break
-            if tok in self.special_ids:
-                continue
-            held += decoder.decode(self.tokenizer.decode_bytes([tok]))
-            cuts = [held.find(s) for s in stop_strings if s in held]
-            if cuts:
-                yield held[:min(cuts)]
+            piece = text.push(tok)
+            if piece:
+                yield piece
+            if text.stopped:
                 return
-            keep = max([n for s in stop_strings for n in range(1, len(s)) if held.endswith(s[:n])], default=0)
-            if len(held) > keep:
-                yield held[:len(held) - keep]
-                held = held[len(held) - keep:]
-        held += decoder.decode(b'', final=True)
-        if held:
-            yield held
+        piece = text.finish()
+        if piece:
+            yield piece
 
     def chat_prompt(self, messages, system=None, max_new_tokens=256, max_turns=None):
         """ChatML prompt ids for a conversation ending in a user message: the system prompt (always
