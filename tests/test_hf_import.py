@@ -128,9 +128,10 @@ def test_every_stage_fine_tunes_an_imported_model_and_sft_exports_back(qwen_dir,
                                                        for a in range(4) for b in range(4)])
     common_args = [f'--init_from=hf:{qwen_dir}', '--max_iters=4', '--eval_interval=2', '--log_interval=1',
                    '--warmup_iters=0', '--batch_size=4', f'--data_root={data_root}']
-    out = {stage: str(tmp_path / stage) for stage in ('sft', 'reward', 'dpo', 'grpo')}
-    run_script('sft.py', *common_args, f'--sft_files={chats}', '--max_seq_len=128', '--eval_iters=2',
-               '--eval_items_per_task=0', f'--out_dir={out["sft"]}')
+    out = {stage: str(tmp_path / stage) for stage in ('sft', 'sft-lora', 'reward', 'dpo', 'grpo')}
+    sft_args = [f'--sft_files={chats}', '--max_seq_len=128', '--eval_iters=2', '--eval_items_per_task=0']
+    run_script('sft.py', *common_args, *sft_args, f'--out_dir={out["sft"]}')
+    run_script('sft.py', *common_args, *sft_args, '--lora_rank=4', '--learning_rate=1e-2', f'--out_dir={out["sft-lora"]}')
     run_script('reward.py', *common_args, f'--pref_files={pairs}', '--max_seq_len=128', '--eval_pairs=4',
                f'--out_dir={out["reward"]}')
     run_script('dpo.py', *common_args, f'--pref_files={pairs}', '--max_seq_len=128', '--eval_pairs=4',
@@ -143,10 +144,16 @@ def test_every_stage_fine_tunes_an_imported_model_and_sft_exports_back(qwen_dir,
         assert common.tokenizer_from_checkpoint(ckpt).kind == 'hf'
     assert eval_rows(out['sft'])[4]['val/loss'] < eval_rows(out['sft'])[0]['val/loss']  # it learned
 
-    # the fine-tuned model goes back out as the architecture and chat template it came in with
-    proc = run_script('export.py', f'--out_dir={out["sft"]}', f'--export_path={tmp_path / "back"}')
-    assert '-> qwen2' in proc.stdout and 'check: max |logit difference|' in proc.stdout
-    back = transformers.AutoTokenizer.from_pretrained(str(tmp_path / 'back'))
+    # every fine-tuned model (LoRA merged, the reward model's backbone) goes back out as the
+    # architecture it came in with, its logits checked by export.py
+    for stage, path in out.items():
+        proc = run_script('export.py', f'--out_dir={path}', f'--export_path={tmp_path / "back" / stage}')
+        assert '-> qwen2' in proc.stdout and 'check: max |logit difference|' in proc.stdout, stage
+    lora = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / 'back' / 'sft-lora'))
+    base = transformers.AutoModelForCausalLM.from_pretrained(qwen_dir)
+    assert not torch.equal(lora.model.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.weight)
+    assert torch.equal(lora.model.embed_tokens.weight, base.model.embed_tokens.weight)  # not a LoRA target
+    back = transformers.AutoTokenizer.from_pretrained(str(tmp_path / 'back' / 'sft'))
     original = transformers.AutoTokenizer.from_pretrained(qwen_dir)
     assert back.apply_chat_template(MESSAGES, add_generation_prompt=True)['input_ids'] == \
         original.apply_chat_template(MESSAGES, add_generation_prompt=True)['input_ids']
