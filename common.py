@@ -51,6 +51,19 @@ def autodetect_device():
     return 'cpu'
 
 
+def inference_precision(device, dtype):
+    """(device, torch dtype) to sample or serve in: device 'auto' = the best available; dtype 'auto'
+    = bf16 on GPUs that support it, else fp32 (weights are cast, no autocast: nothing is trained)."""
+    if device == 'auto':
+        device = autodetect_device()
+    if dtype == 'auto':
+        dtype = 'bfloat16' if device.startswith('cuda') and torch.cuda.is_bf16_supported() else 'float32'
+    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}.get(dtype)
+    if ptdtype is None:
+        raise SystemExit(f"dtype={dtype!r}: expected float32, bfloat16, float16 or auto")
+    return device, ptdtype
+
+
 DIST_TIMEOUT = datetime.timedelta(minutes=10)  # longer than any eval or save rank 0 makes the others wait for
 
 

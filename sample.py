@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from common import autodetect_device, checkpoint_path, load_checkpoint, model_from_checkpoint, tokenizer_from_checkpoint
+from common import checkpoint_path, inference_precision, load_checkpoint, model_from_checkpoint, tokenizer_from_checkpoint
 from configurator import configure
 from generate import GenerationConfig, TextGenerator
 
@@ -52,14 +52,7 @@ compile_model = False  # torch.compile the decode step: a slow first call, faste
 config = configure(globals())  # overrides from the command line or a config file
 # -----------------------------------------------------------------------------
 
-# device and precision
-if device == 'auto':
-    device = autodetect_device()
-if dtype == 'auto':
-    dtype = 'bfloat16' if device.startswith('cuda') and torch.cuda.is_bf16_supported() else 'float32'
-ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}.get(dtype)
-if ptdtype is None:
-    raise SystemExit(f"dtype={dtype!r}: expected float32, bfloat16, float16 or auto")
+device, ptdtype = inference_precision(device, dtype)  # 'auto': the best device, bf16 on GPUs that have it
 torch.manual_seed(seed)
 
 # the checkpoint: weights_only loading (no code runs), then the model and tokenizer it describes
@@ -82,7 +75,7 @@ if tokenizer.n_vocab > model.config.vocab_size:
 model.to(device=device, dtype=ptdtype)
 print(f"loaded {ckpt_path}: stage {stage}, iter {ckpt.get('iter_num', '?')}, "
       f"{model.get_num_params() / 1e6:.2f}M params, {tokenizer.kind} tokenizer ({tokenizer.n_vocab} tokens), "
-      f"context {model.config.block_size}, on {device} in {dtype}")
+      f"context {model.config.block_size}, on {device} in {str(ptdtype).removeprefix('torch.')}")
 
 # the generator and its options; max_new_tokens shrinks to what the context leaves after the prompt
 generator = TextGenerator(model, tokenizer, compile=compile_model)

@@ -55,7 +55,7 @@ try:
 except ImportError as e:
     raise SystemExit(f"serve.py needs FastAPI and uvicorn ({e}): pip install fastapi uvicorn") from None
 
-from common import autodetect_device, checkpoint_path, load_checkpoint, model_from_checkpoint, tokenizer_from_checkpoint
+from common import checkpoint_path, inference_precision, load_checkpoint, model_from_checkpoint, tokenizer_from_checkpoint
 from configurator import configure
 from generate import GenerationConfig, TextStream, mask_padded_ids, sample_token
 
@@ -84,14 +84,7 @@ compile_model = False  # torch.compile the decode step: a slow first request, fa
 config = configure(globals())  # overrides from the command line or a config file
 # -----------------------------------------------------------------------------
 
-# device and precision
-if device == 'auto':
-    device = autodetect_device()
-if dtype == 'auto':
-    dtype = 'bfloat16' if device.startswith('cuda') and torch.cuda.is_bf16_supported() else 'float32'
-ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}.get(dtype)
-if ptdtype is None:
-    raise SystemExit(f"dtype={dtype!r}: expected float32, bfloat16, float16 or auto")
+device, ptdtype = inference_precision(device, dtype)  # 'auto': the best device, bf16 on GPUs that have it
 if max_batch < 1:
     raise SystemExit(f"max_batch={max_batch}: at least one slot is needed")
 torch.manual_seed(seed)
@@ -818,7 +811,7 @@ except OSError as e:
 sock.listen(2048)  # connections wait from now on, even before uvicorn accepts them
 cache_mb = 2 * engine.cache.k.numel() * engine.cache.k.element_size() / 1e6
 print(f"loaded {ckpt_path}: {model.get_num_params() / 1e6:.2f}M params, {tokenizer.kind} tokenizer "
-      f"({tokenizer.n_vocab} tokens), on {device} in {dtype}; KV cache {max_batch} slots x {context} positions "
+      f"({tokenizer.n_vocab} tokens), on {device} in {str(ptdtype).removeprefix('torch.')}; KV cache {max_batch} slots x {context} positions "
       f"({cache_mb:.0f} MB)")
 print(f"serving {model_name!r} on http://{host}:{sock.getsockname()[1]}/ (OpenAI API at /v1)", flush=True)
 # Ctrl-C / SIGTERM: stop accepting, give open streams 5 s, then close them (the engine thread is a daemon)
