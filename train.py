@@ -9,6 +9,7 @@ gradient_accumulation_steps / N micro-steps, so a run's batch and curve do not d
 """
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -41,6 +42,10 @@ data_root = 'data'
 gradient_accumulation_steps = 1
 batch_size = 16  # micro-batch size per rank
 block_size = 256
+# rows: how training rows are cut from the token stream and drawn (docs/data.md, "Rows of tokens")
+doc_mask = False  # attention stays inside each document of a row (block-diagonal), positions restart at each document
+align_to_docs = False  # rows start where a document starts (or every block_size tokens into a longer one), not anywhere
+sampling = 'random'  # 'random': row starts drawn with replacement | 'epoch': every row once per epoch, shuffled, resumable
 # model: every field of GPTConfig in model.py but vocab_size (the tokenizer's, rounded up)
 n_layer = 6
 n_head = 6
@@ -115,28 +120,97 @@ for split in ('train', 'val'):
         raise SystemExit(f"{data_path}/{split}.bin has {len(open_split(split))} tokens, too few for block_size={block_size}")
 
 
-def windows(data, ix):
-    """Rows of (x, y) windows of block_size tokens starting at the offsets ix (batch_size,)."""
+if sampling not in ('random', 'epoch'):
+    raise SystemExit(f"sampling={sampling!r}: use 'random' (row starts drawn with replacement) or 'epoch'")
+bos_id = meta.get('bos_id', tokenizer.eot_id)  # every document starts with it (prepare.py)
+
+
+def document_rows(data):
+    """The row starts of align_to_docs (an int64 array): every document's start (its bos token) and,
+    in a document longer than a row, every block_size tokens after it. Rows at document starts alone
+    would never train on the rest of a long document (on stdlib at block_size 256: 96% of the
+    tokens). A row whose document ends early runs on into the next ones. Only starts with a whole
+    row (block_size + 1 tokens) left in the split."""
+    # 1) document starts: the bos positions, scanned in chunks (the memmap is never read whole);
+    #    0 as well, in case the split does not start with a bos
+    chunk = 1 << 24
+    docs = np.unique(np.concatenate([[0]] + [np.flatnonzero(data[i:i + chunk] == bos_id) + i
+                                             for i in range(0, len(data), chunk)]))
+    # 2) each document cut into pieces of block_size tokens, from its start
+    pieces = -(-np.diff(np.append(docs, len(data))) // block_size)  # per document, rounded up
+    piece = np.arange(pieces.sum()) - np.repeat(np.cumsum(pieces) - pieces, pieces)  # 0, 1, .. within its document
+    starts = np.repeat(docs, pieces) + block_size * piece
+    return starts[starts <= len(data) - block_size - 1]
+
+
+# align_to_docs: where rows may start, per split. An epoch's rows: those, or the non-overlapping
+# windows i * block_size of train.bin
+aligned = {split: document_rows(open_split(split)) for split in ('train', 'val')} if align_to_docs else None
+epoch_rows = len(aligned['train']) if align_to_docs else (len(open_split('train')) - 1) // block_size
+rows_per_iter = gradient_accumulation_steps * batch_size  # drawn by all ranks together
+if ctx.master and (align_to_docs or doc_mask or sampling == 'epoch'):
+    print(f"rows: {'at document starts' if align_to_docs else 'anywhere'}, attention "
+          f"{'within each document' if doc_mask else 'across documents'}, {sampling} sampling; "
+          f"{epoch_rows:,} rows per epoch ({epoch_rows / rows_per_iter:,.1f} iterations)")
+
+
+def random_starts(split, shape, generator, at_docs):
+    """Row starts (shape) drawn with replacement from `generator`: anywhere, or at the aligned starts."""
+    if at_docs:
+        return torch.from_numpy(aligned[split])[torch.randint(len(aligned[split]), shape, generator=generator)]
+    return torch.randint(len(open_split(split)) - block_size - 1, shape, generator=generator)
+
+
+@functools.lru_cache(maxsize=2)
+def epoch_order(epoch):
+    """The order of the rows in `epoch`: a permutation seeded by (seed, epoch), the same on every rank."""
+    return torch.from_numpy(np.random.default_rng([seed, epoch]).permutation(epoch_rows))
+
+
+def epoch_starts(position, shape):
+    """Row starts (shape) at `position`, position + 1, ... of the epoch stream, in which epoch e
+    (positions e * n .. e * n + n - 1, n = epoch_rows) holds every row once, in epoch_order(e)."""
+    count = math.prod(shape)
+    first, last = position // epoch_rows, (position + count - 1) // epoch_rows
+    skip = position - first * epoch_rows
+    rows = torch.cat([epoch_order(e) for e in range(first, last + 1)])[skip:skip + count]
+    return (torch.from_numpy(aligned['train'])[rows] if align_to_docs else rows * block_size).view(shape)
+
+
+def windows(data, ix, masked):
+    """Rows of (x, y) windows of block_size tokens starting at the offsets ix (batch_size,), and the
+    model's keyword arguments for them: with `masked` (doc_mask), the positions and the
+    block-diagonal causal mask that keep each row's documents apart, as SFT's packing does. These
+    depend on the row, so they are built per batch (on the device: a cumsum and a comparison)."""
     chunk = torch.from_numpy(np.stack([data[i:i + block_size + 1] for i in ix.tolist()]).astype(np.int64))
     x, y = chunk[:, :-1], chunk[:, 1:]
     if ctx.device_type == 'cuda':  # pinned memory lets the copy overlap with compute
-        return x.pin_memory().to(ctx.device, non_blocking=True), y.pin_memory().to(ctx.device, non_blocking=True)
-    return x.to(ctx.device), y.to(ctx.device)
+        x, y = x.pin_memory().to(ctx.device, non_blocking=True), y.pin_memory().to(ctx.device, non_blocking=True)
+    else:
+        x, y = x.to(ctx.device), y.to(ctx.device)
+    if not masked:
+        return x, y, {}
+    # a document runs from its bos to the next; tokens before a row's first bos end an earlier one
+    positions, attn_mask = common.packed_attention(torch.cumsum(x == bos_id, dim=1))  # (B, T), (B, 1, T, T)
+    return x, y, {'positions': positions, 'attn_mask': attn_mask}
 
 
-def get_batches(split, generator, n_micro):
-    """n_micro micro-batches of (x, y), each (batch_size, block_size), at random offsets.
-    Every rank draws the offsets of the whole iteration from the same generator and keeps its own
-    share, so N ranks see exactly the batches one process with N-times the accumulation would."""
+def get_batches(split, generator, n_micro, position):
+    """n_micro micro-batches of (x, y, model kwargs), each (batch_size, block_size). Every rank
+    draws the row starts of the whole iteration and keeps its own share, so N ranks see exactly the
+    batches one process with N-times the accumulation would: 'random' from `generator`, 'epoch' the
+    rows at `position` of the epoch stream."""
     data = open_split(split)
-    ix = torch.randint(len(data) - block_size - 1, (n_micro * ctx.world_size, batch_size), generator=generator)
-    return [windows(data, rows) for rows in ix[ctx.rank * n_micro:(ctx.rank + 1) * n_micro]]
+    shape = (n_micro * ctx.world_size, batch_size)
+    ix = epoch_starts(position, shape) if sampling == 'epoch' else random_starts(split, shape, generator, align_to_docs)
+    return [windows(data, rows, doc_mask) for rows in ix[ctx.rank * n_micro:(ctx.rank + 1) * n_micro]]
 
 
 data_generator = torch.Generator().manual_seed(seed)
 
 # model: from scratch, resumed from out_dir, or initialised from another run's weights
 iter_num, best_val_loss, evals_without_improvement, ckpt, parent = 0, float('inf'), 0, None, None
+data_position = 0  # sampling='epoch': rows drawn so far by all ranks, the place in the epoch stream
 model_args = {f.name: globals()[f.name] for f in dataclasses.fields(GPTConfig) if f.name != 'vocab_size'}
 model_args['vocab_size'] = 64 * math.ceil(tokenizer.n_vocab / 64)  # a multiple of 64 runs faster
 if init_from == 'scratch':
@@ -167,6 +241,10 @@ optimizer = common.adamw(params, learning_rate, weight_decay, (beta1, beta2), ct
 if init_from == 'resume':
     iter_num, best_val_loss = common.resume_training(ctx, ckpt, optimizer, data_generator)
     evals_without_improvement = ckpt.get('evals_without_improvement', 0)
+    data_position = ckpt.get('data_position', 0)
+    if sampling == 'epoch' and data_position and ckpt.get('epoch_rows') != epoch_rows and ctx.master:
+        print(f"warning: the checkpoint's epochs had {ckpt['epoch_rows']:,} rows, these have {epoch_rows:,} "
+              f"(another dataset, block_size or align_to_docs): the epoch order is not the one it was trained on")
 ckpt = None  # free the memory
 raw_model = model
 model = common.wrap(ctx, model, compile_model)
@@ -175,28 +253,38 @@ model = common.wrap(ctx, model, compile_model)
 @torch.no_grad()
 def estimate_loss():
     """Mean loss per split over eval_iters fixed batches (the same at every eval, so the numbers
-    compare), shared out between ranks and summed back."""
+    compare), in the training's row layout (align_to_docs, doc_mask), shared out between ranks and
+    summed back. With another layout than the default, val is measured in the default one too
+    (rows anywhere, attention across documents): val/plain_loss, which compares across layouts."""
     out = {}
     model.eval()
-    for split in ('train', 'val'):
+    layouts = {'train': ('train', align_to_docs, doc_mask), 'val': ('val', align_to_docs, doc_mask)}
+    if align_to_docs or doc_mask:
+        layouts['plain'] = ('val', False, False)
+    for name, (split, at_docs, masked) in layouts.items():
         data = open_split(split)
-        ix = torch.randint(len(data) - block_size - 1, (eval_iters, batch_size), generator=torch.Generator().manual_seed(seed + 1))
+        ix = random_starts(split, (eval_iters, batch_size), torch.Generator().manual_seed(seed + 1), at_docs)
         total = torch.zeros(2, device=ctx.device)  # (sum of losses, count)
         for rows, weight in common.rank_share(ctx, ix):
+            x, y, kwargs = windows(data, rows, masked)
             with ctx.autocast:
-                _, loss = model(*windows(data, rows))
+                _, loss = model(x, y, **kwargs)
             total += weight * torch.stack([loss.float(), torch.ones((), device=ctx.device)])
         total = common.sum_over_ranks(ctx, total)
-        out[split] = (total[0] / total[1]).item()
+        out[name] = (total[0] / total[1]).item()  # .item() is a host sync (once per layout per eval)
     model.train()
-    bpb = out['val'] / math.log(2) / bytes_per_token if bytes_per_token else float('nan')
-    return {'val/loss': out['val'], 'val/bpb': bpb, 'val/train_split_loss': out['train']}
+    bpb = {k: v / math.log(2) / bytes_per_token if bytes_per_token else float('nan') for k, v in out.items()}
+    metrics = {'val/loss': out['val'], 'val/bpb': bpb['val'], 'val/train_split_loss': out['train']}
+    if 'plain' in out:
+        metrics.update({'val/plain_loss': out['plain'], 'val/plain_bpb': bpb['plain']})
+    return metrics
 
 
 def state():
     return common.checkpoint(ctx, 'pretrain', common.model_state(ctx, raw_model), model_args, tokenizer, config, parent, dataset,
                              optimizer, iter_num, data_generator,
-                             evals_without_improvement=evals_without_improvement)
+                             evals_without_improvement=evals_without_improvement, data_position=data_position,
+                             epoch_rows=epoch_rows)
 
 
 log, stop = common.start_logging(ctx, config, init_from == 'resume', iter_num, wandb_log, wandb_project, wandb_run_name)
@@ -224,10 +312,13 @@ while True:
 
     # one optimizer step: forward/backward over the micro-batches, clip, step
     loss_sum, aux_sum = torch.zeros((), device=ctx.device), torch.zeros((), device=ctx.device)
-    for micro_step, (x, y) in enumerate(get_batches('train', data_generator, ctx.accum_per_rank)):
+    batches = get_batches('train', data_generator, ctx.accum_per_rank, data_position)
+    if sampling == 'epoch':
+        data_position += rows_per_iter
+    for micro_step, (x, y, kwargs) in enumerate(batches):
         common.sync_grads(ctx, model, micro_step == ctx.accum_per_rank - 1)
         with ctx.autocast:
-            _, loss, aux = model(x, y, return_aux=True)
+            _, loss, aux = model(x, y, **kwargs, return_aux=True)
             loss = loss / ctx.accum_per_rank
         ctx.scaler.scale(loss).backward()
         loss_sum += loss.detach()
@@ -243,7 +334,8 @@ while True:
             mfu = raw_model.estimate_mfu(tokens_per_iter // ctx.world_size, dt, peak_flops)  # per rank
             running_mfu = mfu if running_mfu < 0 else 0.9 * running_mfu + 0.1 * mfu
         metrics = {'train/loss': train_loss, **({'train/aux_loss': aux_loss} if n_experts else {}),
-                   'train/grad_norm': grad_norm.item(), 'lr': lr, 'train/mfu': max(running_mfu, 0) * 100}
+                   'train/grad_norm': grad_norm.item(), 'lr': lr, 'train/mfu': max(running_mfu, 0) * 100,
+                   **({'train/epoch': data_position / epoch_rows} if sampling == 'epoch' else {})}
         common.log_step(ctx, log, iter_num, max_iters, metrics, dt, (tokens_per_iter, 'tok'))
 
     # Ctrl-C / SIGTERM: save and leave cleanly

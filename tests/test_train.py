@@ -226,3 +226,211 @@ def test_ctrl_c_under_torchrun_saves_well_within_its_kill_window(tiny_data_dir, 
     assert elapsed < 15, f"took {elapsed:.0f} s to stop (torchrun kills at 30 s)"
     ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
     assert ckpt['iter_num'] > 0
+
+
+# ----------------------------------------------------------------------------- rows: doc_mask, align_to_docs, sampling
+
+FEED_PROBE = '''
+"""Runs train.py (argv[1:]) and saves what every forward was fed to $FEED_FILE<rank>."""
+import os, runpy, sys
+import torch
+sys.path.insert(0, os.getcwd())  # the repo root
+import common, model
+fed, forward = [], model.GPT.forward
+
+
+def recording_forward(self, idx, targets=None, positions=None, attn_mask=None, **kwargs):
+    fed.append({'train': self.training, 'x': idx.cpu(), 'positions': positions, 'attn_mask': attn_mask})
+    return forward(self, idx, targets, positions, attn_mask, **kwargs)
+
+
+def saving_cleanup(ddp, _cleanup=common.cleanup_distributed):
+    torch.save(fed, os.environ['FEED_FILE'] + os.environ.get('RANK', '0'))  # before DDP's os._exit
+    _cleanup(ddp)
+
+
+model.GPT.forward, common.cleanup_distributed = recording_forward, saving_cleanup
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name='__main__')
+'''
+
+
+@pytest.fixture(scope='module')
+def short_docs(tiny_data_dir, tmp_path_factory):
+    """The paragraphs of two stdlib modules as documents (~11k tokens, median 80 tokens, so a 64-token
+    row often holds two and some documents need two rows), with the tiny dataset's tokenizer."""
+    import sysconfig
+    from conftest import write_token_dataset
+    from tokenizer import Tokenizer
+    tok = Tokenizer.load(os.path.join(*tiny_data_dir, 'tokenizer.json'))
+    stdlib = sysconfig.get_paths()['stdlib']
+    docs = [p for name in ('textwrap.py', 'bisect.py') for p in open(os.path.join(stdlib, name)).read().split('\n\n') if p.strip()]
+    root = tmp_path_factory.mktemp('short')
+    write_token_dataset(str(root / 'short'), tok, docs[:-20], docs[-20:])
+    return str(root), 'short'
+
+
+def tokens(data, split):
+    import numpy as np
+    meta = json.load(open(os.path.join(*data, 'meta.json')))
+    return np.fromfile(os.path.join(*data, f'{split}.bin'), dtype=meta['dtype']).astype(np.int64)
+
+
+def bos(data):
+    from tokenizer import Tokenizer
+    return Tokenizer.load(os.path.join(*data, 'tokenizer.json')).eot_id
+
+
+def aligned_starts(ids, bos_id, T=64):
+    """What align_to_docs promises: each document's start, and every T tokens into a longer one."""
+    docs = [i for i in range(len(ids)) if ids[i] == bos_id] + [len(ids)]
+    return [s for a, b in zip(docs, docs[1:]) for s in range(a, b, T) if s + T + 1 <= len(ids)]
+
+
+def offsets(ids, row):
+    """Where a row of tokens occurs in the split (bisect.py repeats a few lines: some rows twice)."""
+    import numpy as np
+    return set(np.flatnonzero((np.lib.stride_tricks.sliding_window_view(ids, len(row)) == np.asarray(row)).all(1)).tolist())
+
+
+def fed_to_model(tmp_path, data, out_dir, *args, ranks=1):
+    """train.py run under FEED_PROBE: per rank, every forward's {'train', 'x', 'positions', 'attn_mask'}."""
+    probe = tmp_path / 'feed_probe.py'
+    probe.write_text(FEED_PROBE)
+    data_root, dataset = data
+    args = [f'--data_root={data_root}', f'--dataset={dataset}', f'--out_dir={out_dir}', *TINY, *args]
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'FEED_FILE': str(tmp_path / f'{os.path.basename(out_dir)}-fed')}
+    launcher = [sys.executable] if ranks == 1 else [sys.executable, '-m', 'torch.distributed.run', '--standalone',
+                                                    f'--nproc_per_node={ranks}']
+    proc = subprocess.run([*launcher, str(probe), 'train.py', *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [torch.load(env['FEED_FILE'] + str(r), weights_only=True) for r in range(ranks)]
+
+
+def test_doc_mask_keeps_a_rows_documents_apart(short_docs, tmp_path):
+    """doc_mask: train.py feeds each row with positions restarting at every bos and a block-diagonal
+    causal mask, so a token's logits do not depend on the previous document's tokens."""
+    from model import GPT, GPTConfig
+    bos_id = bos(short_docs)
+    fed = fed_to_model(tmp_path, short_docs, str(tmp_path / 'out'), '--doc_mask=True', '--max_iters=2',
+                       '--eval_interval=2', '--batch_size=8')[0]
+    train = [f for f in fed if f['train']]
+    assert len(train) == 2 and all(f['attn_mask'] is not None for f in train)
+    # the eval: train and val split in the training's layout (masked), then val plainly (val/plain_loss)
+    assert [f['attn_mask'] is not None for f in fed if not f['train']][:12] == [True] * 8 + [False] * 4
+    x, positions, mask = (torch.cat([f[k] for f in train]) for k in ('x', 'positions', 'attn_mask'))
+    # 1) positions count from each row's start and from every bos; a token sees its own document only
+    doc = torch.cumsum(x == bos_id, dim=1)
+    for b in range(len(x)):
+        starts = [0] + [t for t in range(1, x.size(1)) if x[b, t] == bos_id]
+        expected = [t - max(s for s in starts if s <= t) for t in range(x.size(1))]
+        assert positions[b].tolist() == expected
+        same_doc = doc[b][:, None] == doc[b][None, :]
+        assert torch.equal(mask[b, 0], same_doc & torch.ones_like(same_doc).tril())
+    # 2) a row whose second document starts at k: change the first one's tokens, the second's logits stay
+    b, k = next((b, t) for b in range(len(x)) for t in range(8, 48) if x[b, t] == bos_id)
+    end = next((t for t in range(k + 1, x.size(1)) if x[b, t] == bos_id), x.size(1))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=512, block_size=64, n_layer=2, n_head=2, n_embd=64)).eval()
+    changed = x[b:b + 1].clone()
+    changed[0, :k] = torch.randint(0, 256, (k,))  # other tokens (bytes), no bos among them
+    with torch.no_grad():
+        logits = {name: model(row, positions=positions[b:b + 1], attn_mask=mask[b:b + 1])[0][0]
+                  for name, row in (('row', x[b:b + 1]), ('changed', changed))}
+        alone = model(x[b:b + 1, k:end])[0][0]  # the second document in a row of its own, default positions
+        plain = model(changed)[0][0] - model(x[b:b + 1])[0][0]  # without the mask the change reaches it
+    assert torch.allclose(logits['changed'][k:], logits['row'][k:], atol=1e-5)
+    assert not torch.allclose(logits['changed'][:k], logits['row'][:k], atol=1e-3)
+    assert torch.allclose(logits['row'][k:end], alone, atol=1e-5)
+    assert plain[k:].abs().max() > 1e-3
+
+
+def test_align_to_docs_rows_start_at_document_starts(short_docs, tmp_path):
+    """align_to_docs: every training and eval row starts at a document's bos, or block_size tokens
+    on inside a document longer than a row; both kinds occur."""
+    bos_id, train_ids, val_ids = bos(short_docs), tokens(short_docs, 'train'), tokens(short_docs, 'val')
+    fed = fed_to_model(tmp_path, short_docs, str(tmp_path / 'out'), '--align_to_docs=True', '--max_iters=5',
+                       '--eval_interval=5', '--batch_size=8')[0]
+    train = torch.cat([f['x'] for f in fed if f['train']])
+    val = torch.cat([f['x'] for f in fed if not f['train']][4:8])  # eval_iters=4: train split, then val
+    assert all(f['attn_mask'] is None for f in fed)  # no doc_mask: plain causal attention
+    for rows, ids in ((train, train_ids), (val, val_ids)):
+        starts = set(aligned_starts(ids, bos_id))
+        found = [offsets(ids, row) & starts for row in rows.numpy()]
+        assert all(found)  # every row is one that starts at an aligned start
+        at_doc = [row[0] == bos_id for row in rows.tolist()]  # the others start block_size tokens into a document
+        assert len(rows) // 4 <= sum(at_doc) < len(rows)
+
+
+@pytest.mark.parametrize('layout', [[], ['--align_to_docs=True', '--doc_mask=True']], ids=['windows', 'aligned'])
+def test_epoch_sampling_visits_every_row_once_per_epoch(short_docs, tmp_path, layout):
+    """sampling='epoch': the first epoch is every row once (the non-overlapping windows, or the
+    aligned starts), in a shuffled order; the second is every row once again, in another order."""
+    from collections import Counter
+    import numpy as np
+    ids = tokens(short_docs, 'train')
+    starts = aligned_starts(ids, bos(short_docs)) if layout else list(range(0, len(ids) - 64, 64))
+    n, rows_per_iter = len(starts), 16  # batch 8 x 2 micro-steps
+    iters = -(-2 * n // rows_per_iter)  # two epochs
+    fed = fed_to_model(tmp_path, short_docs, str(tmp_path / 'out'), '--sampling=epoch', *layout, f'--max_iters={iters}',
+                       f'--eval_interval={iters}', '--batch_size=8', '--gradient_accumulation_steps=2')[0]
+    rows = [tuple(row) for f in fed if f['train'] for row in f['x'].tolist()]
+    assert len(rows) == iters * rows_per_iter
+    every_row = Counter(tuple(ids[s:s + 64].tolist()) for s in starts)
+    first, second = rows[:n], rows[n:2 * n]
+    assert Counter(first) == every_row and Counter(second) == every_row
+    assert first != second and first != [tuple(ids[s:s + 64].tolist()) for s in starts]  # shuffled, each epoch anew
+    assert len(set(rows[2 * n:])) == len(rows[2 * n:])  # the third epoch has begun, without repeats
+    assert np.isfinite(history(str(tmp_path / 'out'))[iters]['val/loss'])
+
+
+def test_epoch_sampling_resumes_in_the_same_order(short_docs, tmp_path):
+    """A run stopped in its second epoch and resumed trains on the rows a straight run does, in the
+    same order, and ends on the same weights."""
+    args = ['--sampling=epoch', '--align_to_docs=True', '--doc_mask=True', '--batch_size=8',
+            '--gradient_accumulation_steps=2', '--lr_decay_iters=30', '--eval_interval=15']
+    straight = fed_to_model(tmp_path, short_docs, str(tmp_path / 'straight'), *args, '--max_iters=30')[0]
+    split = str(tmp_path / 'split')
+    fed_to_model(tmp_path, short_docs, split, *args, '--max_iters=15')  # 240 rows: into the second epoch
+    assert torch.load(os.path.join(split, 'ckpt.pt'), weights_only=True)['data_position'] == 15 * 16
+    resumed = fed_to_model(tmp_path, short_docs, split, *args, '--max_iters=30', '--init_from=resume')[0]
+    train = [f['x'] for f in straight if f['train']]
+    assert len(train) == 60 and all(torch.equal(a, b) for a, b in zip(train[30:], [f['x'] for f in resumed if f['train']]))
+    assert history(split)[30]['val/loss'] == pytest.approx(history(str(tmp_path / 'straight'))[30]['val/loss'], rel=1e-6)
+
+
+def test_doc_mask_eval_also_reports_the_plain_loss(short_docs, tmp_path):
+    """With doc_mask or align_to_docs, val/loss is measured in the training's layout and
+    val/plain_loss in the default one: for the same weights it is the default run's val/loss."""
+    plain = str(tmp_path / 'plain')
+    train(short_docs, plain, '--max_iters=30', '--eval_interval=30', '--lr_decay_iters=30')
+    evals = {}
+    for name, flags in (('plain', []), ('masked', ['--doc_mask=True']),
+                        ('aligned', ['--doc_mask=True', '--align_to_docs=True'])):
+        out = str(tmp_path / f'eval-{name}')
+        train(short_docs, out, f'--init_from={plain}', '--init_checkpoint=latest', '--eval_only=True', *flags)
+        evals[name] = history(out)[0]
+    assert evals['plain']['val/loss'] == pytest.approx(history(plain)[30]['val/loss'], rel=1e-6)
+    assert 'val/plain_loss' not in evals['plain']
+    for name in ('masked', 'aligned'):
+        assert evals[name]['val/plain_loss'] == pytest.approx(evals['plain']['val/loss'], rel=1e-6)
+        assert evals[name]['val/plain_bpb'] == pytest.approx(evals['plain']['val/bpb'], rel=1e-6)
+        assert abs(evals[name]['val/loss'] - evals['plain']['val/loss']) > 1e-4
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_draw_the_epoch_rows_one_process_does(short_docs, tmp_path):
+    """sampling='epoch' (aligned, masked) on 2 ranks: rank r's micro-batch of each step is the one
+    process's micro-step r, and the losses match."""
+    args = ['--sampling=epoch', '--align_to_docs=True', '--doc_mask=True', '--batch_size=8', '--dropout=0',
+            '--gradient_accumulation_steps=2', '--max_iters=12', '--eval_interval=12', '--lr_decay_iters=12']
+    one = [f['x'] for f in fed_to_model(tmp_path, short_docs, str(tmp_path / 'one'), *args)[0] if f['train']]
+    ranks = [[f['x'] for f in fed if f['train']]
+             for fed in fed_to_model(tmp_path, short_docs, str(tmp_path / 'two'), *args, ranks=2)]
+    assert len(one) == 24 and all(len(r) == 12 for r in ranks)
+    for step in range(12):
+        for r in range(2):
+            assert torch.equal(ranks[r][step], one[2 * step + r]), (step, r)
+    a, b = history(str(tmp_path / 'one')), history(str(tmp_path / 'two'))
+    assert b[12]['val/loss'] == pytest.approx(a[12]['val/loss'], rel=1e-4)
