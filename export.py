@@ -12,7 +12,6 @@ exports its language-model backbone. After writing, the export is loaded back an
 compared with ours (check=True).
 """
 
-
 import torch
 
 import common
