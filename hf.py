@@ -295,13 +295,13 @@ def _char_tokenizer(tokenizer):
 
 # ----------------------------------------------------------------------------- export and import
 
-def to_hf_model(ckpt):
-    """A transformers model (fp32, eval mode) with the weights of our checkpoint."""
+def to_hf_model(ckpt, tokenizer):
+    """A transformers model (fp32, eval mode) with the weights of our checkpoint; its config takes
+    the special ids of `tokenizer` (the checkpoint's)."""
     tf = _transformers()
-    from common import tokenizer_from_checkpoint
     args = ckpt['model_args']
     cfg = GPTConfig(**args)
-    config = hf_config(args, tokenizer_from_checkpoint(ckpt))
+    config = hf_config(args, tokenizer)
     state = {k.removeprefix('_orig_mod.').removeprefix('module.'): v.float() for k, v in ckpt['model'].items()}
     model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(hf_state_dict(state, cfg, architecture(cfg)), strict=True)  # every weight, nothing left over
@@ -312,8 +312,8 @@ def save_hf(ckpt, path, dtype='float32'):
     """Write a checkpoint as a transformers directory: config.json, model.safetensors,
     generation_config.json, tokenizer.json + tokenizer_config.json (+ chat_template.jinja)."""
     from common import tokenizer_from_checkpoint
-    tokenizer = tokenizer_from_checkpoint(ckpt)
-    model = to_hf_model(ckpt)
+    tokenizer = tokenizer_from_checkpoint(ckpt)  # built once: an imported one parses its tokenizer.json
+    model = to_hf_model(ckpt, tokenizer)
     model.to({'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype])
     gen = model.generation_config
     # a chat model ends its turn with <|im_end|>, a document with <|endoftext|>: stop at either, as sample.py does
