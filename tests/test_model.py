@@ -231,3 +231,67 @@ def test_top2_gates_sum_to_one_when_renormalised_and_are_the_probabilities_other
         gate, _ = moe.gates(probs)
         expected = probs.topk(2, -1).values
         torch.testing.assert_close(gate, expected / expected.sum(-1, keepdim=True) if renormalize else expected)
+
+
+# ----------------------------------------------------------------------------- the chunked loss
+
+def reference_loss(h, weight, targets):
+    return torch.nn.functional.cross_entropy((h @ weight.t()).float(), targets, ignore_index=-1)
+
+
+@pytest.mark.parametrize('autocast', [False, True])
+def test_chunked_cross_entropy_matches_full_logits(monkeypatch, autocast):
+    """Loss and both gradients equal F.cross_entropy on the full logits, over several chunks, a
+    last partial chunk and ignored targets (exact in fp32, to bf16 rounding under autocast)."""
+    import model
+    monkeypatch.setattr(model, 'loss_chunk_rows', lambda vocab, device: 64)  # 1000 rows: 16 chunks
+    torch.manual_seed(0)
+    h = torch.randn(1000, 48, requires_grad=True)
+    weight = torch.randn(300, 48, requires_grad=True)
+    targets = torch.randint(0, 300, (1000,))
+    targets[::7] = -1
+    tol = dict(atol=2e-2, rtol=2e-2) if autocast else dict(atol=1e-5, rtol=1e-5)
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+        want = reference_loss(h, weight, targets)
+        got = model.cross_entropy_from_hidden(h, weight, targets)
+    want_grads = torch.autograd.grad(want * 3, (h, weight))
+    got_grads = torch.autograd.grad(got * 3, (h, weight))  # the upstream gradient is applied too
+    torch.testing.assert_close(got, want, **tol)
+    for g, w in zip(got_grads, want_grads):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, w, **tol)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):  # eval path
+        torch.testing.assert_close(model.cross_entropy_from_hidden(h, weight, targets), want.detach(), **tol)
+
+
+def test_chunked_cross_entropy_all_targets_ignored_is_zero():
+    import model
+    h, weight = torch.randn(8, 16, requires_grad=True), torch.randn(32, 16, requires_grad=True)
+    loss = model.cross_entropy_from_hidden(h, weight, torch.full((8,), -1))
+    loss.backward()
+    assert loss.item() == 0 and h.grad.abs().sum() == 0 and weight.grad.abs().sum() == 0
+
+
+def test_training_step_never_holds_the_full_logits():
+    """No tensor of a forward + backward is as large as the (B*T, vocab) logits: a 32k-vocab batch
+    costs chunk-sized memory for its loss, not GBs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestTensor(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in (out if isinstance(out, (tuple, list)) else [out]):
+                if isinstance(t, torch.Tensor):
+                    LargestTensor.largest = max(LargestTensor.largest, t.numel())
+            return out
+
+    torch.manual_seed(0)
+    model = GPT(tiny_config(vocab_size=32768, block_size=64))
+    x = torch.randint(0, 32768, (8, 64))
+    with LargestTensor():
+        _, loss = model(x, x)
+        loss.backward()
+    n_logits = x.numel() * 32768
+    assert LargestTensor.largest <= n_logits // 8, f"a tensor of {LargestTensor.largest} elements (logits: {n_logits})"
