@@ -274,6 +274,28 @@ def parse_pref(obj):
     return pair
 
 
+def parse_unpaired(obj):
+    """Unpaired feedback (TRL's KTO format) -> {'prompt_messages': [...], 'completion': str, 'label': bool}.
+    {"prompt": str or messages, "completion": str or messages ending with the assistant's answer,
+    "label": true (a desirable completion) or false (an undesirable one)}."""
+    for key in ('prompt', 'completion', 'label'):
+        if key not in obj:
+            raise _BadField(key, "missing: an unpaired record needs \"prompt\", \"completion\" and \"label\"")
+    prompt = obj['prompt']
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise _BadField('prompt', "empty prompt")
+        prompt_messages = [{'role': 'user', 'content': prompt}]
+    else:
+        prompt_messages = parse_messages(prompt, 'prompt')
+    if not any(m['role'] == 'user' for m in prompt_messages):
+        raise _BadField('prompt', "no user message before the completion")
+    if not isinstance(obj['label'], bool):
+        raise _BadField('label', f"expected true (desirable) or false (undesirable), got {obj['label']!r}")
+    return {'prompt_messages': _with_system(obj, prompt_messages), 'completion': _reply(obj['completion'], 'completion'),
+            'label': obj['label']}
+
+
 def parse_rl(obj):
     """RL prompt -> {'messages': [... ending with a user turn], 'answer': str or None}. Accepts
     {"prompt": str or messages} and {"messages"/"conversations": [...]}; a final assistant turn
@@ -342,6 +364,11 @@ def load_sft(paths, weights=None, skip_bad_lines=False, seed=1337):
 def load_pref(path, skip_bad_lines=False):
     """Preference pairs -> [{'prompt_messages': [...], 'chosen': str, 'rejected': str}, ...]."""
     return read_jsonl(path, parse_pref, skip_bad_lines, what='preference pair')
+
+
+def load_unpaired(path, skip_bad_lines=False):
+    """Unpaired feedback -> [{'prompt_messages': [...], 'completion': str, 'label': bool}, ...] (KTO)."""
+    return read_jsonl(path, parse_unpaired, skip_bad_lines, what='unpaired example')
 
 
 def load_rl(path, skip_bad_lines=False):

@@ -8,7 +8,10 @@ model and no sampling (dpo_loss.py has the losses, their formulas and sources).
 
 sigmoid (DPO), ipo, hinge compare the policy with a frozen reference, the starting policy (the
 parent checkpoint, on resume too); reference='none' takes log ref = 0 (TRL's reference_free).
-simpo and orpo need no reference at all. Answer log-probs are summed over the answer tokens
+simpo and orpo need no reference at all. kto (Ethayarajh et al. 2024) learns from unpaired
+feedback instead, one completion per prompt labelled desirable or not (TRL's format: prompt,
+completion, label); each example's row goes through the forward pass beside a mismatched row, its
+prompt with another example's completion, from which KTO estimates its reference point z0. Answer log-probs are summed over the answer tokens
 only (the prompt is masked), chosen and rejected rows in one forward pass; SimPO, ORPO and IPO
 with ipo_length_normalize use their per-token mean. precompute_ref_logps scores every pair under
 the reference once, before training, and frees it: no second model in memory and no reference
@@ -44,13 +47,15 @@ val_fraction = 0.05  # held out from pref_files (the task suite has its own test
 skip_bad_lines = False
 max_seq_len = 256  # prompt + answer; a longer pair is dropped (cutting could cut what tells them apart)
 # DPO
-loss_type = 'sigmoid'  # with a reference: 'sigmoid' (DPO) | 'ipo' | 'hinge'; reference-free: 'simpo' | 'orpo'
+loss_type = 'sigmoid'  # with a reference: 'sigmoid' (DPO) | 'ipo' | 'hinge' | 'kto' (unpaired); reference-free: 'simpo' | 'orpo'
 beta = 0.1  # DPO family: the KL leash to the reference (lower moves further); SimPO: the reward scale (~2)
 reference = 'model'  # DPO family: 'model' (the starting policy, frozen) | 'none' (log ref = 0)
 ipo_length_normalize = False  # ipo: per-token mean log-probs (TRL's form) instead of sums
 simpo_gamma = 0.5  # simpo: the target reward margin
 orpo_lambda = 0.1  # orpo: weight of the odds-ratio term beside the SFT loss on the chosen answers
 label_smoothing = 0.0  # conservative DPO (sigmoid only): the assumed chance that a label is wrong
+desirable_weight = 1.0  # kto: lambda_D; keep lambda_D n_D / (lambda_U n_U) in [1, 4/3] (n: examples of each label)
+undesirable_weight = 1.0  # kto: lambda_U
 rpo_alpha = 0.0  # DPO family: > 0 adds alpha * NLL of the chosen answers (RPO), so their likelihood does not sink
 precompute_ref_logps = True  # score the reference once, then free it; False keeps it in memory
 # optimizer
@@ -77,13 +82,17 @@ seed = 1337
 config = configure(globals())  # overrides from config files and --key=value arguments
 # -----------------------------------------------------------------------------
 
-if loss_type not in losses.LOSS_TYPES + losses.REFERENCE_FREE_LOSS_TYPES:
-    raise SystemExit(f"loss_type={loss_type!r}: use one of {', '.join(losses.LOSS_TYPES + losses.REFERENCE_FREE_LOSS_TYPES)}")
+ALL_LOSS_TYPES = losses.LOSS_TYPES + losses.REFERENCE_FREE_LOSS_TYPES + losses.UNPAIRED_LOSS_TYPES
+if loss_type not in ALL_LOSS_TYPES:
+    raise SystemExit(f"loss_type={loss_type!r}: use one of {', '.join(ALL_LOSS_TYPES)}")
+kto = loss_type == 'kto'
+if kto and rpo_alpha:
+    raise SystemExit("rpo_alpha adds the NLL of chosen answers: KTO's examples are unpaired; set rpo_alpha=0")
 if label_smoothing and loss_type != 'sigmoid':
     raise SystemExit(f"label_smoothing applies to loss_type='sigmoid' only, not {loss_type!r}")
 if reference not in ('model', 'none'):
     raise SystemExit(f"reference={reference!r}: use 'model' or 'none'")
-uses_reference = reference == 'model' and loss_type in losses.LOSS_TYPES
+uses_reference = reference == 'model' and (loss_type in losses.LOSS_TYPES or kto)
 length_normalized = loss_type in losses.REFERENCE_FREE_LOSS_TYPES or (loss_type == 'ipo' and ipo_length_normalize)
 ctx = common.setup(device, dtype, seed, out_dir, gradient_accumulation_steps, parallel)
 
@@ -107,7 +116,9 @@ if ctx.master:
           f"{model.get_num_params() / 1e6:.2f}M params" + ("; note: DPO usually starts from an SFT model" if stage == 'pretrain' else ''))
 
 # data: pairs -> right-padded [chosen, rejected] rows, built once (preference.py)
-train_pairs, val_pairs, task_items = preference.load_splits(pref_files, data_root, val_fraction, seed, skip_bad_lines)
+# kto: unpaired examples, each as the pair (its completion, another example's completion) under its prompt
+load = preference.load_unpaired_splits if kto else preference.load_splits
+train_pairs, val_pairs, task_items = load(pref_files, data_root, val_fraction, seed, skip_bad_lines)
 train, val = preference.encode_splits(ctx, tokenizer, train_pairs, val_pairs, max_seq_len, 'dpo')
 
 
@@ -148,6 +159,17 @@ if uses_reference and precompute_ref_logps:
         print(f"reference log-probs of {len(train['ids']) + len(val['ids']):,} pairs precomputed in {time.time() - t0:.1f} s")
 
 
+def kto_losses(logps, ref_logps, labels):
+    """Per-example KTO losses (B,) and TRL's KTO metrics. logps, ref_logps (2B,): the B examples'
+    own rows, then their B mismatched rows, whose mean log-ratio is the reference point z0 (averaged
+    over the ranks, as TRL gathers it: one z0 for the global batch)."""
+    own, mismatched = logps.chunk(2)
+    ref_own, ref_mismatched = ref_logps.chunk(2)
+    z0 = common.mean_over_ranks(ctx, (mismatched - ref_mismatched).mean().detach()).clamp(min=0)  # kto_reference_point, all ranks
+    per_example = losses.kto_loss(own, ref_own, labels, z0, beta, desirable_weight, undesirable_weight)
+    return per_example, losses.kto_metrics(own, ref_own, labels, z0, beta)
+
+
 def pair_losses(logps, ref_logps, counts):
     """Per-pair losses (B,) of loss_type, and the four scores it compared: (policy chosen, policy
     rejected, reference chosen, reference rejected), per-token means where length_normalized.
@@ -168,13 +190,19 @@ def loss_fn(batch):
     rows, ids, targets = batch
     logps, aux_loss = answer_logps(model, ids, targets)
     counts = losses.sequence_token_counts(targets)
+    if kto:
+        per_example, metrics = kto_losses(logps, reference_logps(train, rows, ids, targets), train['label'][rows].to(ctx.device))
+        return per_example.mean() + aux_term(aux_loss), metrics
     per_pair, scores = pair_losses(logps, reference_logps(train, rows, ids, targets), counts)
     loss = per_pair.mean()
     if rpo_alpha:
         loss = loss + rpo_alpha * losses.rpo_nll(logps[:len(rows)], counts[:len(rows)].sum())
-    if model_args['n_experts']:
-        loss = loss + model_args['moe_aux_loss_coef'] * aux_loss
-    return loss, losses.preference_metrics(*scores, beta)
+    return loss + aux_term(aux_loss), losses.preference_metrics(*scores, beta)
+
+
+def aux_term(aux_loss):
+    """The MoE load-balancing loss, weighted (0 for a dense model)."""
+    return model_args['moe_aux_loss_coef'] * aux_loss if model_args['n_experts'] else 0.0
 
 
 # optimizer (and its state when resuming)
@@ -195,6 +223,18 @@ def evaluate():
     then task metrics by greedy generation (val/arith_acc, val/identity_acc, ...)."""
     model.eval()
     batches = [with_targets(b) for b in preference.eval_batches(val, eval_pairs, batch_size, ctx.device)]
+    if kto:
+        metrics = evaluate_kto(batches)
+    else:
+        metrics = evaluate_pairs(batches)
+    if eval_items_per_task and task_items and (ctx.master or ctx.fsdp):  # FSDP: every rank joins the forwards
+        metrics.update({f'val/{k}': v for k, v in evals.task_metrics(raw_model, tokenizer, task_items, eval_items_per_task).items()})
+    model.train()
+    return metrics
+
+
+def evaluate_pairs(batches):
+    """The DPO family's held-out loss and TRL's metrics over all held-out pairs, and accuracy per task."""
     per_pair, scores = [], []
     for rows, ids, targets in batches:
         loss, four = pair_losses(answer_logps(raw_model, ids, targets)[0], reference_logps(val, rows, ids, targets),
@@ -206,10 +246,19 @@ def evaluate():
     metrics.update({f'val/{k}': float(v) for k, v in losses.preference_metrics(chosen, rejected, ref_chosen, ref_rejected, beta).items()})
     correct = chosen - ref_chosen > rejected - ref_rejected
     metrics.update(preference.accuracy_by_task(correct, val, torch.cat([b[0] for b in batches]), 'val/rewards/accuracies_'))
-    if eval_items_per_task and task_items and (ctx.master or ctx.fsdp):  # FSDP: every rank joins the forwards
-        metrics.update({f'val/{k}': v for k, v in evals.task_metrics(raw_model, tokenizer, task_items, eval_items_per_task).items()})
-    model.train()
     return metrics
+
+
+def evaluate_kto(batches):
+    """KTO's held-out loss and metrics: each batch's (its own z0), weighted by its examples."""
+    totals, n = {}, 0
+    for rows, ids, targets in batches:
+        per_example, metrics = kto_losses(answer_logps(raw_model, ids, targets)[0], reference_logps(val, rows, ids, targets),
+                                          val['label'][rows].to(ctx.device))
+        for key, value in {'loss': per_example.mean(), **metrics}.items():
+            totals[key] = totals.get(key, 0.0) + float(value) * len(rows)
+        n += len(rows)
+    return {f'val/{k}': v / n for k, v in totals.items()}
 
 
 def state():

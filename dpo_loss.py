@@ -13,6 +13,9 @@ per-token MEAN log-probs of the chosen and the rejected response (sequence_logps
     orpo_odds_ratio_loss(c_avg, r_avg)      per-pair ORPO odds-ratio term (B,), reference-free; ORPO = NLL + lambda * it
     rpo_nll(chosen_logps, n_tokens)         the SFT term on chosen answers (RPO)
     preference_metrics(pc, pr, rc, rr, beta)  TRL's rewards/* and logps/*
+    kto_reference_point(kl_p, kl_r)         KTO's z0: the batch's KL estimate from mismatched pairs
+    kto_loss(p, r, labels, z0, beta, ...)   per-example KTO losses (B,), unpaired: desirable or not
+    kto_metrics(p, r, labels, z0, beta)     rewards/* and logps/* for KTO
 """
 
 import math
@@ -22,6 +25,7 @@ import torch.nn.functional as F
 
 LOSS_TYPES = ('sigmoid', 'ipo', 'hinge')  # reference-based: dpo_loss
 REFERENCE_FREE_LOSS_TYPES = ('simpo', 'orpo')  # simpo_loss, orpo_odds_ratio_loss (+ rpo_nll)
+UNPAIRED_LOSS_TYPES = ('kto',)  # kto_loss: one completion per example, labelled desirable or not
 
 
 def answer_targets(ids, prompt_len, length):
@@ -148,3 +152,46 @@ def preference_metrics(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
     return {'rewards/chosen': chosen.mean(), 'rewards/rejected': rejected.mean(),
             'rewards/accuracies': (chosen > rejected).float().mean(), 'rewards/margins': (chosen - rejected).mean(),
             'logps/chosen': policy_chosen.detach().mean(), 'logps/rejected': policy_rejected.detach().mean()}
+
+
+def kto_reference_point(kl_policy_logps, kl_ref_logps):
+    """KTO's reference point z0 (Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect
+    Theoretic Optimization", section 4.1; TRL's KTOTrainer): an estimate of KL(pi || ref) from the
+    batch itself,
+        z0 = max(0, mean_j [log pi(y'_j|x_j) - log ref(y'_j|x_j)])
+    where y'_j is a completion of ANOTHER example paired with prompt x_j (a mismatched pair: what
+    the policy would say to x_j in general, not the labelled answer). Clamped at 0 (a KL is not
+    negative) and detached: the paper does not backpropagate through it, so the policy cannot
+    lower the loss by moving z0. Inputs: summed log-probs (B,) of the mismatched pairs."""
+    return (kl_policy_logps - kl_ref_logps).mean().detach().clamp(min=0)
+
+
+def kto_loss(policy_logps, ref_logps, labels, z0, beta=0.1, desirable_weight=1.0, undesirable_weight=1.0):
+    """Per-example KTO losses (B,) (Ethayarajh et al. 2024, section 4.1, the loss TRL's KTOTrainer
+    cites as eq. 7; its loss_type='kto', whose batch loss is the mean of these).
+    With r = log pi(y|x) - log ref(y|x), the implicit reward, and z0 from kto_reference_point:
+        desirable   (label True):   lambda_D * (1 - sigmoid(beta * (r - z0)))
+        undesirable (label False):  lambda_U * (1 - sigmoid(beta * (z0 - r)))
+    A desirable answer is pushed above the reference point, an undesirable one below it; the
+    sigmoid saturates, so an example already far on its side stops pulling (prospect theory's
+    value function, concave in gains). lambda_D = desirable_weight, lambda_U = undesirable_weight:
+    the paper advises lambda_D n_D / (lambda_U n_U) in [1, 4/3] with n_D, n_U the numbers of
+    desirable and undesirable examples. At r = z0: lambda / 2. labels (B,) bool."""
+    labels = labels.bool()
+    desirable = desirable_weight * (1 - torch.sigmoid(beta * (policy_logps - ref_logps - z0)))
+    undesirable = undesirable_weight * (1 - torch.sigmoid(beta * (z0 - (policy_logps - ref_logps))))
+    return torch.where(labels, desirable, undesirable)
+
+
+def kto_metrics(policy_logps, ref_logps, labels, z0, beta):
+    """TRL KTOTrainer's rewards/* and kl, as tensors; rewards/accuracies is the share of examples on
+    their label's side of z0 (r > z0 for a desirable one, r < z0 for an undesirable one). A batch
+    without desirable (or undesirable) examples gives 0 for their means."""
+    labels = labels.bool()
+    rewards = beta * (policy_logps - ref_logps).detach()
+    mean_of = lambda x, m: (x * m).sum() / m.sum().clamp(min=1)
+    chosen, rejected = mean_of(rewards, labels), mean_of(rewards, ~labels)
+    right_side = torch.where(labels, rewards > beta * z0, rewards < beta * z0).float()
+    return {'rewards/chosen': chosen, 'rewards/rejected': rejected, 'rewards/margins': chosen - rejected,
+            'rewards/accuracies': right_side.mean(), 'logps/chosen': mean_of(policy_logps.detach(), labels),
+            'logps/rejected': mean_of(policy_logps.detach(), ~labels), 'kl': z0.detach()}

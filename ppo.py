@@ -12,9 +12,13 @@ One iteration:
   3. forward   log-probs of the sampled tokens under the policy (in training mode, dropout off:
                exactly what the update recomputes) and the frozen reference; the critic's values
   4. advantage PPO: per-token reward = -kl_coef * KL_t, + the score at the last token; GAE; whitened.
-               GRPO: the score against its prompt's group; the KL goes into the loss instead
+               GRPO: the score against its prompt's group (advantage='group'), the other samples'
+               mean (rloo) or the whole batch (reinforce_pp); the KL goes into the loss instead
   5. update    ppo_epochs passes over num_minibatches shuffled minibatches: clipped policy loss,
-               clipped value loss, entropy bonus, grad clipping; stops early past target_kl
+               clipped value loss, entropy bonus, grad clipping; stops early past target_kl.
+               loss_type says how the token losses of a minibatch add up (rl.aggregate)
+DAPO (Yu et al. 2025) is GRPO with loss_type='dapo', epsilon_high=0.28, dynamic_sampling=True and
+overlong_buffer_len > 0 (or mask_truncated_completions=True); Dr. GRPO is loss_type='dr_grpo'.
 The math is in rl.py; this file is the loop. Metrics carry TRL's names (objective/kl, ...).
 Under torchrun batch_size is per rank; the ranks sample their rows from one shared random stream
 and whiten over all ranks, so N ranks run what one process with N x batch_size would.
@@ -74,7 +78,9 @@ kl_horizon = 10000  # episodes over which the controller closes the gap
 ppo_epochs = 4
 num_minibatches = 4  # optimizer steps per epoch
 micro_batch_size = 0  # rows per forward/backward (memory); 0 = a whole minibatch at once
-cliprange = 0.2
+cliprange = 0.2  # the ratio is clipped to [1 - epsilon_low, 1 + epsilon_high], both cliprange unless set
+epsilon_low = 0.0  # > 0: the lower clip alone (0 = cliprange)
+epsilon_high = 0.0  # > 0: the upper clip alone (0 = cliprange); DAPO's clip-higher: 0.28 with cliprange 0.2
 cliprange_value = 0.2
 vf_coef = 0.1
 gamma = 1.0
@@ -82,8 +88,19 @@ lam = 0.95
 whiten_rewards = False
 entropy_coef = 0.0  # > 0 rewards keeping the policy's entropy (exploration)
 target_kl = 0.0  # > 0: end an update early once a minibatch's approx KL to the rollout policy passes this
-loss_norm = 'token'  # 'token' (every token weighs the same) | 'sequence' (mean per response, then over responses)
-scale_rewards = True  # GRPO: divide by the group's std; False = mean-only (Dr. GRPO)
+# how a minibatch's token losses add up (rl.aggregate): 'dapo' (every token of the global batch weighs the
+# same) | 'bnpo' (the same over this rank's tokens) | 'grpo' (mean per response, then over responses) |
+# 'dr_grpo' (sum / (responses x max_new_tokens), and no std scaling of GRPO's advantages)
+loss_type = 'dapo'
+# GRPO
+advantage = 'group'  # 'group' (r - group mean, / group std) | 'rloo' (r - mean of the others) | 'reinforce_pp' (whitened over the batch)
+scale_rewards = True  # advantage='group': divide by the group's std; False = mean-only (Dr. GRPO)
+dynamic_sampling = False  # DAPO: drop groups whose samples all scored the same and sample more prompts in their place
+max_sampling_tries = 4  # dynamic_sampling: rollout batches per iteration at most; then dropped groups fill the rest
+# overlong responses (DAPO): leave responses cut at max_new_tokens out of the loss, or penalise length softly
+mask_truncated_completions = False
+overlong_buffer_len = 0  # > 0: the last this many tokens before max_new_tokens cost up to overlong_penalty_factor
+overlong_penalty_factor = 1.0
 # critic (PPO)
 critic_init = 'policy'  # 'policy' (the SFT weights) | 'reward' (the reward model's transformer)
 share_backbone = False  # the value head sits on the policy's transformer: one model, less memory
@@ -111,8 +128,22 @@ config = configure(globals())  # overrides from config files and --key=value arg
 
 if algorithm not in ('ppo', 'grpo'):
     raise SystemExit(f"algorithm={algorithm!r}: use 'ppo' or 'grpo'")
-if algorithm == 'grpo' and num_generations < 2:
+if loss_type not in rl.LOSS_TYPES:
+    raise SystemExit(f"loss_type={loss_type!r}: use one of {', '.join(rl.LOSS_TYPES)}")
+if advantage not in ('group', 'rloo', 'reinforce_pp'):
+    raise SystemExit(f"advantage={advantage!r}: use 'group', 'rloo' or 'reinforce_pp'")
+if algorithm == 'ppo' and (advantage != 'group' or dynamic_sampling):
+    raise SystemExit("advantage and dynamic_sampling are GRPO's (PPO's advantages come from its critic): "
+                     "set algorithm='grpo', or leave them at 'group' and False")
+if algorithm == 'grpo' and num_generations < 2 and (advantage != 'reinforce_pp' or dynamic_sampling):
     raise SystemExit("GRPO compares samples of the same prompt: set num_generations >= 2 (e.g. 8)")
+if overlong_buffer_len >= max_new_tokens:
+    raise SystemExit(f"overlong_buffer_len={overlong_buffer_len} must be below max_new_tokens={max_new_tokens}")
+if min(epsilon_low, epsilon_high, overlong_buffer_len, overlong_penalty_factor) < 0 or max_sampling_tries < 1:
+    raise SystemExit("epsilon_low, epsilon_high, overlong_buffer_len and overlong_penalty_factor must be >= 0, "
+                     "max_sampling_tries >= 1")
+clip_low, clip_high = epsilon_low or cliprange, epsilon_high or cliprange
+scale_rewards = scale_rewards and loss_type != 'dr_grpo'  # Dr. GRPO drops the std as well as the length
 kl_estimator = {'ppo': 'k1', 'grpo': 'k3'}[algorithm] if kl_estimator == 'auto' else kl_estimator
 if algorithm == 'grpo' and kl_estimator == 'k1':
     raise SystemExit("kl_estimator='k1' in GRPO's loss has zero expected gradient (the penalty would do nothing): "
@@ -285,6 +316,89 @@ def mean_all(x):
     return common.mean_over_ranks(ctx, x).item()
 
 
+def layout(batch, responses):
+    """Prompts and their sampled responses (token lists) as tensors: the left-padded prompts
+    (N, Tq) and their pad counts (N,), the right-padded responses (N, R) and their mask (N, R)."""
+    query, query_pad = pad_prompts([p['ids'] for p in batch], tokenizer.pad_id, device)
+    R = max(1, max(len(r) for r in responses))
+    response = torch.tensor([r + [tokenizer.pad_id] * (R - len(r)) for r in responses], dtype=torch.long, device=device)
+    mask = torch.tensor([[t < len(r) for t in range(R)] for r in responses], dtype=torch.bool, device=device)
+    return query, query_pad, response, mask
+
+
+def score(batch, responses):
+    """(scores, verifiable), each (N,): verifiable_weight x exact match + reward_model_weight x the
+    reward model's score, minus missing_eos_penalty off a response that never emitted <|im_end|>,
+    plus DAPO's soft overlong penalty when overlong_buffer_len > 0."""
+    texts = [tokenizer.decode([t for t in r if t not in special_ids]) for r in responses]
+    verifiable = torch.tensor([data.verifiable_reward(t, p['answer']) for t, p in zip(texts, batch)], device=device)
+    scores = verifiable_weight * verifiable
+    query, query_pad, response, mask = layout(batch, responses)
+    if reward_net is not None and reward_model_weight:  # read at each response's last token: <|im_end|>, as trained
+        ids = torch.cat([query, response], dim=1)
+        real = torch.cat([torch.arange(query.size(1), device=device)[None, :] >= query_pad[:, None], mask], dim=1)  # (N, L)
+        response_mask = torch.cat([torch.zeros_like(query, dtype=torch.bool), mask], dim=1)  # (N, L), for lm_coef
+        with ctx.autocast:
+            scores = scores + reward_model_weight * rewardmodel.score_ids(reward_net, ids, real, response_mask)
+    # a turn ends with <|im_end|>, where the reward model was trained to read its score
+    scores = scores - missing_eos_penalty * (~rl.ended_with(response, mask, tokenizer.im_end_id)).float()
+    if overlong_buffer_len:
+        scores = scores + rl.overlong_penalty(mask.sum(1), max_new_tokens, overlong_buffer_len, overlong_penalty_factor)
+    return scores, verifiable
+
+
+def generate_and_score(rollout_seed):
+    """One rollout batch: batch_size prompts drawn from the shared prompt stream (every rank draws the
+    same indices and keeps its row), num_generations samples each, adjacent, sampled from one stream
+    per seed that every rank shares, each rank its slice of rows (N ranks draw what one process with
+    N x batch_size would). -> {'batch', 'responses', 'stopped', 'scores', 'verifiable'}, per row."""
+    ix = torch.randint(len(prompts), (ctx.world_size, batch_size), generator=data_generator)[ctx.rank]
+    batch = [prompts[i] for i in ix.tolist() for _ in range(num_generations)]
+    policy.eval()
+    with common.gathered(ctx):
+        gen = generate_ids(policy, [p['ids'] for p in batch], dataclasses.replace(gen_config, seed=rollout_seed),
+                           tokenizer.pad_id, rows=(ctx.rank * n_rollouts, ctx.world_size * n_rollouts),
+                           all_done=all_ranks_done)
+    policy.train()
+    responses = gen.rows()
+    scores, verifiable = score(batch, responses)
+    return {'batch': batch, 'responses': responses, 'stopped': gen.stopped, 'scores': scores, 'verifiable': verifiable}
+
+
+def take_groups(rollout, groups):
+    """The rows of the given prompt groups (indices into the rollout's groups of num_generations)."""
+    rows = [g * num_generations + k for g in groups for k in range(num_generations)]
+    index = torch.tensor(rows, dtype=torch.long, device=device)
+    return {k: [v[i] for i in rows] if isinstance(v, list) else v[index] for k, v in rollout.items()}
+
+
+def concat(rollouts):
+    return {k: sum((r[k] for r in rollouts), []) if isinstance(rollouts[0][k], list) else torch.cat([r[k] for r in rollouts])
+            for k in rollouts[0]}
+
+
+def sample_batch(iteration_seed):
+    """This iteration's rollouts on this rank, and how many rollout batches they took. With
+    dynamic_sampling (DAPO, Yu et al. 2025, section 3.2; verl's filter_groups), a group whose samples all
+    scored the same is set aside (under a group baseline its advantages are all 0) and more
+    prompts are sampled, until every rank holds batch_size varied groups or max_sampling_tries
+    batches were generated; set-aside groups fill any places still empty (they carry only the KL
+    term), so the batch keeps its shape and every rank makes the same number of steps."""
+    if not dynamic_sampling:
+        return generate_and_score(iteration_seed), 1
+    kept, set_aside = [], []
+    for attempt in range(max_sampling_tries):
+        part = generate_and_score(iteration_seed + attempt)
+        varied = rl.varied_groups(part['scores'], num_generations).tolist()
+        kept.append(take_groups(part, [g for g, v in enumerate(varied) if v]))
+        set_aside.append(take_groups(part, [g for g, v in enumerate(varied) if not v]))
+        short = len(concat(kept)['batch']) < n_rollouts
+        if common.sum_over_ranks(ctx, torch.tensor(float(short), device=device)).item() == 0:  # every rank is full
+            break
+    both = concat(kept + set_aside)
+    return take_groups(both, range(batch_size)), attempt + 1
+
+
 log, stop = common.start_logging(ctx, config, resume, iter_num, wandb_log, wandb_project, wandb_run_name)
 
 # the training loop
@@ -301,36 +415,17 @@ while True:
         break
     t0 = time.time()
 
-    # 1. rollout: every rank draws the same prompt indices and keeps its row
-    ix = torch.randint(len(prompts), (ctx.world_size, batch_size), generator=data_generator)[ctx.rank]
-    batch = [prompts[i] for i in ix.tolist() for _ in range(num_generations)]  # a prompt's samples adjacent
-    query, query_pad = pad_prompts([p['ids'] for p in batch], tokenizer.pad_id, device)  # (N, Tq), left-padded
-    # sampled from one stream per iteration that every rank shares, each rank its slice of rows:
-    # N ranks draw the rollouts one process with N x batch_size would
+    # 1-2. rollout and score: batch_size prompts x num_generations samples on this rank
     iteration_seed = seed + 1_000_003 * (iter_num + 1)
-    policy.eval()
-    rollout_config = dataclasses.replace(gen_config, seed=iteration_seed)
-    with common.gathered(ctx):
-        gen = generate_ids(policy, [p['ids'] for p in batch], rollout_config, tokenizer.pad_id,
-                           rows=(ctx.rank * n_rollouts, ctx.world_size * n_rollouts), all_done=all_ranks_done)
-    policy.train()
-    response, mask = gen.tokens, gen.mask  # (N, R): pad after each response's end
+    rollout, n_tries = sample_batch(iteration_seed)
+    batch, scores, verifiable = rollout['batch'], rollout['scores'], rollout['verifiable']
+    query, query_pad, response, mask = layout(batch, rollout['responses'])  # (N, Tq), (N,), (N, R), (N, R)
     ids = torch.cat([query, response], dim=1)  # (N, L)
     Tq, L = query.size(1), ids.size(1)
     positions, attn_mask, _ = ragged_inputs(query_pad, L, L)  # per-row positions, pads hidden
+    # the tokens the update learns from: a truncated response's are left out when asked (DAPO)
+    loss_mask = rl.mask_truncated(mask, rollout['stopped']) if mask_truncated_completions else mask
     t_rollout = time.time() - t0
-
-    # 2. score each response
-    texts = [tokenizer.decode([t for t in r if t not in special_ids]) for r in gen.rows()]
-    verifiable = torch.tensor([data.verifiable_reward(t, p['answer']) for t, p in zip(texts, batch)], device=device)
-    scores = verifiable_weight * verifiable
-    if reward_net is not None and reward_model_weight:  # read at each response's last token: <|im_end|>, as trained
-        real = torch.cat([torch.arange(Tq, device=device)[None, :] >= query_pad[:, None], mask], dim=1)  # (N, L)
-        response_mask = torch.cat([torch.zeros_like(query, dtype=torch.bool), mask], dim=1)  # (N, L), for lm_coef
-        with ctx.autocast:
-            scores = scores + reward_model_weight * rewardmodel.score_ids(reward_net, ids, real, response_mask)
-    # a turn ends with <|im_end|>, where the reward model was trained to read its score
-    scores = scores - missing_eos_penalty * (~rl.ended_with(response, mask, tokenizer.im_end_id)).float()
 
     # 3. log-probs under the policy as it is now (the update's starting point) and the reference
     old_logprobs, values = forward_all(model, ids, positions, attn_mask, Tq)  # (N, R) each
@@ -345,8 +440,12 @@ while True:
             rewards = rl.masked_whiten(rewards, mask, shift_mean=False, total=global_sum)
         advantages, returns = rl.gae(rewards, values, mask, gamma, lam)
         advantages = rl.masked_whiten(advantages, mask, total=global_sum)
-    else:
+    elif advantage == 'group':
         advantages = rl.group_advantages(scores, num_generations, scale_rewards)[:, None] * mask  # (N, R)
+    elif advantage == 'rloo':
+        advantages = rl.rloo_advantages(scores, num_generations)[:, None] * mask
+    else:  # reinforce_pp: over the tokens the loss sees, on every rank
+        advantages = rl.reinforce_pp_advantages(scores, loss_mask, total=global_sum)
 
     # 5. the update: ppo_epochs passes over shuffled minibatches
     shuffle = torch.Generator().manual_seed(iteration_seed)
@@ -356,32 +455,33 @@ while True:
         # its own stream: a shuffle of this rank's rows must not move the shared prompt stream
         order = torch.randperm(len(ids), generator=shuffle).to(device)
         for mb in order.split(minibatch_size):
-            # the token count a rank's share is normalised by: the minibatch's tokens over all ranks / N
-            # (DDP averages the ranks' gradients), so loss_norm='token' weighs tokens as one process does
-            mb_tokens, mb_kl = common.sum_over_ranks(ctx, mask[mb].sum()) / ctx.world_size, torch.zeros((), device=device)
+            # what the minibatch's summed losses are divided by (rl.loss_normaliser): the same for
+            # each of its micro-batches, so that their losses add up to the minibatch's
+            norm = rl.loss_normaliser(loss_type, loss_mask[mb], len(mb), max_new_tokens, global_sum, ctx.world_size)
+            mb_tokens, mb_kl = common.sum_over_ranks(ctx, loss_mask[mb].sum()) / ctx.world_size, torch.zeros((), device=device)
             micro_batches = mb.split(micro)
             for k, index in enumerate(micro_batches):
                 common.sync_grads(ctx, model, k == len(micro_batches) - 1)
-                m = mask[index]
+                m = loss_mask[index]
                 with ctx.autocast:
                     logits, vpred, aux_loss = model(ids[index], rows(positions, index), rows(attn_mask, index), Tq)
                 logprobs = rl.logprobs_from_logits(logits, response[index], temperature)
-                pg, clipped = rl.policy_loss(logprobs, old_logprobs[index], advantages[index], cliprange)
-                loss = rl.aggregate(pg, m, loss_norm, mb_tokens, len(mb))
+                pg, clipped = rl.policy_loss(logprobs, old_logprobs[index], advantages[index], clip_low, clip_high)
+                loss = rl.aggregate(pg, m, loss_type, norm)
                 if vpred is not None:
                     vf, vf_clipped = rl.value_loss(vpred, values[index], returns[index], cliprange_value)
-                    loss = loss + vf_coef * rl.aggregate(vf, m, loss_norm, mb_tokens, len(mb))
+                    loss = loss + vf_coef * rl.aggregate(vf, m, loss_type, norm)
                     stats['vf'] += (vf.detach() * m).sum()
                     stats['vf_clipfrac'] += (vf_clipped * m).sum()
                 if algorithm == 'grpo' and kl_coef_now:
                     loss = loss + kl_coef_now * rl.aggregate(rl.kl_penalty(logprobs, ref_logprobs[index], kl_estimator),
-                                                             m, loss_norm, mb_tokens, len(mb))
+                                                             m, loss_type, norm)
                 with torch.set_grad_enabled(entropy_coef > 0):
                     entropy = rl.entropy_from_logits(logits, temperature)  # (n, R)
                 if policy.config.n_experts:  # the load-balancing loss, per micro-batch of the minibatch
                     loss = loss + policy.config.moe_aux_loss_coef * aux_loss / len(micro_batches)
                 if entropy_coef:
-                    loss = loss - entropy_coef * rl.aggregate(entropy, m, loss_norm, mb_tokens, len(mb))
+                    loss = loss - entropy_coef * rl.aggregate(entropy, m, loss_type, norm)
                 ctx.scaler.scale(loss).backward()
                 log_ratio = (logprobs - old_logprobs[index]).detach()
                 approxkl = (0.5 * log_ratio ** 2 * m).sum()  # 0.5 (log r)^2, as TRL
@@ -392,7 +492,7 @@ while True:
                     stats[name] += x
             grad_norm = common.optimizer_step(ctx, optimizer, params, grad_clip)
             n_steps += 1
-            if target_kl and mean_all(mb_kl / mb_tokens) > target_kl:  # a host sync, only when asked for
+            if target_kl and mean_all(mb_kl / mb_tokens.clamp(min=1)) > target_kl:  # a host sync, only when asked for
                 stopped_early = True
                 if ctx.master:
                     print(f"early stop of the update after {n_steps} steps: approx KL past target_kl={target_kl}")
@@ -423,11 +523,15 @@ while True:
             'policy/entropy_avg': mean_all(stats['entropy'] / n_tok),
             'loss/policy_avg': mean_all(stats['pg'] / n_tok),
             'val/ratio': mean_all(stats['ratio'] / n_tok),
-            'val/num_eos_tokens': mean_all(gen.stopped.float().sum()) * ctx.world_size,
+            'val/num_eos_tokens': mean_all(rollout['stopped'].float().sum()) * ctx.world_size,
             'val/response_length': mean_all(mask.float().sum(1).mean()),
             'kl_coef': kl_coef_used, 'lr': lr, 'update_steps': n_steps, 'early_stopped': float(stopped_early),
             'episode': iter_num * n_rollouts * ctx.world_size,
         }
+        if algorithm == 'grpo' and num_generations > 1:  # the share of prompts whose samples all scored the same (no signal in a group baseline)
+            metrics['val/frac_reward_zero_std'] = 1.0 - mean_all(rl.varied_groups(scores, num_generations).float().mean())
+        if dynamic_sampling:
+            metrics['rollout/tries'] = n_tries
         if algorithm == 'ppo':
             metrics.update({'loss/value_avg': mean_all(stats['vf'] / n_tok), 'val/clipfrac_avg': mean_all(stats['vf_clipfrac'] / n_tok)})
         if not all(math.isfinite(metrics[k]) for k in ('objective/scores', 'loss/policy_avg', 'objective/kl')):

@@ -5,6 +5,7 @@ rows, length-grouped micro-batches, and accuracy per task.
 
     load_pairs(path)                     [{'prompt_messages', 'chosen', 'rejected', 'margin', 'task'}]
     load_splits(...)                     (train pairs, held-out pairs, held-out task items)
+    load_unpaired_splits(...)            the same for KTO: each example as (its completion, another's)
     encode_split(tokenizer, pairs, L)    the pairs as tensors, built once
     train_batches(ctx, split, step, B)   this rank's micro-batches of optimizer step `step`
     eval_batches(split, n, B, device)    the first n held-out pairs, in length order
@@ -56,6 +57,39 @@ def load_splits(pref_files, data_root, val_fraction, seed, skip_bad_lines=False)
         raise SystemExit(f"bad preference data: {e}") from None
 
 
+def unpair(pairs):
+    """Preference pairs -> unpaired examples: the chosen answer desirable, the rejected one not
+    (TRL's unpair_preference_dataset), so KTO can learn from the built-in pairs too."""
+    return [dict(prompt_messages=p['prompt_messages'], completion=p[key], label=key == 'chosen', task=p.get('task'))
+            for p in pairs for key in ('chosen', 'rejected')]
+
+
+def with_mismatched(examples):
+    """Unpaired examples -> the pairs encode_split lays out, one per example: 'chosen' its own
+    completion, 'rejected' the completion of the example before it (the first takes the last's)
+    under its prompt: the mismatched pair KTO's reference point z0 is estimated from
+    (kto_reference_point; TRL rotates the completions of a batch the same way). 'label' is kept."""
+    return [dict(prompt_messages=ex['prompt_messages'], chosen=ex['completion'], rejected=examples[i - 1]['completion'],
+                 label=ex['label'], task=ex.get('task')) for i, ex in enumerate(examples)]
+
+
+def load_unpaired_splits(pref_files, data_root, val_fraction, seed, skip_bad_lines=False):
+    """load_splits for KTO: (train, held-out, held-out task items), each example a with_mismatched
+    pair. pref_files: comma-separated unpaired JSONL files (data.parse_unpaired: prompt, completion,
+    label), shuffled (seeded) before the split and the pairing; '' = the built-in pairs, unpaired."""
+    try:
+        if pref_files:
+            examples = [e for path in pref_files.split(',') for e in data.load_unpaired(path.strip(), skip_bad_lines)]
+            random.Random(seed).shuffle(examples)
+            n_val = max(1, int(len(examples) * val_fraction))
+            return with_mismatched(examples[n_val:]), with_mismatched(examples[:n_val]), {}
+        train, val, task_items = load_splits('', data_root, val_fraction, seed)
+        shuffled = lambda xs: random.Random(seed).sample(xs, len(xs))  # a pair's two answers apart
+        return with_mismatched(shuffled(unpair(train))), with_mismatched(shuffled(unpair(val))), task_items
+    except data.DataError as e:
+        raise SystemExit(f"bad unpaired data: {e}") from None
+
+
 # ----------------------------------------------------------------------------- encoding
 
 def encode_reply(tokenizer, prompt_messages, reply):
@@ -86,6 +120,7 @@ def encode_split(tokenizer, pairs, max_len):
     return {'ids': ids, 'prompt_len': torch.tensor(prompt_lens, dtype=torch.long), 'length': length,
             'longest': length.max(1).values if len(rows) else torch.zeros(0, dtype=torch.long),
             'margin': torch.tensor([float(pairs[i].get('margin', 0.0)) for i in kept]),
+            'label': torch.tensor([bool(pairs[i].get('label', True)) for i in kept]),  # KTO's: desirable or not
             'task': [pairs[i].get('task') for i in kept], 'dropped': len(pairs) - len(kept)}
 
 

@@ -7,9 +7,11 @@ response's end; every function leaves padding out.
     kl_penalty                                     k1 / k3 estimators of KL(pi || pi_ref)
     adaptive_kl_coef                               Ziegler et al.'s proportional KL controller
     gae                                            generalised advantage estimation (PPO)
-    group_advantages                               GRPO's per-prompt normalised scores
-    policy_loss, value_loss                        PPO's clipped objectives, per token
-    aggregate                                      token- or sequence-level loss normalisation
+    group_advantages, rloo_advantages              GRPO's and RLOO's per-prompt baselines
+    reinforce_pp_advantages                        REINFORCE++'s global-batch normalisation
+    varied_groups, overlong_penalty, mask_truncated   DAPO's dynamic sampling and overlong shaping
+    policy_loss, value_loss                        PPO's clipped objectives, per token (clip-higher)
+    loss_normaliser, aggregate                     LOSS_TYPES: grpo | bnpo | dr_grpo | dapo
     logprobs_from_logits, entropy_from_logits      what the losses are made of
 
 The last section holds the one model-facing piece: ActorCritic, the policy with its value head,
@@ -104,17 +106,76 @@ def group_advantages(scores, group_size, scale=True, eps=1e-4):
     return advantages.view(-1)
 
 
+def rloo_advantages(scores, group_size):
+    """RLOO, REINFORCE with a leave-one-out baseline (Kool et al. 2019, "Buy 4 REINFORCE samples, get
+    a baseline for free!"; Ahmadian et al. 2024, "Back to Basics", section 3): each sample is scored
+    against the mean of the OTHER samples of its prompt,
+        A_i = r_i - (sum_j r_j - r_i) / (G - 1)  =  G / (G - 1) * (r_i - mean(r_group))
+    (TRL's RLOOTrainer and verl's compute_rloo_outcome_advantage). Unlike the group mean, the
+    baseline does not contain r_i itself, so the gradient estimate stays unbiased. No std scaling.
+    scores (N * G,), samples of one prompt adjacent -> (N * G,)."""
+    groups = scores.view(-1, group_size)
+    baseline = (groups.sum(dim=1, keepdim=True) - groups) / (group_size - 1)
+    return (groups - baseline).view(-1)
+
+
+def reinforce_pp_advantages(scores, mask, total=torch.sum):
+    """REINFORCE++ (Hu et al. 2025, "REINFORCE++", arXiv 2501.03262;
+    verl's compute_reinforce_plus_plus_outcome_advantage): no critic and no per-prompt baseline;
+    the return of every token is whitened over all response tokens of the GLOBAL batch,
+        A_t = (G_t - mean(G)) / std(G),   G_t = sum_{k >= t} r_k = the score (gamma = 1, reward at the end)
+    The paper (like PPO) puts -beta * KL_t into r_k; here, as in GRPO, the KL is a loss term
+    instead (verl's use_kl_loss), so G_t is the score at every token. Whitening over the whole
+    batch, not each prompt's group, is its point: a prompt every sample solves still pushes those
+    samples up against the batch. scores (N,), mask (N, T); total: masked_whiten's (all ranks)."""
+    returns = scores[:, None].to(torch.float32).expand(mask.shape)
+    return masked_whiten(returns, mask, total=total)
+
+
+# ----------------------------------------------------------------------------- DAPO's sampling and shaping
+
+def varied_groups(scores, group_size):
+    """(N,) True for each prompt whose group_size samples did not all score the same: DAPO's
+    dynamic sampling (Yu et al. 2025, section 3.2: keep groups with 0 < #correct < G; verl's
+    filter_groups) keeps these only. In a group that scored the same, a group baseline makes every
+    advantage 0: the group costs a forward and a backward and teaches nothing."""
+    groups = scores.view(-1, group_size)
+    return (groups != groups[:, :1]).any(dim=1)
+
+
+def overlong_penalty(lengths, max_len, buffer_len, factor=1.0):
+    """DAPO's soft overlong punishment (Yu et al. 2025, section 3.4, R_length; verl's DAPO reward manager):
+        0                                          |y| <= L_max - L_cache
+        ((L_max - L_cache) - |y|) / L_cache        L_max - L_cache < |y| <= L_max
+    times factor, added to the score. L_max = max_len (max_new_tokens), L_cache = buffer_len: the
+    penalty grows linearly from 0 to -factor over the last buffer_len tokens a response may use,
+    so the policy learns to finish before it is cut off (a cut response gets -factor). lengths (N,)."""
+    excess = lengths.to(torch.float32) - (max_len - buffer_len)
+    return -factor * (excess / buffer_len).clamp(min=0.0, max=1.0)
+
+
+def mask_truncated(mask, stopped):
+    """DAPO's overlong filtering (Yu et al. 2025, section 3.4; TRL's mask_truncated_completions): a response
+    cut at max_new_tokens (stopped False) is left out of the loss, its every token masked. Its
+    low score says nothing about whether its reasoning was wrong, only that it was long."""
+    return mask & stopped[:, None]
+
+
 # ----------------------------------------------------------------------------- losses
 
-def policy_loss(logprobs, old_logprobs, advantages, cliprange):
+def policy_loss(logprobs, old_logprobs, advantages, cliprange, cliprange_high=None):
     """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), per token, as a loss:
-        ratio = pi(x) / pi_old(x);   L = max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))
-    The max is the pessimistic bound: once the ratio has moved past 1 +- eps in the direction A
-    favours, the clipped term wins and the token gives no gradient. Returns the per-token loss and
-    where clipping was active (its mean is policy/clipfrac)."""
+        ratio = pi(x) / pi_old(x);   L = max(-A * ratio, -A * clip(ratio, 1 - eps_low, 1 + eps_high))
+    The max is the pessimistic bound: once the ratio has moved past the clip range in the direction
+    A favours, the clipped term wins and the token gives no gradient. eps_low = cliprange and
+    eps_high = cliprange_high (None: the same): DAPO's clip-higher (Yu et al. 2025, section 3.1,
+    0.2 and 0.28) lets a token with A > 0 grow further, so unlikely tokens can still gain mass and
+    the entropy does not collapse. Returns the per-token loss and where clipping was active (its
+    mean is policy/clipfrac)."""
+    high = cliprange if cliprange_high is None else cliprange_high
     ratio = torch.exp(logprobs - old_logprobs)
     unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + high)
     return torch.maximum(unclipped, clipped), clipped > unclipped
 
 
@@ -129,20 +190,55 @@ def value_loss(values, old_values, returns, cliprange_value):
     return 0.5 * torch.maximum(unclipped, clipped), clipped > unclipped
 
 
-def aggregate(loss, mask, mode='token', n_tokens=None, n_seqs=None):
-    """Per-token losses (B, T) -> a scalar.
-        token:    sum of all real tokens' losses / their count (DAPO, Yu et al. 2025: every token
-                  weighs the same, so long responses are not diluted)
-        sequence: mean over each response's tokens, then over responses (PPO/GRPO as published)
-    n_tokens / n_seqs: the count of the whole minibatch when this is one micro-batch of it, so that
-    the micro-batch losses add up to the minibatch loss."""
+LOSS_TYPES = ('grpo', 'bnpo', 'dr_grpo', 'dapo')  # how per-token losses become one number: aggregate
+
+
+def loss_normaliser(loss_type, mask, n_seqs=None, max_len=None, total=torch.sum, world_size=1):
+    """What aggregate divides a minibatch's summed loss by, one number per loss_type (TRL's
+    GRPOTrainer._compute_loss; mask (B, T) is this rank's minibatch, whose B = n_seqs rows):
+        grpo     B                               (of per-response means: see aggregate)
+        bnpo     sum(mask)                       this rank's real tokens
+        dr_grpo  B * max_len                     a constant: max_len = max_new_tokens
+        dapo     sum(mask over all ranks) / N    every rank's real tokens, as each rank's share
+    dapo's count is global because DDP averages the N ranks' gradients: dividing by all tokens / N
+    gives every token of the global batch the same weight, as one process would (TRL divides by
+    num_items_in_batch / num_processes). bnpo divides by the local count: with ranks holding
+    different numbers of tokens, a token weighs more on a rank with fewer. total(t): the sum of
+    t's elements over every rank (ppo.py's global_sum)."""
+    n_seqs = mask.size(0) if n_seqs is None else n_seqs
+    if loss_type == 'grpo':
+        return torch.tensor(float(n_seqs))
+    if loss_type == 'bnpo':
+        return mask.sum().float().clamp(min=1)
+    if loss_type == 'dr_grpo':
+        return torch.tensor(float(n_seqs * (mask.size(1) if max_len is None else max_len)))
+    if loss_type == 'dapo':
+        return (total(mask.float()) / world_size).clamp(min=1)
+    raise ValueError(f"unknown loss_type {loss_type!r} (one of {', '.join(LOSS_TYPES)})")
+
+
+def aggregate(loss, mask, loss_type='dapo', normaliser=None):
+    """Per-token losses (B, T) -> a scalar, with l_{i,t} the loss of token t of response i, |o_i|
+    its length, G the responses of the minibatch (its rows over all ranks under dapo):
+        grpo     1/G sum_i 1/|o_i| sum_t l_{i,t}       DeepSeekMath (Shao et al. 2024) eq. 3, TRL's
+                 'grpo': each response weighs the same, so a long one's tokens weigh less (a long
+                 wrong answer is punished less per token: Liu et al. 2025 call it length bias)
+        bnpo     sum_{i,t} l_{i,t} / sum_i |o_i|       TRL's 'bnpo', over this rank's batch
+        dr_grpo  sum_{i,t} l_{i,t} / (G * L_max)       Dr. GRPO (Liu et al. 2025, "Understanding
+                 R1-Zero-Like Training", section 3.1 and its code): a constant, no length in the weights
+        dapo     sum_{i,t} l_{i,t} / sum_i |o_i|       DAPO (Yu et al. 2025, section 3.3) and
+                 TRL's default: every token of the global batch weighs the same
+    normaliser: loss_normaliser's number for the whole minibatch when this is one micro-batch of
+    it (the micro-batch losses then add up to the minibatch loss); None = this batch's own."""
     mask = mask.to(loss.dtype)
-    if mode == 'token':
-        return (loss * mask).sum() / (mask.sum() if n_tokens is None else n_tokens).clamp(min=1)
-    if mode == 'sequence':
-        per_seq = (loss * mask).sum(1) / mask.sum(1).clamp(min=1)
-        return per_seq.sum() / (loss.size(0) if n_seqs is None else n_seqs)
-    raise ValueError(f"unknown loss_norm {mode!r} (token or sequence)")
+    if normaliser is None:
+        normaliser = loss_normaliser(loss_type, mask)
+    if loss_type == 'grpo':
+        per_response = (loss * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return per_response.sum() / normaliser
+    if loss_type in LOSS_TYPES:
+        return (loss * mask).sum() / normaliser
+    raise ValueError(f"unknown loss_type {loss_type!r} (one of {', '.join(LOSS_TYPES)})")
 
 
 def logprobs_from_logits(logits, tokens, temperature=1.0):

@@ -17,7 +17,7 @@ temperature = 0.7  # samples near the greedy answer: the contrasts that can flip
 kl_coef = 0.02  # GRPO puts beta * KL (k3) in the loss
 kl_estimator = 'k3'
 scale_rewards = True  # (r - mean) / std over the group
-loss_norm = 'token'
+loss_type = 'dapo'  # every token of the batch weighs the same (rl.aggregate has the others)
 ppo_epochs = 1
 num_minibatches = 1  # one optimizer step per rollout batch: the batch is the gradient's only average
 # 1e-4 wrecks this 1.3M-parameter model: with few of a batch's groups carrying signal, Adam turns

@@ -209,5 +209,32 @@ def test_malformed_preference_data_names_file_line_and_field(sft_dir, tmp_path):
 
 
 def test_unknown_loss_type_names_the_choices(sft_dir, tmp_path):
-    proc = run_dpo(sft_dir, str(tmp_path / 'out'), '--loss_type=kto', check=False)
-    assert proc.returncode != 0 and "sigmoid, ipo, hinge" in proc.stderr
+    proc = run_dpo(sft_dir, str(tmp_path / 'out'), '--loss_type=bco', check=False)
+    assert proc.returncode != 0 and "sigmoid, ipo, hinge, simpo, orpo, kto" in proc.stderr
+
+
+def unpaired(pairs):
+    """TRL's unpaired format from preference pairs: the chosen answer desirable, the rejected one not."""
+    return [{'prompt': p['chosen'][:-1], 'completion': [p[key][-1]], 'label': key == 'chosen'}
+            for p in pairs for key in ('chosen', 'rejected')]
+
+
+def test_kto_on_unpaired_toy_feedback_lowers_the_loss(sft_dir, tmp_path):
+    path = write_jsonl(tmp_path / 'kto.jsonl', unpaired(toy_pairs()))
+    out = str(tmp_path / 'kto')
+    run_dpo(sft_dir, out, f'--pref_files={path}', '--loss_type=kto', '--val_fraction=0.25', '--max_iters=30',
+            '--eval_interval=15', '--lr_decay_iters=30')
+    h = history(out)
+    assert h[0]['val/loss'] == pytest.approx(0.5, abs=1e-5)  # policy == reference: r = z0 = 0, 1 - sigmoid(0)
+    assert h[30]['val/loss'] < h[0]['val/loss'] - 0.01, h[30]
+    assert h[30]['val/rewards/chosen'] > h[30]['val/rewards/rejected'] and 'val/kl' in h[30]
+
+
+def test_malformed_unpaired_data_names_file_line_and_field(sft_dir, tmp_path):
+    good = json.dumps({'prompt': 'q', 'completion': 'a', 'label': True})
+    path = write_jsonl(tmp_path / 'bad.jsonl', [good, good, '{"prompt": "q", "completion": "a", "label": "yes"}'])
+    proc = run_dpo(sft_dir, str(tmp_path / 'out'), f'--pref_files={path}', '--loss_type=kto', check=False)
+    assert proc.returncode != 0
+    assert f'{path}:3' in proc.stderr and "'label'" in proc.stderr and 'Traceback' not in proc.stderr
+    with pytest.raises(data.DataError, match=r"bad2.jsonl:1: field 'completion'"):
+        data.load_unpaired(write_jsonl(tmp_path / 'bad2.jsonl', [{'prompt': 'q', 'label': False}]))

@@ -6,8 +6,9 @@ import math
 import pytest
 import torch
 
-from dpo_loss import (LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES, answer_targets, dpo_loss, orpo_odds_ratio_loss,
-                      sequence_logps, sequence_token_counts, simpo_loss)
+from dpo_loss import (LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES, UNPAIRED_LOSS_TYPES, answer_targets, dpo_loss,
+                      kto_loss, kto_metrics, kto_reference_point, orpo_odds_ratio_loss, sequence_logps,
+                      sequence_token_counts, simpo_loss)
 
 
 def t(*xs):
@@ -17,6 +18,7 @@ def t(*xs):
 def test_loss_type_tuples():
     assert REFERENCE_FREE_LOSS_TYPES == ('simpo', 'orpo')
     assert LOSS_TYPES == ('sigmoid', 'ipo', 'hinge')
+    assert UNPAIRED_LOSS_TYPES == ('kto',)
     with pytest.raises(ValueError):  # the reference-free ones are not dpo_loss types
         dpo_loss(t(-1.0), t(-2.0), t(-1.0), t(-2.0), loss_type='simpo')
 
@@ -146,3 +148,42 @@ def test_sequence_token_counts():
     mean1 = logp[1, 2, at[1, 2]].item()
     torch.testing.assert_close(sequence_logps(logits, at) / sequence_token_counts(at), t(mean0, mean1),
                                rtol=1e-5, atol=1e-6)
+
+
+sigmoid = lambda z: 1 / (1 + math.exp(-z))
+
+
+def test_kto_by_hand():
+    # mismatched pairs: policy - reference = 0.5, 0.5, 0  ->  z0 = 1/3
+    z0 = kto_reference_point(t(-6.0, -7.0, -5.0), t(-6.5, -7.5, -5.0))
+    assert z0.item() == pytest.approx(1 / 3)
+    # implicit rewards r = policy - reference = 1, -1, 0; labels desirable, undesirable, undesirable; beta 0.5
+    policy = t(-3.0, -5.0, -2.0).requires_grad_()
+    reference, labels = t(-4.0, -4.0, -2.0), torch.tensor([True, False, False])
+    loss = kto_loss(policy, reference, labels, z0, beta=0.5)
+    want = [1 - sigmoid(0.5 * (1 - 1 / 3)),   # desirable: 1 - sigmoid(beta (r - z0))
+            1 - sigmoid(0.5 * (1 / 3 + 1)),   # undesirable: 1 - sigmoid(beta (z0 - r))
+            1 - sigmoid(0.5 * (1 / 3 - 0))]
+    torch.testing.assert_close(loss, t(*want), rtol=1e-6, atol=0.0)
+    # lambda_D = 2, lambda_U = 0.5 scale each side
+    weighted = kto_loss(policy, reference, labels, z0, beta=0.5, desirable_weight=2.0, undesirable_weight=0.5)
+    torch.testing.assert_close(weighted, t(2 * want[0], 0.5 * want[1], 0.5 * want[2]), rtol=1e-6, atol=0.0)
+    # the gradient raises the desirable answer's log-prob and lowers the undesirable ones'
+    loss.sum().backward()
+    assert policy.grad[0] < 0 and policy.grad[1] > 0 and policy.grad[2] > 0
+    # at r = z0 every example's loss is lambda / 2
+    assert kto_loss(t(0.0), t(0.0), torch.tensor([True]), torch.tensor(0.0)).item() == pytest.approx(0.5)
+
+
+def test_kto_reference_point_is_clamped_and_detached():
+    kl_policy = t(-6.0, -7.0).requires_grad_()
+    z0 = kto_reference_point(kl_policy, t(-5.0, -5.0))  # policy below the reference: mean -1.5 -> 0
+    assert z0.item() == 0.0 and not z0.requires_grad
+    z0 = kto_reference_point(kl_policy, t(-7.0, -8.0))  # mean +1, but no gradient through it
+    assert z0.item() == pytest.approx(1.0) and not z0.requires_grad
+    m = kto_metrics(t(-3.0, -5.0, -2.0), t(-4.0, -4.0, -2.0), torch.tensor([True, False, False]), torch.tensor(1 / 3), 0.5)
+    # rewards 0.5 * (1, -1, 0): desirable 0.5, undesirable mean -0.25; right side of beta z0 = 1/6: 0.5 > 1/6,
+    # -0.5 < 1/6, 0 < 1/6
+    assert {k: round(v.item(), 6) for k, v in m.items()} == {
+        'rewards/chosen': 0.5, 'rewards/rejected': -0.25, 'rewards/margins': 0.75, 'rewards/accuracies': 1.0,
+        'logps/chosen': -3.0, 'logps/rejected': -3.5, 'kl': round(1 / 3, 6)}

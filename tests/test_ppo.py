@@ -60,24 +60,68 @@ TOY = ['--eval_items_per_task=0', '--missing_eos_penalty=0', '--max_new_tokens=3
        '--learning_rate=3e-3', '--kl_coef=0.0', '--ppo_epochs=2', '--num_minibatches=2', '--eval_interval=1000']
 
 
-def test_toy_verifiable_task_raises_mean_reward(toy, tmp_path):
+def test_toy_verifiable_task_raises_mean_reward_and_the_kl_term_holds_it_back(toy, tmp_path):
+    """GRPO learns to answer x; with kl_coef > 0 it still learns, and its KL to the reference stays
+    below the unpenalised run's: the sign of the KL term in the loss pulls towards the reference
+    (flipped, the penalised run's KL reaches the unpenalised one's: 1.15 against 1.18 nats)."""
     sft, prompts = toy
-    out = str(tmp_path / 'grpo')
-    run_script('ppo.py', f'--init_from={sft}', f'--rl_file={prompts}', f'--out_dir={out}', *TOY, '--max_new_tokens=1',
-               '--algorithm=grpo', '--num_generations=8', '--max_iters=16', '--lr_decay_iters=16')
-    h = rows(out, 'objective/verifiable')
-    before = sum(r['objective/verifiable'] for r in h[:5]) / 5
-    after = sum(r['objective/verifiable'] for r in h[-5:]) / 5
+    args = [f'--init_from={sft}', f'--rl_file={prompts}', *TOY, '--max_new_tokens=1', '--algorithm=grpo',
+            '--num_generations=8', '--max_iters=16', '--lr_decay_iters=16']
+    free, held = str(tmp_path / 'grpo'), str(tmp_path / 'held')
+    run_script('ppo.py', *args, f'--out_dir={free}')
+    run_script('ppo.py', *args, f'--out_dir={held}', '--kl_coef=0.5')
+    mean = lambda out, key, part: sum(r[key] for r in part(rows(out))) / len(part(rows(out)))
+    first, last, whole = (lambda h: h[:5]), (lambda h: h[-5:]), (lambda h: h)
+    before, after = mean(free, 'objective/verifiable', first), mean(free, 'objective/verifiable', last)
     assert after > before + 0.3 and after > 0.7, (before, after)
+    before, after = mean(held, 'objective/verifiable', first), mean(held, 'objective/verifiable', last)
+    assert after > before + 0.3, (before, after)  # 0.09 -> 0.72
+    assert mean(held, 'objective/kl', whole) < 0.85 * mean(free, 'objective/kl', whole)  # 0.91 against 1.18
+
+
+def test_ppo_critic_and_gae_learn_the_toy_task_with_a_kl_penalty(toy, tmp_path):
+    """PPO's whole path (critic, per-token KL in the reward, the score at each response's last
+    token, GAE, whitening) on a toy task whose best answer, x then <|im_end|>, is shorter than
+    max_new_tokens=3, from a random policy (1 in 24^2 samples it). It fails if the advantage's
+    sign is flipped (the score falls to -1), if the score lands on any other token than the last
+    real one (at token 0 <|im_end|> gets no credit; at the last column a 2-token answer's score
+    falls on padding). Each of these bugs, put in by hand, kept the score below 0."""
+    sft, prompts = toy
+    args = [f'--init_from={sft}', f'--rl_file={prompts}', '--eval_items_per_task=0', '--eval_interval=1000',
+            '--algorithm=ppo', '--max_new_tokens=3', '--missing_eos_penalty=1', '--batch_size=32', '--learning_rate=3e-3',
+            '--critic_learning_rate=3e-3', '--ppo_epochs=2', '--num_minibatches=2', '--max_iters=40', '--lr_decay_iters=40']
+    out = str(tmp_path / 'ppo')
+    run_script('ppo.py', *args, f'--out_dir={out}', '--kl_coef=0.2')
+    h = rows(out)
+    before = sum(r['objective/scores'] for r in h[:5]) / 5
+    after = sum(r['objective/scores'] for r in h[-5:]) / 5
+    assert before < -0.5 and after > 0.5, (before, after)  # from "no <|im_end|>" to "x<|im_end|>"
+
+
+def test_dynamic_sampling_fills_the_batch_with_groups_that_teach(toy, tmp_path):
+    """DAPO's dynamic sampling on the toy task, where most groups of a random policy all score 0:
+    it samples more prompts until the batch holds only groups whose scores differ (up to
+    max_sampling_tries), and training on them runs, with clip-higher and masking of cut responses on."""
+    sft, prompts = toy
+    out = str(tmp_path / 'dapo')
+    run_script('ppo.py', f'--init_from={sft}', f'--rl_file={prompts}', f'--out_dir={out}', *TOY, '--max_new_tokens=2',
+               '--algorithm=grpo', '--num_generations=8', '--batch_size=2', '--max_iters=3', '--loss_type=dapo',
+               '--dynamic_sampling=True', '--max_sampling_tries=20', '--epsilon_high=0.28',
+               '--mask_truncated_completions=True')
+    h = rows(out)
+    assert h[0]['rollout/tries'] > 1  # a random policy: most groups of 8 score the same
+    assert all(r['val/frac_reward_zero_std'] == 0 for r in h if r['rollout/tries'] < 20), h
 
 
 @pytest.mark.parametrize('algorithm,args', [
     ('ppo', ['--critic_learning_rate=5e-3']),
     ('ppo', ['--share_backbone=True', '--kl_target=1.0', '--kl_horizon=100', '--kl_estimator=k3', '--target_kl=1e-9',
-             '--entropy_coef=0.01', '--micro_batch_size=2', '--loss_norm=sequence', '--whiten_rewards=True']),
+             '--entropy_coef=0.01', '--micro_batch_size=2', '--loss_type=grpo', '--whiten_rewards=True']),
     ('ppo', ['--reward_model={root}/rm', '--critic_init=reward', '--verifiable_weight=0', '--reward_model_weight=2']),
     ('grpo', ['--num_generations=4', '--kl_estimator=k3', '--scale_rewards=False']),
-], ids=['ppo', 'ppo-shared-adaptive-earlystop', 'ppo-reward-model', 'grpo'])
+    ('grpo', ['--num_generations=4', '--loss_type=dr_grpo', '--advantage=rloo', '--micro_batch_size=3']),
+    ('grpo', ['--num_generations=1', '--loss_type=bnpo', '--advantage=reinforce_pp', '--overlong_buffer_len=2']),
+], ids=['ppo', 'ppo-shared-adaptive-earlystop', 'ppo-reward-model', 'grpo', 'grpo-rloo-dr_grpo', 'reinforce_pp-bnpo'])
 def test_end_to_end_on_the_builtin_arithmetic_prompts(suite, tmp_path, algorithm, args):
     sft, data_root = suite
     out = str(tmp_path / 'out')

@@ -135,14 +135,100 @@ def test_grpo_advantages_sum_to_zero_per_group():
     torch.testing.assert_close(rl.group_advantages(scores, 4, scale=False).view(3, 4)[2], torch.tensor([1.0, -1.0, 0.0, 0.0]))
 
 
-def test_token_and_sequence_loss_normalisation():
-    loss = torch.tensor([[1.0, 1.0, 1.0, 1.0], [3.0, 7.0, 7.0, 7.0]])
-    mask = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.bool)
-    assert rl.aggregate(loss, mask, 'token').item() == pytest.approx(7 / 5)  # every token weighs the same
-    assert rl.aggregate(loss, mask, 'sequence').item() == pytest.approx((1 + 3) / 2)  # every response does
-    for mode in ('token', 'sequence'):  # micro-batches add up to the minibatch
-        parts = sum(rl.aggregate(loss[i:i + 1], mask[i:i + 1], mode, n_tokens=mask.sum(), n_seqs=2) for i in range(2))
-        assert parts.item() == pytest.approx(rl.aggregate(loss, mask, mode).item())
+LOSS = torch.tensor([[1.0, 1.0, 1.0, 1.0], [3.0, 7.0, 7.0, 7.0]])
+LOSS_MASK = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.bool)  # 5 real tokens, summing to 7
+
+
+@pytest.mark.parametrize('loss_type,expected', [
+    ('grpo', (4 / 4 + 3 / 1) / 2),  # mean per response (1 and 3), then over the 2 responses
+    ('bnpo', 7 / 5),  # the token sum over this batch's 5 tokens
+    ('dr_grpo', 7 / (2 * 4)),  # the token sum over a constant: 2 responses x max_len 4 (the width here)
+    ('dapo', 7 / 5),  # one process: the global count is this batch's
+])
+def test_each_loss_type_matches_a_hand_computed_value(loss_type, expected):
+    assert rl.aggregate(LOSS, LOSS_MASK, loss_type).item() == pytest.approx(expected)
+    # micro-batches given the minibatch's normaliser add up to the minibatch's loss
+    norm = rl.loss_normaliser(loss_type, LOSS_MASK)
+    parts = sum(rl.aggregate(LOSS[i:i + 1], LOSS_MASK[i:i + 1], loss_type, norm) for i in range(2))
+    assert parts.item() == pytest.approx(expected)
+
+
+def test_loss_normalisers_under_two_ranks_and_a_longer_max_len():
+    # dr_grpo divides by max_new_tokens, not the batch's width: 7 / (2 x 8)
+    norm = rl.loss_normaliser('dr_grpo', LOSS_MASK, max_len=8)
+    assert rl.aggregate(LOSS, LOSS_MASK, 'dr_grpo', norm).item() == pytest.approx(7 / 16)
+    # two ranks, the other holding 3 tokens: dapo divides by all 8 tokens / 2 ranks (DDP then
+    # averages the two ranks' gradients: each token weighs 1/8); bnpo by this rank's 5
+    other_rank = lambda t: t.sum() + 3
+    dapo = rl.loss_normaliser('dapo', LOSS_MASK, total=other_rank, world_size=2)
+    assert dapo.item() == 4 and rl.aggregate(LOSS, LOSS_MASK, 'dapo', dapo).item() == pytest.approx(7 / 4)
+    assert rl.loss_normaliser('bnpo', LOSS_MASK, total=other_rank, world_size=2).item() == 5
+    with pytest.raises(ValueError, match='unknown loss_type'):
+        rl.aggregate(LOSS, LOSS_MASK, 'token')
+
+
+def test_rloo_baseline_leaves_each_sample_out():
+    scores = torch.tensor([1.0, 0.0, 0.0, 1.0, 3.0, 1.0, 2.0, 2.0, 5.0, 5.0, 5.0, 5.0])
+    a = rl.rloo_advantages(scores, group_size=4).view(3, 4)
+    # [1, 0, 0, 1]: a 1 against (0 + 0 + 1) / 3, a 0 against (1 + 0 + 1) / 3
+    torch.testing.assert_close(a[0], torch.tensor([2 / 3, -2 / 3, -2 / 3, 2 / 3]))
+    # [3, 1, 2, 2]: 3 - 5/3, 1 - 7/3, 2 - 6/3, 2 - 6/3
+    torch.testing.assert_close(a[1], torch.tensor([4 / 3, -4 / 3, 0.0, 0.0]))
+    assert a[2].abs().max() == 0  # the same score everywhere: no signal
+    # = G / (G - 1) x the group-mean advantage
+    torch.testing.assert_close(a.view(-1), 4 / 3 * rl.group_advantages(scores, 4, scale=False))
+
+
+def test_reinforce_pp_whitens_the_score_over_every_token_of_the_batch():
+    scores = torch.tensor([1.0, 0.0, 2.0])
+    mask = torch.tensor([[1, 1], [1, 0], [1, 1]], dtype=torch.bool)
+    # the tokens' returns: 1, 1 | 0 | 2, 2: mean 6/5; squared deviations 0.04 + 0.04 + 1.44 + 0.64 + 0.64
+    # = 2.8, unbiased variance 2.8 / 4 = 0.7
+    std = math.sqrt(0.7)
+    expected = torch.tensor([[-0.2, -0.2], [-1.2, 0.0], [0.8, 0.8]]) / std
+    torch.testing.assert_close(rl.reinforce_pp_advantages(scores, mask), expected)
+    # over all ranks: with a second rank holding the same batch the mean stays 6/5, and the unbiased
+    # variance over its 10 tokens is 2 x 2.8 / 9
+    twice = lambda t: 2 * t.sum()
+    torch.testing.assert_close(rl.reinforce_pp_advantages(scores, mask, total=twice),
+                               torch.tensor([[-0.2, -0.2], [-1.2, 0.0], [0.8, 0.8]]) / math.sqrt(5.6 / 9))
+
+
+def test_clip_higher_lets_a_favoured_token_grow_further():
+    # eps_low 0.2, eps_high 0.28 (DAPO):
+    #   A=+1, r=1.25: max(-1.25, -1.25) = -1.25, inside [0.8, 1.28]: not clipped (symmetric 0.2 clips at -1.2)
+    #   A=+1, r=1.5:  max(-1.5, -1.28)  = -1.28 (clipped at 1 + eps_high)
+    #   A=-1, r=0.5:  max( 0.5,  0.8)   =  0.8  (clipped at 1 - eps_low, unchanged)
+    old = torch.zeros(3)
+    new = torch.log(torch.tensor([1.25, 1.5, 0.5]))
+    advantages = torch.tensor([1.0, 1.0, -1.0])
+    loss, clipped = rl.policy_loss(new, old, advantages, 0.2, 0.28)
+    torch.testing.assert_close(loss, torch.tensor([-1.25, -1.28, 0.8]))
+    assert clipped.tolist() == [False, True, True]
+    symmetric, _ = rl.policy_loss(new, old, advantages, 0.2)
+    torch.testing.assert_close(symmetric, torch.tensor([-1.2, -1.2, 0.8]))
+
+
+def test_dynamic_sampling_keeps_only_groups_whose_scores_differ():
+    scores = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.0, 2.0, 2.0, 2.5])
+    assert rl.varied_groups(scores, 4).tolist() == [False, True, False, True]
+    # the dropped ones are exactly those whose group advantages are all zero
+    a = rl.group_advantages(scores, 4).view(4, 4)
+    assert (a.abs().sum(1) > 0).tolist() == [False, True, False, True]
+
+
+def test_overlong_shaping_and_masking():
+    # L_max 8, L_cache 4, factor 0.5: no penalty up to 4 tokens, then -0.5 * (|y| - 4) / 4
+    lengths = torch.tensor([2, 4, 5, 7, 8])
+    torch.testing.assert_close(rl.overlong_penalty(lengths, max_len=8, buffer_len=4, factor=0.5),
+                               torch.tensor([0.0, 0.0, -0.125, -0.375, -0.5]))
+    # a response cut at max_new_tokens (not stopped) leaves the loss entirely; the others keep their tokens
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 1]], dtype=torch.bool)
+    stopped = torch.tensor([True, True, False])
+    kept = rl.mask_truncated(mask, stopped)
+    assert kept.tolist() == [[True, True, True], [True, True, False], [False, False, False]]
+    loss = torch.tensor([[1.0, 1.0, 1.0], [2.0, 2.0, 9.0], [50.0, 50.0, 50.0]])
+    assert rl.aggregate(loss, kept, 'dapo').item() == pytest.approx(7 / 5)  # the cut response's 150 is gone
 
 
 # ----------------------------------------------------------------------------- the model-facing forward
