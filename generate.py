@@ -215,12 +215,30 @@ def completes_stop_string(ids, stop_bytes, decode_bytes):
 
 # ----------------------------------------------------------------------------- decoding
 
+def static_decode_step(model, token, positions, key_mask, cache):
+    """One decode step over the whole static cache (see KVCache), the token going in cache slot
+    cache.slot: the shapes are the same at every step. token (B, 1); positions (max_len,) or
+    (B, max_len); key_mask None or (B, 1, 1, max_len). Returns logits (B, 1, V)."""
+    visible = torch.arange(cache.max_len, device=token.device) <= cache.slot  # filled slots and this one
+    mask = visible.view(1, 1, 1, -1) if key_mask is None else key_mask & visible
+    position = positions.index_select(-1, cache.slot)  # (1,) or (B, 1)
+    return model(token, positions=position, attn_mask=mask, kv_cache=cache, last_only=True)[0]
+
+
+def compile_decode_step(model):
+    """static_decode_step compiled for `model`: one graph for every step of a generation (shapes
+    change only with the batch size and max_len). It attends over all max_len slots rather than the
+    filled ones, which costs little next to the per-op overhead it removes. On a GPU the static
+    shapes also let CUDA graphs (mode='reduce-overhead') replay the step; we have not measured it."""
+    return torch.compile(lambda *args: static_decode_step(model, *args), dynamic=False)
+
+
 @torch.inference_mode()
 def decode_steps(model, prompts, config, pad_id=0, tokenizer=None, step_fn=None, rows=None, all_done=None):
     """The sampling loop, one yield per new token: (token, logprob, live, done), each (B,).
     live: the row was still generating (token is real); done: the row has ended (after this token).
-    The model should be in eval mode. tokenizer is needed only for stop strings; step_fn replaces
-    the model's forward for decode steps (a compiled one). rows = (first, total): these prompts
+    The model should be in eval mode. tokenizer is needed only for stop strings; step_fn, from
+    compile_decode_step(model), runs the decode steps (prefill stays eager). rows = (first, total): these prompts
     are rows first.. of a batch of `total` split over ranks: every step draws `total` random
     numbers (from config.seed, the same on every rank) and uses this batch's slice. all_done(done)
     decides when the loop ends (default: when every row here is done; under FSDP, where each
@@ -231,6 +249,8 @@ def decode_steps(model, prompts, config, pad_id=0, tokenizer=None, step_fn=None,
     B, T = idx.shape
     check_fits(model, T, cfg.max_new_tokens)
     max_len = T + cfg.max_new_tokens
+    if step_fn is not model:  # compiled: a few cache lengths, so a few graphs, serve every call
+        max_len = min(256 * -(-max_len // 256), model.config.block_size)
     positions, prefill_mask, key_mask = ragged_inputs(pad, T, max_len)
     cache = KVCache(model.config, B, max_len, device, model.lm_head.weight.dtype)
     generator = torch.Generator(device).manual_seed(cfg.seed) if cfg.seed is not None else None
@@ -274,8 +294,13 @@ def decode_steps(model, prompts, config, pad_id=0, tokenizer=None, step_fn=None,
             seen.scatter_(1, token[:, None], True)
             counts.scatter_add_(1, token[:, None], torch.ones_like(logprob)[:, None])
         i = T + t  # cache slot of this token
-        logits, _ = step_fn(token[:, None], positions=positions[..., i:i + 1],
-                            attn_mask=None if key_mask is None else key_mask[..., :i + 1], kv_cache=cache)
+        if step_fn is model:
+            logits, _ = model(token[:, None], positions=positions[..., i:i + 1],
+                              attn_mask=None if key_mask is None else key_mask[..., :i + 1], kv_cache=cache)
+        else:  # the compiled step: the same shapes every step
+            cache.slot = cache.slot if cache.slot is not None else torch.zeros(1, dtype=torch.long, device=device)
+            cache.slot.fill_(i)
+            logits = step_fn(token[:, None], positions, key_mask, cache)
 
 
 def generate_ids(model, prompts, config=None, pad_id=0, tokenizer=None, step_fn=None, rows=None, all_done=None):
@@ -454,8 +479,8 @@ class TextGenerator:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.special_ids = set(tokenizer.special_tokens.values())  # not text: left out of what we return
-        # compile the decode step only: its shapes barely change (prefill's change with every prompt)
-        self.step_fn = torch.compile(model, dynamic=True) if compile else None
+        # compile the decode step only: its shapes are fixed (prefill's change with every prompt)
+        self.step_fn = compile_decode_step(model) if compile else None
 
     def config(self, config=None, **overrides):
         """The options of one call; stop_token_ids None means the tokenizer's end-of-text and <|im_end|>."""

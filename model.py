@@ -96,25 +96,38 @@ def apply_rope(x, cos, sin):
 # ----------------------------------------------------------------------------- KV cache
 
 class KVCache:
-    """Preallocated keys/values for every layer: (n_layer, B, n_kv_head, max_len, head_dim).
-    `pos` is how many positions are filled; GPT.forward writes at [pos, pos+T) and advances it."""
+    """Preallocated keys/values, one (B, n_kv_head, max_len, head_dim) tensor per layer in k and v.
+    `pos` is how many positions are filled; GPT.forward writes at [pos, pos+T) and advances it.
+
+    Static mode (`slot` set, a (1,) tensor): one token is written at cache slot `slot` and attention
+    reads all max_len slots, the caller's mask hiding the unfilled ones. Every step then has the
+    same shapes, so one compiled graph serves them all; the caller moves `slot`. (A tensor per
+    layer, not one for all: a compiled graph that writes into a slice of an input copies the whole
+    input, 1.6 ms a step here, where writing into a whole input is done in place.)"""
 
     def __init__(self, config, batch_size, max_len, device, dtype):
-        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch_size, config.n_kv_head, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.max_len = max_len
         self.pos = 0
+        self.slot = None
 
     def update(self, layer, k, v):
         """Store this step's k, v (B, nkv, T, hs) for `layer`; return all keys/values so far."""
+        keys, values = self.k[layer], self.v[layer]
+        if self.slot is not None:
+            keys.index_copy_(2, self.slot, k)
+            values.index_copy_(2, self.slot, v)
+            return keys, values
         T = k.size(2)
-        self.k[layer, :, :, self.pos:self.pos + T] = k
-        self.v[layer, :, :, self.pos:self.pos + T] = v
-        return self.k[layer, :, :, :self.pos + T], self.v[layer, :, :, :self.pos + T]
+        keys[:, :, self.pos:self.pos + T] = k
+        values[:, :, self.pos:self.pos + T] = v
+        return keys[:, :, :self.pos + T], values[:, :, :self.pos + T]
 
     def reorder(self, index):
         """Keep/duplicate batch rows (beam search)."""
-        self.k, self.v = self.k[:, index], self.v[:, index]
+        self.k, self.v = [k[index] for k in self.k], [v[index] for v in self.v]
 
 
 # ----------------------------------------------------------------------------- attention
@@ -445,7 +458,9 @@ class GPT(nn.Module):
             Packed or left-padded batches pass their own.
         kv_cache:  a KVCache; this call's keys/values are appended to it."""
         B, T = idx.size()
-        start = kv_cache.pos if kv_cache is not None else 0
+        static = kv_cache is not None and kv_cache.slot is not None
+        assert not static or (positions is not None and attn_mask is not None), "a static cache step needs positions and a mask"
+        start = kv_cache.pos if kv_cache is not None and not static else 0
         if positions is None:
             positions = torch.arange(start, start + T, device=idx.device)
         if attn_mask is None and kv_cache is not None and start > 0 and T > 1:
@@ -470,7 +485,7 @@ class GPT(nn.Module):
             else:
                 x, aux = block(x, rope, attn_mask, kv_cache)
             aux_loss = aux_loss + aux
-        if kv_cache is not None:
+        if kv_cache is not None and not static:
             kv_cache.pos += T
         return self.transformer.ln_f(x), aux_loss
 
