@@ -215,6 +215,28 @@ def completes_stop_string(ids, stop_bytes, decode_bytes):
 
 # ----------------------------------------------------------------------------- decoding
 
+def prefill(model, idx, positions, prefill_mask, max_len):
+    """Run the prompts idx (B, T) into a new KVCache of max_len slots: (last logits (B, 1, V), cache).
+    Identical prompts (num_samples copies of one, GRPO's groups) run once and their cache rows are
+    copied: the prompt is prefilled once and shared."""
+    B, T = idx.shape
+    unique, copy_of = torch.unique(idx, dim=0, return_inverse=True)  # row b is unique row copy_of[b]
+    if len(unique) == B:
+        rows = None
+    else:  # one representative row per distinct prompt
+        rows = torch.empty(len(unique), dtype=torch.long, device=idx.device).scatter_(
+            0, copy_of, torch.arange(B, device=idx.device))
+        idx = idx[rows]
+        positions = positions if positions.dim() == 1 else positions[rows]
+        prefill_mask = None if prefill_mask is None else prefill_mask[rows]
+    cache = KVCache(model.config, idx.size(0), max_len, idx.device, model.lm_head.weight.dtype)
+    logits, _ = model(idx, positions=positions[..., :T], attn_mask=prefill_mask, kv_cache=cache, last_only=True)
+    if rows is not None:
+        cache.reorder(copy_of)
+        logits = logits[copy_of]
+    return logits, cache
+
+
 def static_decode_step(model, token, positions, key_mask, cache):
     """One decode step over the whole static cache (see KVCache), the token going in cache slot
     cache.slot: the shapes are the same at every step. token (B, 1); positions (max_len,) or
@@ -252,7 +274,6 @@ def decode_steps(model, prompts, config, pad_id=0, tokenizer=None, step_fn=None,
     if step_fn is not model:  # compiled: a few cache lengths, so a few graphs, serve every call
         max_len = min(256 * -(-max_len // 256), model.config.block_size)
     positions, prefill_mask, key_mask = ragged_inputs(pad, T, max_len)
-    cache = KVCache(model.config, B, max_len, device, model.lm_head.weight.dtype)
     generator = torch.Generator(device).manual_seed(cfg.seed) if cfg.seed is not None else None
     stop_ids = list(cfg.stop_token_ids or ())
     stops = torch.tensor(stop_ids, dtype=torch.long, device=device)
@@ -261,7 +282,7 @@ def decode_steps(model, prompts, config, pad_id=0, tokenizer=None, step_fn=None,
     history = [[] for _ in range(B)] if stop_bytes else None  # generated ids, for stop strings
     can_stop = bool(stop_ids or stop_bytes)
 
-    logits, _ = model(idx, positions=positions[..., :T], attn_mask=prefill_mask, kv_cache=cache, last_only=True)
+    logits, cache = prefill(model, idx, positions, prefill_mask, max_len)
     if cfg.has_penalties:
         seen, counts = penalty_state(idx, pad, logits.size(-1))
     done = torch.zeros(B, dtype=torch.bool, device=device)

@@ -363,3 +363,18 @@ def test_compiled_decode_is_one_graph_for_every_step_and_prompt_length(monkeypat
     for prompt_len in (3, 5, 9):
         generate_ids(model, [list(range(1, prompt_len + 1))], GREEDY, step_fn=step)
     assert len(graphs) == 1, f"{len(graphs)} graphs compiled"
+
+
+def test_identical_prompts_are_prefilled_once_and_decode_as_alone(monkeypatch):
+    """num_samples copies of a prompt (or GRPO's groups) run through the prefill once; each copy
+    then decodes exactly as the prompt would alone."""
+    model = random_model(48)
+    prompts = [[1, 2, 3], [4, 5], [1, 2, 3], [1, 2, 3]]
+    prefill_rows = []
+    forward = model.forward
+    monkeypatch.setattr(model, 'forward', lambda idx, **kw: (prefill_rows.append(idx.shape) if idx.size(1) > 1 else None,
+                                                              forward(idx, **kw))[1])
+    out = generate_ids(model, prompts, GREEDY)
+    assert prefill_rows == [(2, 3)]  # two distinct prompts, left-padded to 3
+    for row, prompt in zip(out.tokens, prompts):
+        assert torch.equal(row, generate_ids(model, [prompt], GREEDY).tokens[0])
