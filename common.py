@@ -6,7 +6,7 @@ reward.py, dpo.py, ppo.py) runs, top to bottom:
     ckpt, parent = start_from(ctx, ...)       the previous stage's checkpoint (or its own, to resume)
     ... its model and data ...
     shard(ctx, model)                         parallel='fsdp' only: FSDP2, before the optimizer
-    optimizer = adamw(params, ...)            decay on matrices only
+    optimizer = adamw(params, ...)            decay on matrices only (train.py: build_optimizer, AdamW or Muon)
     resume_training(ctx, ckpt, optimizer)     optimizer, loss scale, random streams
     model = wrap(ctx, model, compile_model)   torch.compile, then DDP
     log, stop = start_logging(ctx, ...)       config.json, history.jsonl, wandb (or a no-op), Ctrl-C
@@ -427,6 +427,60 @@ def adamw(params, learning_rate, weight_decay, betas, device_type, scaled=(), lr
                    {'params': [p for p in members if p.dim() < 2], 'weight_decay': 0.0, 'lr_scale': scale}]
     fused = device_type == 'cuda'
     return torch.optim.AdamW([g for g in groups if g['params']], lr=learning_rate, betas=betas, fused=fused)
+
+
+class MuonAdamW:
+    """Muon (Jordan et al. 2024, https://kellerjordan.github.io/posts/muon/; torch.optim.Muon) for
+    the transformer blocks' weight matrices, AdamW for everything else (embeddings, the head, norm
+    gains, biases, 3-D expert weights), as nanochat and modded-nanogpt split them. Muon's update is
+    the momentum orthogonalised by Newton-Schulz; adjust_lr_fn='match_rms_adamw' (Moonshot's
+    "Muon is Scalable for LLM Training") scales it to AdamW's update RMS, so the stage's learning
+    rate, schedule and weight decay apply to both. One object with the optimizer interface the
+    stage skeleton uses (param_groups, step, zero_grad, state_dict), so nothing else changes."""
+
+    def __init__(self, muon_params, adamw_params, learning_rate, weight_decay, betas, momentum=0.95):
+        self.muon = torch.optim.Muon(muon_params, lr=learning_rate, weight_decay=weight_decay, momentum=momentum,
+                                     adjust_lr_fn='match_rms_adamw')
+        # unfused on any device: optimizer_step then skips a non-finite step on the host, for both
+        self.adamw = adamw(adamw_params, learning_rate, weight_decay, betas, 'cpu')
+        self.defaults = {}
+
+    @property
+    def param_groups(self):  # read each time: load_state_dict replaces the optimizers' group dicts
+        return self.muon.param_groups + self.adamw.param_groups
+
+    def step(self):
+        self.muon.step()
+        self.adamw.step()
+
+    def zero_grad(self, set_to_none=True):
+        self.muon.zero_grad(set_to_none=set_to_none)
+        self.adamw.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return {'muon': self.muon.state_dict(), 'adamw': self.adamw.state_dict()}
+
+    def load_state_dict(self, state):
+        if set(state) != {'muon', 'adamw'}:
+            raise SystemExit("the checkpoint's optimizer state is AdamW's: resume with --optim=adamw")
+        self.muon.load_state_dict(state['muon'])
+        self.adamw.load_state_dict(state['adamw'])
+
+
+def build_optimizer(ctx, name, model, params, learning_rate, weight_decay, betas):
+    """optim='adamw' | 'muon' (MuonAdamW: Muon on the 2-D weights inside the blocks)."""
+    if name == 'adamw':
+        return adamw(params, learning_rate, weight_decay, betas, ctx.device_type)
+    if name != 'muon':
+        raise SystemExit(f"optim={name!r}: use 'adamw' or 'muon'")
+    if ctx.fsdp or ctx.scaler.is_enabled():
+        raise SystemExit("optim='muon' runs without FSDP (it orthogonalises whole matrices) and without "
+                         "float16's loss scaling: use parallel='ddp' and dtype bfloat16 or float32")
+    trainable = {id(p) for p in params}
+    hidden = [p for block in model.transformer.h for name, p in block.named_parameters()
+              if p.dim() == 2 and 'router' not in name and id(p) in trainable]  # an MoE router stays with AdamW
+    hidden_ids = {id(p) for p in hidden}
+    return MuonAdamW(hidden, [p for p in params if id(p) not in hidden_ids], learning_rate, weight_decay, betas)
 
 
 def set_lr(optimizer, it, config):

@@ -72,6 +72,7 @@ moe_aux_loss_coef = 0.01
 moe_capacity_factor = 1.25
 grad_checkpoint = False
 # optimizer
+optim = 'adamw'  # 'adamw' | 'muon' (Muon on the blocks' weight matrices, AdamW on the rest)
 learning_rate = 6e-4
 max_iters = 5000
 weight_decay = 0.1
@@ -237,7 +238,7 @@ if ctx.master:
 
 # optimizer (and its state when resuming)
 params = [p for p in model.parameters() if p.requires_grad]
-optimizer = common.adamw(params, learning_rate, weight_decay, (beta1, beta2), ctx.device_type)
+optimizer = common.build_optimizer(ctx, optim, model, params, learning_rate, weight_decay, (beta1, beta2))
 if init_from == 'resume':
     iter_num, best_val_loss = common.resume_training(ctx, ckpt, optimizer, data_generator)
     evals_without_improvement = ckpt.get('evals_without_improvement', 0)
