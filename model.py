@@ -68,6 +68,11 @@ class GPTConfig:
         return asdict(self)
 
 
+def Dropout(p):
+    """nn.Dropout(p), or nothing at all when p == 0 (a Dropout(0) still costs a dispatched op per call)."""
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
 def Norm(config, dim=None):
     dim = dim or config.n_embd
     if config.norm == 'rmsnorm':
@@ -85,10 +90,10 @@ def rope_cache(seq_len, head_dim, theta):
 
 
 def apply_rope(x, cos, sin):
-    """x: (B, nh, T, hs); cos/sin: (T, hs/2) or (B, T, hs/2). Rotates the two halves of each head."""
+    """x: (B, nh, T, hs); cos/sin: (T, hs/2) or (B, T, hs/2), in x's dtype (as Llama does: no fp32
+    copies of q, k). Rotates the two halves of each head."""
     if cos.dim() == 3:  # per-sequence positions: add the head axis
         cos, sin = cos[:, None], sin[:, None]
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # in x's dtype, as Llama does: no fp32 copies of q, k
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
@@ -143,7 +148,7 @@ def attention(q, k, v, attn_mask, is_causal, dropout, cached):
         q, k, v = q.float(), k.float(), v.float()
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout,
                                        enable_gqa=q.size(1) != k.size(1))  # GQA without repeat_interleave copies
-    return y.to(out_dtype)
+    return y if y.dtype == out_dtype else y.to(out_dtype)
 
 
 class Attention(nn.Module):
@@ -161,16 +166,18 @@ class Attention(nn.Module):
         self.q_norm = Norm(config, self.head_dim) if config.qk_norm else None
         self.k_norm = Norm(config, self.head_dim) if config.qk_norm else None
         self.dropout = config.dropout
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = Dropout(config.dropout)
 
     def forward(self, x, rope, attn_mask, kv_cache):
         B, T, _ = x.size()
         qkv = self.c_attn(x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim).transpose(1, 2)
-        q, k, v = qkv.split([self.n_head, self.n_kv_head, self.n_kv_head], dim=1)  # (B, nh, T, hs), (B, nkv, T, hs) x2
+        qk, v = qkv.split([self.n_head + self.n_kv_head, self.n_kv_head], dim=1)  # (B, nh + nkv, T, hs), (B, nkv, T, hs)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+            q, k = qk.split([self.n_head, self.n_kv_head], dim=1)
+            qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=1)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            qk = apply_rope(qk, *rope)  # q and k rotated together: half the ops of one call each
+        q, k = qk.split([self.n_head, self.n_kv_head], dim=1)  # (B, nh, T, hs), (B, nkv, T, hs)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nkv, S, hs), S = cached + T
         # With no explicit mask, causal attention over a square T x T; the cache/packing paths pass one.
@@ -192,7 +199,7 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, (2 if self.swiglu else 1) * hidden, bias=config.bias)
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.c_proj.residual_proj = True
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(self, x):
         h = self.c_fc(x)
@@ -234,7 +241,7 @@ class MoE(nn.Module):
         self.w_out = nn.Parameter(torch.randn(E, H, C) * 0.02)  # GPT re-initialises both
         self.w_out.residual_proj = True
         self.shared = MLP(config, config.n_shared_experts * H) if config.n_shared_experts else None
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def gates(self, probs):
         """Router probabilities (N, E) -> the top-k gate weights and expert ids, (N, k) each."""
@@ -294,7 +301,7 @@ class Block(nn.Module):
         if self.moe:
             h, aux = self.mlp(self.ln_2(x))
         else:
-            h, aux = self.mlp(self.ln_2(x)), x.new_zeros((), dtype=torch.float32)
+            h, aux = self.mlp(self.ln_2(x)), None  # no MoE load-balancing loss
         return x + h, aux
 
 
@@ -379,7 +386,7 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd) if config.pos == 'learned' else None,
-            drop=nn.Dropout(config.dropout),
+            drop=Dropout(config.dropout),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
             ln_f=Norm(config),
         ))
@@ -484,7 +491,8 @@ class GPT(nn.Module):
                 x, aux = checkpoint(block, x, rope, attn_mask, kv_cache, use_reentrant=False)
             else:
                 x, aux = block(x, rope, attn_mask, kv_cache)
-            aux_loss = aux_loss + aux
+            if aux is not None:
+                aux_loss = aux_loss + aux
         if kv_cache is not None and not static:
             kv_cache.pos += T
         return self.transformer.ln_f(x), aux_loss
