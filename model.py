@@ -221,7 +221,8 @@ class MoE(nn.Module):
     experts run as one batched matmul: static shapes (torch.compile friendly) and every expert's
     parameters are used every step (DDP needs no find_unused_parameters). In training, tokens past
     an expert's capacity are dropped (they still pass through the residual); in eval capacity is
-    the token count, so nothing is dropped and cached decoding is exact.
+    the busiest expert's token count, so nothing is dropped and cached decoding is exact (one host
+    sync per layer to read that count).
 
     Load-balancing loss (Switch Transformer, Fedus et al. 2021): E * sum_e f_e * P_e, where f_e is
     the fraction of routing slots sent to expert e and P_e the mean router probability of e.
@@ -260,8 +261,11 @@ class MoE(nn.Module):
         aux_loss = E * (slots.mean(0) * probs.mean(0)).sum()
 
         # position of each (token, expert) pair in its expert's queue; earlier tokens first
-        capacity = N if not self.training else min(N, math.ceil(self.capacity_factor * N * k / E))
         rank = (slots.cumsum(0) * slots).sum(-1).long() - 1  # (N*k,)
+        if self.training:
+            capacity = min(N, math.ceil(self.capacity_factor * N * k / E))
+        else:  # dropless: as many rows as the busiest expert needs (not N each: E/k x the FLOPs, and memory)
+            capacity = int(slots.sum(0).max().item())
         keep = rank < capacity
         # dropped pairs go to one spare row at the end, which is discarded
         slot = torch.where(keep, expert.view(-1) * capacity + rank, E * capacity)

@@ -295,3 +295,27 @@ def test_training_step_never_holds_the_full_logits():
         loss.backward()
     n_logits = x.numel() * 32768
     assert LargestTensor.largest <= n_logits // 8, f"a tensor of {LargestTensor.largest} elements (logits: {n_logits})"
+
+
+def test_moe_eval_is_dropless_without_padding_every_expert_to_all_tokens():
+    """In eval each expert gets as many rows as the busiest one needs, not one per token: at 64
+    experts, top-2, the old E x N buffer was 32x the routed work (and ran out of memory at scale)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestTensor(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in (out if isinstance(out, (tuple, list)) else [out]):
+                if isinstance(t, torch.Tensor):
+                    LargestTensor.largest = max(LargestTensor.largest, t.numel())
+            return out
+
+    torch.manual_seed(0)
+    moe = MoE(tiny_config(n_experts=64, n_experts_active=2)).eval()
+    x = torch.randn(2, 32, 32)  # N = 64 tokens, C = 32
+    with torch.no_grad(), LargestTensor():
+        moe(x)
+    padded = 64 * 64 * 2 * moe.w_in.size(-1) // 2  # E x N rows of the (gate, up) hidden
+    assert LargestTensor.largest < padded // 4, (LargestTensor.largest, padded)
