@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from model import KVCache
+from model import KVCache, compute_dtype  # the cache holds keys/values in the dtype they are computed in (autocast's)
 
 
 @dataclass
@@ -229,7 +229,7 @@ def prefill(model, idx, positions, prefill_mask, max_len):
         idx = idx[rows]
         positions = positions if positions.dim() == 1 else positions[rows]
         prefill_mask = None if prefill_mask is None else prefill_mask[rows]
-    cache = KVCache(model.config, idx.size(0), max_len, idx.device, model.lm_head.weight.dtype)
+    cache = KVCache(model.config, idx.size(0), max_len, idx.device, compute_dtype(model.lm_head.weight))
     logits, _ = model(idx, positions=positions[..., :T], attn_mask=prefill_mask, kv_cache=cache, last_only=True)
     if rows is not None:
         cache.reorder(copy_of)
@@ -365,7 +365,7 @@ def beam_search(model, prompts, config, pad_id=0, tokenizer=None):
     idx, pad = idx.repeat_interleave(W, dim=0), pad.repeat_interleave(W, dim=0)  # (B*W, T)
     max_len = T + cfg.max_new_tokens
     positions, prefill_mask, key_mask = ragged_inputs(pad, T, max_len)
-    cache = KVCache(model.config, B * W, max_len, device, model.lm_head.weight.dtype)
+    cache = KVCache(model.config, B * W, max_len, device, compute_dtype(model.lm_head.weight))
     stop_set = set(cfg.stop_token_ids or ())
     stop_bytes = [s.encode('utf-8') for s in cfg.stop_strings if s]
     beam_scores = torch.full((B, W), float('-inf'), device=device)

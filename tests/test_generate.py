@@ -378,3 +378,23 @@ def test_identical_prompts_are_prefilled_once_and_decode_as_alone(monkeypatch):
     assert prefill_rows == [(2, 3)]  # two distinct prompts, left-padded to 3
     for row, prompt in zip(out.tokens, prompts):
         assert torch.equal(row, generate_ids(model, [prompt], GREEDY).tokens[0])
+
+
+def test_generation_under_bf16_autocast_keeps_its_cache_in_bf16(monkeypatch):
+    """Rollouts and evals in a stage's dtype: under autocast the keys/values are computed in bf16
+    and the cache holds them as such (not an fp32 copy cast back every step)."""
+    import generate
+    from model import KVCache
+    caches = []
+
+    def recording_cache(*args):
+        caches.append(KVCache(*args))
+        return caches[-1]
+
+    monkeypatch.setattr(generate, 'KVCache', recording_cache)
+    model = random_model(48)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        bf16 = generate_ids(model, [[1, 2, 3], [4, 5]], GREEDY)
+    fp32 = generate_ids(model, [[1, 2, 3], [4, 5]], GREEDY)
+    assert caches[0].k[0].dtype == torch.bfloat16 and caches[1].k[0].dtype == torch.float32
+    assert (bf16.tokens == fp32.tokens).float().mean() > 0.5  # a random model's near-ties may flip a few
