@@ -127,6 +127,7 @@ class SlotCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.pos, self.rows, self.at, self.width = 0, slice(0, 0), None, 0
+        self.slot = None  # not model.KVCache's static mode: update() returns the columns in use
 
     def prefill_into(self, r0, r1):
         self.pos, self.rows, self.at = 0, slice(r0, r1), None
