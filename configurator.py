@@ -70,7 +70,8 @@ def _parse_literal(text):
 
 # nanoGPT's names (or ours before) that shadowed a builtin or a module, and what they are now
 RENAMED = {'compile': ['compile_model'], 'input': ['sources'], 'tokenizer': ['tokenizer_type'],
-           'tasks': ['write_tasks', 'score_tasks']}
+           'tasks': ['write_tasks', 'score_tasks'], 'num_threads': ['num_proc'],
+           'loss_norm': ['loss_type']}
 REMOVED = {'always_save_checkpoint': "ckpt.pt is now always the latest state, and best.pt the best"}
 
 

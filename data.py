@@ -24,9 +24,11 @@ import hashlib
 import io
 import json
 import math
+import multiprocessing
 import os
 import random
 import re
+import signal
 import sys
 import sysconfig
 import time
@@ -104,28 +106,40 @@ def read_lines(path):
     its own line only. (A decoding file object raises mid-file instead, and what its 8 KB buffer
     held is gone with the rest of the file.) Newlines come as open() gives them: \r\n and a lone
     \r become \n. A compressed file that is corrupt or cut short raises DataError where that shows."""
-    lineno, kind = 0, split_compression(path)[1]
+    lineno = 0
     with open_binary(path) as f:
         try:
-            for raw in f:
-                try:
-                    text = raw.decode('utf-8')
-                except UnicodeDecodeError as e:
-                    lineno += 1
-                    yield lineno, None, (f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column "
-                                         f"{e.start + 1}: {e.reason}); re-save the file as UTF-8")
-                    continue
-                lines = [text]
-                if '\r' in text:  # old Mac files end lines with a lone \r: split there too, as open() does
-                    lines = _LINES.findall(text.replace('\r\n', '\n').replace('\r', '\n'))
-                for line in lines:
-                    lineno += 1
-                    yield lineno, line, None
+            for lineno, line, error in _decode_lines(f, path, lineno):
+                yield lineno, line, error
         except (EOFError, OSError, zlib.error) as e:  # gzip: EOFError (cut short), BadGzipFile; pyarrow: OSError
-            if kind is None:
-                raise  # a plain file that fails mid-read: iter_documents names it
-            raise DataError(f"{path}: cannot decompress it as {kind} after line {lineno:,} ({e}): the file is corrupt "
-                            f"or cut short (an interrupted download?); fetch or compress it again") from None
+            _decompress_error(path, e, lineno)
+            raise  # a plain file that fails mid-read: iter_documents names it
+
+
+def _decode_lines(raw_lines, path, lineno):
+    """(line number, line or None, error or None) for each line of an iterable of raw lines."""
+    for raw in raw_lines:
+        try:
+            text = raw.decode('utf-8')
+        except UnicodeDecodeError as e:
+            lineno += 1
+            yield lineno, None, (f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column "
+                                 f"{e.start + 1}: {e.reason}); re-save the file as UTF-8")
+            continue
+        lines = [text]
+        if '\r' in text:  # old Mac files end lines with a lone \r: split there too, as open() does
+            lines = _LINES.findall(text.replace('\r\n', '\n').replace('\r', '\n'))
+        for line in lines:
+            lineno += 1
+            yield lineno, line, None
+
+
+def _decompress_error(path, error, lineno):
+    """Raise DataError for a compressed file that fails to decompress; return for a plain file."""
+    kind = split_compression(path)[1]
+    if kind is not None:
+        raise DataError(f"{path}: cannot decompress it as {kind} after line {lineno:,} ({error}): the file is corrupt "
+                        f"or cut short (an interrupted download?); fetch or compress it again") from None
 
 
 def scan_jsonl(path, parse):
@@ -604,19 +618,105 @@ def read_text_file(path, bad=None):
     to `bad`, and the count printed), never the rest of the file. Dropped rather than decoded with
     U+FFFD: replacement characters would be trained on as text, while a lost line is counted and
     named. A file in another encoding loses every non-ASCII line this way: re-save it as UTF-8."""
+    return (text for text, _ in read_text_pieces(path, bad))
+
+
+def read_text_pieces(path, bad=None, piece_chars=0):
+    """(text, ends_document) for each piece of each document of a text file (see read_text_file).
+    A document longer than piece_chars comes in pieces cut at the first line end after piece_chars
+    characters, so a 1 GB document never sits in memory whole; 0 = whole documents."""
     bad = [] if bad is None else bad
     n_before = len(bad)
-    doc = []
-    for _, line, error in read_lines(path):
-        if error is not None:
-            bad.append(error)
-        elif line.strip() == DOC_SEPARATOR:
-            yield ''.join(doc)
-            doc = []
-        else:
-            doc.append(line)
-    yield ''.join(doc)
+    doc, size = [], 0
+    for block in _text_blocks(path, bad):
+        parts = _SEPARATOR_LINE.split(block)  # text, separator, text, ...: the separators end documents
+        for i, part in enumerate(parts):
+            if i % 2:
+                yield ''.join(doc), True
+                doc, size = [], 0
+                continue
+            doc.append(part)
+            size += len(part)
+            if piece_chars and size >= piece_chars:  # cut at the first line end after piece_chars
+                text = ''.join(doc)
+                cut = text.find('\n', piece_chars - 1) + 1
+                while cut > 0:
+                    yield text[:cut], False
+                    text = text[cut:]
+                    cut = text.find('\n', piece_chars - 1) + 1 if len(text) >= piece_chars else 0
+                doc, size = [text], len(text)
+    yield ''.join(doc), True
     _say_dropped(path, bad[n_before:])
+
+
+_SEPARATOR_LINE = re.compile(r'(?m)^([^\S\n]*<\|endoftext\|>[^\S\n]*(?:\n|\Z))')  # a line that is only <|endoftext|>
+
+
+def _text_blocks(path, bad, block_bytes=1 << 20):
+    """A text file as decoded blocks of whole lines, ~block_bytes each, newlines translated as
+    open() does. A block that is not all UTF-8 is decoded line by line (read_lines): its bad lines
+    are dropped and their errors appended to `bad`, with their line numbers."""
+    lineno, carry = 0, b''
+    with open_binary(path) as f:
+        while True:
+            try:
+                chunk = f.read(block_bytes)
+            except (EOFError, OSError, zlib.error) as e:
+                _decompress_error(path, e, lineno)
+                raise
+            raw = carry + chunk
+            if not raw:
+                return
+            cut = raw.rfind(b'\n') + 1 if chunk else len(raw)  # whole lines; at the end, the rest
+            if cut == 0:
+                carry = raw
+                continue
+            raw, carry = raw[:cut], raw[cut:]
+            try:
+                text = raw.decode('utf-8')
+                if '\r' in text:  # Windows and old Mac line ends, as open() reads them
+                    text = text.replace('\r\n', '\n').replace('\r', '\n')
+                lineno += text.count('\n') + (not text.endswith('\n'))
+            except UnicodeDecodeError:
+                lines = []
+                for lineno, line, error in _decode_lines(io.BytesIO(raw), path, lineno):
+                    if error is None:
+                        lines.append(line)
+                    else:
+                        bad.append(error)
+                text = ''.join(lines)
+            if text:
+                yield text
+            if not chunk:
+                return
+
+
+def cut_pieces(text, piece_chars):
+    """(piece, ends_document) of one document, cut as read_text_pieces cuts: at the first line end
+    after piece_chars characters (a text without line ends stays whole); 0 = the whole text."""
+    start = 0
+    while piece_chars and len(text) - start > piece_chars:
+        cut = text.find('\n', start + piece_chars - 1) + 1
+        if cut <= 0 or cut == len(text):
+            break
+        yield text[start:cut], False
+        start = cut
+    yield text[start:] if start else text, True
+
+
+def file_pieces(path, skip_bad_lines=False, bad=None, piece_chars=0):
+    """(text, ends_document) for each piece of each document of one file of any kind (read_file):
+    what prepare.py streams through cleaning and tokenising. A file that cannot be read is a
+    DataError; dropped lines are appended to `bad`, as read_file does."""
+    try:
+        if is_table_or_jsonl(path):  # whole documents (a JSON line, a table row), then cut
+            for text in read_file(path, skip_bad_lines, bad):
+                yield from cut_pieces(text, piece_chars)
+        else:  # text: cut while reading, the document is never whole in memory
+            yield from read_text_pieces(path, bad, piece_chars)
+    except OSError as e:  # unreadable (permissions), gone since it was listed, a directory, ...
+        raise DataError(f"{path}: cannot read it ({e.strerror or e}); fix its permissions or leave it out "
+                        f"of --sources") from None
 
 
 def _say_dropped(path, errors):
@@ -704,6 +804,11 @@ def read_arrow_text(path, skip_bad_lines=False, bad=None):
         except (OSError, ValueError) as e:
             raise DataError(f"{path}: not a readable Arrow file ({e})") from None
         yield from _text_rows(path, reader.schema.names, batches, skip_bad_lines, bad)
+
+
+def is_table_or_jsonl(path):
+    """Whether read_file reads path as records (.jsonl, .parquet, .arrow) rather than as text."""
+    return split_compression(path)[0].endswith('.jsonl') or path.endswith(('.parquet', '.arrow'))
 
 
 def read_file(path, skip_bad_lines=False, bad=None):
@@ -830,11 +935,8 @@ def iter_documents(files, skip_bad_lines=False, counts=None):
     DataError, and so is a compressed file that is corrupt or cut short."""
     for path in files:
         bad = []
-        try:
-            yield from read_file(path, skip_bad_lines, bad)
-        except OSError as e:  # unreadable (permissions), gone since it was listed, a directory, ...
-            raise DataError(f"{path}: cannot read it ({e.strerror or e}); fix its permissions or leave it out "
-                            f"of --sources") from None
+        for text, _ in file_pieces(path, skip_bad_lines, bad):
+            yield text
         if counts is not None:
             counts['bad_lines'] = counts.get('bad_lines', 0) + len(bad)
 
@@ -1033,103 +1135,233 @@ def minhash_signatures(texts, num_perm=64, ngram=5, seed=0, char_ngram=3):
     return sigs, n_tokens > 0
 
 
+class HashIndex:
+    """64-bit keys -> the value first stored with each (an int >= 0). New keys wait in a dict and
+    are merged into sorted numpy arrays every `batch` keys: 16 bytes a key instead of the ~100 a
+    Python dict or set spends, so the dedup state of millions of documents stays small."""
+
+    def __init__(self, batch=1 << 19):
+        self.keys, self.values = np.zeros(0, np.uint64), np.zeros(0, np.int64)
+        self.recent, self.batch = {}, batch
+
+    def __len__(self):
+        return len(self.keys) + len(self.recent)
+
+    def get(self, keys):
+        """The value of each of keys (a uint64 array), -1 where it has none."""
+        keys = np.asarray(keys, np.uint64)
+        out = np.full(len(keys), -1, np.int64)
+        if len(self.keys):
+            at = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
+            hit = self.keys[at] == keys
+            out[hit] = self.values[at[hit]]
+        if self.recent:
+            for i, key in enumerate(keys.tolist()):
+                out[i] = self.recent.get(key, out[i])
+        return out
+
+    def add(self, keys, value):
+        """Store value with each of keys that has none yet (dict.setdefault)."""
+        keys = np.asarray(keys, np.uint64)
+        for key, old in zip(keys.tolist(), self.get(keys).tolist()):
+            if old < 0:
+                self.recent[key] = value
+        if len(self.recent) >= self.batch:
+            self._merge()
+
+    def add_many(self, keys, values):
+        """add(key, value) for each pair in order, vectorised (to rebuild an index from its journal)."""
+        self._merge()
+        keys, first = np.unique(np.asarray(keys, np.uint64), return_index=True)  # the first value of a key wins
+        new = self.get(keys) < 0
+        self._insert(keys[new], np.asarray(values, np.int64)[first][new])
+
+    def _merge(self):
+        if self.recent:
+            keys = np.fromiter(self.recent.keys(), np.uint64, len(self.recent))
+            values = np.fromiter(self.recent.values(), np.int64, len(self.recent))
+            self.recent = {}
+            order = np.argsort(keys)
+            self._insert(keys[order], values[order])
+
+    def _insert(self, keys, values):  # keys sorted, none present
+        at = np.searchsorted(self.keys, keys)
+        self.keys, self.values = np.insert(self.keys, at, keys), np.insert(self.values, at, values)
+
+
+def band_rows(threshold, num_perm=64):
+    """Rows per LSH band: the largest divisor of num_perm that still finds a pair at the threshold
+    with probability >= 99%: 1 - (1 - t^r)^(num_perm/r)."""
+    rows = [r for r in range(1, num_perm + 1) if num_perm % r == 0 and
+            1 - (1 - threshold ** r) ** (num_perm // r) >= 0.99]
+    return max(rows or [1])
+
+
+def band_keys(sigs, rows):
+    """(n, num_perm) MinHash signatures -> (n, num_perm // rows) uint64: a hash of each band of
+    rows values, the band's number mixed in (equal values in two bands are two keys)."""
+    n, bands = len(sigs), sigs.shape[1] // rows
+    values = sigs[:, :bands * rows].reshape(n, bands, rows).astype(np.uint64)
+    h = np.tile(np.arange(1, bands + 1, dtype=np.uint64), (n, 1))
+    for j in range(rows):
+        h = _mix64(h * np.uint64(_P) + values[:, :, j])
+    return h
+
+
 class NearDuplicates:
     """MinHash LSH: a document is a near-duplicate when some earlier kept document agrees on at
     least `threshold` of the signature (estimated Jaccard of the sets of shingles: word 5-grams,
     and character 3-grams in scripts without spaces; see minhash_signatures). Signatures are
-    split into bands of r rows; documents sharing a band are compared. r is the largest divisor
-    that still finds a pair at the threshold with probability >= 99%: 1 - (1 - t^r)^(num_perm/r).
-    Memory: num_perm x 4 bytes and num_perm/r dict entries per kept document."""
+    split into bands of band_rows(threshold) rows; the first kept document with a band is that
+    band's candidate, and candidates are compared whole. Memory per kept document: its signature
+    (num_perm x 4 bytes) and its bands in a HashIndex (16 bytes each): ~0.5 KB at the defaults.
+    journal: a binary file that each kept signature is appended to (restore() reads it back)."""
+
+    CHUNK = 4096  # signatures are stored in blocks of this many rows: no copying as they grow
 
     def __init__(self, threshold=0.8, num_perm=64, ngram=5, seed=0, char_ngram=3):
         self.threshold, self.num_perm, self.ngram, self.seed = threshold, num_perm, ngram, seed
         self.char_ngram = char_ngram
-        rows = [r for r in range(1, num_perm + 1) if num_perm % r == 0 and
-                1 - (1 - threshold ** r) ** (num_perm // r) >= 0.99]
-        self.rows = max(rows or [1])
-        self.buckets = [dict() for _ in range(num_perm // self.rows)]
-        self.kept = []
+        self.rows = band_rows(threshold, num_perm)
+        self.index = HashIndex()
+        self.blocks, self.n_kept, self.journal = [], 0, None
 
     def keep(self, texts):
         """For each text (in order): True to keep it, False when it near-duplicates a kept one."""
         sigs, has_words = minhash_signatures(texts, self.num_perm, self.ngram, self.seed, self.char_ngram)
-        keep = []
-        for sig, ok in zip(sigs, has_words):
-            if not ok:  # no words, nothing to compare: exact dedup covers it
-                keep.append(True)
-                continue
-            keys = [sig[i * self.rows:(i + 1) * self.rows].tobytes() for i in range(len(self.buckets))]
-            candidates = {bucket.get(k) for bucket, k in zip(self.buckets, keys)} - {None}
-            if any(np.mean(self.kept[c] == sig) >= self.threshold for c in candidates):
-                keep.append(False)
-                continue
-            for bucket, k in zip(self.buckets, keys):
-                bucket.setdefault(k, len(self.kept))
-            self.kept.append(sig)
-            keep.append(True)
-        return keep
+        return [self.keep_one(sig, ok, keys) for sig, ok, keys in zip(sigs, has_words, band_keys(sigs, self.rows))]
+
+    def keep_one(self, sig, has_words, keys):
+        """One document's verdict from its signature and band_keys: True (kept, and indexed) or
+        False (a near-duplicate). A document without words has nothing to compare: kept."""
+        if not has_words:
+            return True
+        candidates = self.index.get(keys)
+        for c in set(candidates[candidates >= 0].tolist()):
+            if np.mean(self.blocks[c // self.CHUNK][c % self.CHUNK] == sig) >= self.threshold:
+                return False
+        self.index.add(keys, self.n_kept)
+        self._store(sig[None])
+        if self.journal is not None:
+            self.journal.write(np.ascontiguousarray(sig, np.uint32).tobytes())
+        return True
+
+    def restore(self, sigs):
+        """Index the kept signatures (n, num_perm) of an interrupted run again, as keep_one did."""
+        first = self.n_kept
+        self._store(sigs)
+        self.index.add_many(band_keys(sigs, self.rows).ravel(), np.repeat(np.arange(first, self.n_kept), sigs.shape[1] // self.rows))
+
+    def _store(self, sigs):
+        for sig in sigs:
+            if self.n_kept % self.CHUNK == 0:
+                self.blocks.append(np.zeros((self.CHUNK, self.num_perm), np.uint32))
+            self.blocks[-1][self.n_kept % self.CHUNK] = sig
+            self.n_kept += 1
 
 
 DROP_REASONS = ('too_short', 'too_long', 'exact_duplicate', 'near_duplicate')
+STAT_COLUMNS = ('chars_in', 'chars_out', 'normalized', 'control_chars', 'boilerplate_lines')  # clean_task's stats
+
+
+def clean_task(settings, texts, tag=None):
+    """The cleaning work of a batch of texts (documents or pieces of one), done by a pool worker
+    while the main process reads and decides; nothing here depends on other batches, so any
+    number of workers gives the same result. settings: Cleaner.settings. Returns (tag, the
+    cleaned texts as UTF-8, stats (n, len(STAT_COLUMNS)) int64, exact keys (n,) uint64, and with
+    minhash: signatures (n, 64) uint32, has_words (n,) bool, band_keys (n, bands) uint64)."""
+    cleaned, stats = [], np.zeros((len(texts), len(STAT_COLUMNS)), np.int64)
+    for i, text in enumerate(texts):
+        out, c = clean_text(text, settings['normalize'], settings['strip_control'], settings['drop_boilerplate'])
+        cleaned.append(out)
+        stats[i] = len(text), len(out), c['normalized'], c['control_chars'], c['boilerplate_lines']
+    raw = [t.encode('utf-8') for t in cleaned]  # clean_text leaves no lone surrogates
+    keys = np.array([int.from_bytes(hashlib.blake2b(r, digest_size=8).digest(), 'little') for r in raw], np.uint64)
+    if not settings['minhash']:
+        return tag, raw, stats, keys, None, None, None
+    sigs, has_words = minhash_signatures(cleaned, seed=settings['seed'])
+    return tag, raw, stats, keys, sigs, has_words, band_keys(sigs, settings['band_rows'])
 
 
 class Cleaner:
     """The cleaning steps in order, with the state that spans sources (hashes seen, the MinHash
-    index): text filters (clean_text), then length, exact and near-duplicate checks, which drop
-    whole documents. The first copy of a duplicate is kept."""
+    index): text filters (clean_text, in clean_task), then length, exact and near-duplicate checks
+    (admit), which drop whole documents. The first copy of a duplicate is kept.
+    journal: a binary file that each exact key added is appended to (restore() reads it back)."""
 
     def __init__(self, normalize='NFC', strip_control=True, drop_boilerplate=True, min_chars=0, max_chars=0,
                  exact_dedup=True, near_dedup=True, near_dedup_threshold=0.8, seed=0, batch_chars=1 << 20):
-        self.normalize, self.strip_control = normalize, strip_control
+        self.settings = {'normalize': normalize, 'strip_control': strip_control, 'drop_boilerplate': drop_boilerplate,
+                         'minhash': near_dedup, 'seed': seed, 'band_rows': band_rows(near_dedup_threshold)}
         self.min_chars, self.max_chars = min_chars, max_chars
-        self.drop_boilerplate = drop_boilerplate
-        self.seen = set() if exact_dedup else None
+        self.seen = HashIndex() if exact_dedup else None
         self.near = NearDuplicates(near_dedup_threshold, seed=seed) if near_dedup else None
-        self.batch_chars = batch_chars  # MinHash runs on batches of about this much text
+        self.batch_chars = batch_chars  # run(): MinHash runs on batches of about this much text
+        self.journal = None
 
     @staticmethod
     def new_counts():
         return {'docs_in': 0, 'docs_out': 0, 'chars_in': 0, 'chars_out': 0, 'dropped': dict.fromkeys(DROP_REASONS, 0),
                 'normalized': 0, 'control_chars': 0, 'boilerplate_lines': 0, 'bad_lines': 0}
 
+    def admit(self, n_chars, key, sig=None, has_words=False, keys=None):
+        """The whole-document checks of a cleaned document, in order: length, exact copy, near
+        copy (sig, has_words, keys: its MinHash signature, whether it has words, its band_keys).
+        Returns the reason (DROP_REASONS) it is dropped for, or None when it is kept."""
+        if n_chars < self.min_chars:
+            return 'too_short'
+        if 0 < self.max_chars < n_chars:
+            return 'too_long'
+        if self.seen is not None:
+            key = np.array([key], np.uint64)
+            if self.seen.get(key)[0] >= 0:
+                return 'exact_duplicate'
+            self.seen.add(key, 0)
+            if self.journal is not None:
+                self.journal.write(key.tobytes())
+        if self.near is not None and not self.near.keep_one(sig, has_words, keys):
+            return 'near_duplicate'
+        return None
+
+    def restore(self, keys, sigs):
+        """The dedup state of an interrupted run, from its journals: exact keys and kept signatures."""
+        if self.seen is not None:
+            self.seen.add_many(keys, np.zeros(len(keys), np.int64))
+        if self.near is not None:
+            self.near.restore(sigs)
+
     def run(self, texts, counts):
-        """Yield (text, exact_key) for each document kept, adding to counts (from new_counts)."""
+        """Yield (text, exact_key) for each document kept, adding to counts (from new_counts): all
+        of it in this process (prepare.py spreads clean_task over a pool instead)."""
         batch, size = [], 0
         for text in texts:
-            counts['docs_in'] += 1
-            counts['chars_in'] += len(text)
-            text, c = clean_text(text, self.normalize, self.strip_control, self.drop_boilerplate)
-            for k, v in c.items():
-                counts[k] += v
-            reason = None
-            if len(text) < self.min_chars:
-                reason = 'too_short'
-            elif 0 < self.max_chars < len(text):
-                reason = 'too_long'
-            key = exact_key(text) if reason is None else None
-            if reason is None and self.seen is not None:
-                if key in self.seen:
-                    reason = 'exact_duplicate'
-                self.seen.add(key)
+            batch.append(text)
+            size += len(text)
+            if size >= self.batch_chars:
+                yield from self._run_batch(batch, counts)
+                batch, size = [], 0
+        yield from self._run_batch(batch, counts)
+
+    def _run_batch(self, texts, counts):
+        _, raw, stats, keys, sigs, has_words, bands = clean_task(self.settings, texts)
+        for i in range(len(texts)):
+            add_counts(counts, stats[i])
+            minhash = (sigs[i], has_words[i], bands[i]) if sigs is not None else ()
+            reason = self.admit(stats[i, 1], keys[i], *minhash)
             if reason:
                 counts['dropped'][reason] += 1
                 continue
-            batch.append((text, key))
-            size += len(text)
-            if size >= self.batch_chars:
-                yield from self._flush(batch, counts)
-                batch, size = [], 0
-        yield from self._flush(batch, counts)
-
-    def _flush(self, batch, counts):
-        keep = self.near.keep([t for t, _ in batch]) if self.near and batch else [True] * len(batch)
-        for (text, key), ok in zip(batch, keep):
-            if not ok:
-                counts['dropped']['near_duplicate'] += 1
-                continue
             counts['docs_out'] += 1
-            counts['chars_out'] += len(text)
-            yield text, key
+            counts['chars_out'] += int(stats[i, 1])
+            yield raw[i].decode('utf-8'), int(keys[i])
+
+
+def add_counts(counts, stats):
+    """A document's clean_task stats row into a source's counts (docs_in and the text filters)."""
+    counts['docs_in'] += 1
+    counts['chars_in'] += int(stats[0])
+    for name, value in zip(STAT_COLUMNS[2:], stats[2:]):
+        counts[name] += int(value)
 
 
 # ----------------------------------------------------------------------------- mixing
@@ -1295,3 +1527,114 @@ def tokenise_spool(tok, spool, offsets, doc_ids, path, dtype, num_threads=0, chu
     if log_every:
         log_progress('tokenise', done, total, t0, final=True)
     return np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+
+
+# ----------------------------------------------------------------------------- worker pools
+
+def make_pool(num_proc):
+    """num_proc worker processes (0 = one per core) for clean_task and tokenise_task, or None
+    when that is 1: the work then runs in this process, with the same results. Forked, because
+    prepare.py is a script, which a spawned worker would run again from its first line; where
+    fork is missing (Windows) the work runs in this process."""
+    n = num_proc or os.cpu_count() or 1
+    if n <= 1:
+        return None
+    if 'fork' not in multiprocessing.get_all_start_methods():
+        print(f"num_proc={n}: this platform cannot fork worker processes; running on one core")
+        return None
+    return multiprocessing.get_context('fork').Pool(n, initializer=signal.signal,
+                                                    initargs=(signal.SIGINT, signal.SIG_IGN))  # Ctrl-C: the main's
+
+
+def ordered_map(pool, fn, tasks, in_flight):
+    """fn(*task) for each task, yielded in the tasks' order, so the output does not depend on the
+    number of workers. At most in_flight tasks are out at once: memory stays bounded however many
+    tasks there are (Pool.imap would read every task ahead, i.e. the whole corpus). While the
+    workers run, the caller reads the next task and handles the previous result. pool None: inline."""
+    if pool is None:
+        for task in tasks:
+            yield fn(*task)
+        return
+    pending = deque()
+    for task in tasks:
+        pending.append(pool.apply_async(fn, task))
+        if len(pending) >= max(1, in_flight):
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+_worker_encoders = {}  # tokenizer.json path -> (encode, eot id), loaded once per worker
+
+
+def tokenise_task(spool_path, tokenizer_path, dtype, bounds, doc_starts):
+    """The tokenising work of consecutive pieces of the text spool (a pool worker's task): piece
+    i is spool[bounds[i]:bounds[i+1]]; a piece that starts a document (doc_starts[i]) is prefixed
+    by <|endoftext|>. Returns (tokens as bytes of dtype, token count of each piece)."""
+    if tokenizer_path not in _worker_encoders:
+        from tokenizer import Tokenizer  # here: tokenizer.py is not needed to read data
+        tok = Tokenizer.load(tokenizer_path)
+        _worker_encoders[tokenizer_path] = (_encoder(tok), np.array([tok.eot_id], np.uint32))
+    encode, eot = _worker_encoders[tokenizer_path]
+    with open(spool_path, 'rb') as f:
+        f.seek(bounds[0])
+        raw = f.read(bounds[-1] - bounds[0])
+    parts, counts = [], np.zeros(len(doc_starts), np.int64)
+    for i, starts in enumerate(doc_starts):
+        try:
+            ids = encode(raw[bounds[i] - bounds[0]:bounds[i + 1] - bounds[0]].decode('utf-8'))
+        except SystemExit as e:  # a character a reused char tokenizer lacks: an error the main process can raise
+            raise DataError(str(e)) from None
+        parts += [eot, ids] if starts else [ids]
+        counts[i] = len(ids) + bool(starts)
+    tokens = np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
+    return tokens.tobytes(), counts
+
+
+# ----------------------------------------------------------------------------- token shards
+
+def shard_name(split, k):
+    return f'{split}_{k:06d}.bin'
+
+
+def copy_ranges(src, starts, ends, out, itemsize, chunk_bytes=1 << 24):
+    """Append the items src[a:b] for each (a, b) of starts, ends (in items of itemsize bytes) from
+    the open binary file src to the open file out; ranges that follow each other are copied as
+    one, in chunks of chunk_bytes. Read with seek/read, not a memory map: a map's pages count
+    as the process's memory for as long as it is open."""
+    starts, ends = np.asarray(starts, np.int64), np.asarray(ends, np.int64)
+    if len(starts) == 0:
+        return
+    breaks = np.flatnonzero(starts[1:] != ends[:-1]) + 1  # runs of ranges that follow each other
+    for a, b in zip(starts[np.r_[0, breaks]] * itemsize, ends[np.r_[breaks - 1, len(ends) - 1]] * itemsize):
+        src.seek(a)
+        while a < b:
+            chunk = src.read(min(chunk_bytes, b - a))
+            out.write(chunk)
+            a += len(chunk)
+
+
+def token_shards(folder, meta, split):
+    """[(path, token count)] of a split of a prepared dataset, in order: the shards its meta.json
+    lists (split_000000.bin, ...), or {split}.bin for a dataset prepared before shards. A missing
+    shard, or one whose size is not its token count, is an error naming the file."""
+    dtype = np.dtype(meta['dtype'])
+    if 'shards' in meta:
+        listed = [(s['file'], s['tokens']) for s in meta['shards'][split]]
+    else:
+        listed = [(f'{split}.bin', meta.get(f'{split}_tokens'))]
+    shards = []
+    for k, (name, tokens) in enumerate(listed):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            raise SystemExit(f"{path} is missing ({split} shard {k + 1} of {len(listed)} listed in "
+                             f"{os.path.join(folder, 'meta.json')}): run prepare.py again")
+        size = os.path.getsize(path)
+        if tokens is None:
+            tokens = size // dtype.itemsize
+        if size != tokens * dtype.itemsize:
+            raise SystemExit(f"{path} has {size:,} bytes, but meta.json says {tokens:,} {dtype.name} tokens "
+                             f"({tokens * dtype.itemsize:,} bytes): the file is corrupt or cut short; "
+                             f"run prepare.py again")
+        shards.append((path, tokens))
+    return shards

@@ -51,13 +51,15 @@ t0 = time.time()
 
 @torch.no_grad()
 def val_loss(data_path):
-    """Mean loss over fixed random windows of val.bin, and bits per byte from meta.json."""
+    """Mean loss over fixed random windows of the val tokens, and bits per byte from meta.json."""
     with open(os.path.join(data_path, 'meta.json')) as f:
         meta = json.load(f)
     if meta['tokenizer_identity'] != tokenizer.identity:
         print(f"note: {data_path} uses another tokenizer than {out_dir}; skipping loss/bpb")
         return {}
-    val = np.memmap(os.path.join(data_path, 'val.bin'), dtype=np.dtype(meta['dtype']), mode='r')
+    # the largest val shard (one, unless val passed prepare.py's shard_tokens): windows never cross shards
+    path, _ = max(data.token_shards(data_path, meta, 'val'), key=lambda shard: shard[1])
+    val = np.memmap(path, dtype=np.dtype(meta['dtype']), mode='r')
     T = model.config.block_size
     generator = torch.Generator().manual_seed(seed)
     losses = []

@@ -199,7 +199,9 @@ def evaluate():
     total = common.sum_over_ranks(ctx, total)
     metrics = {'val/loss': (total[0] / total[1]).item()}
     if eval_items_per_task and task_items and (ctx.master or ctx.fsdp):  # FSDP: every rank joins the forwards
-        metrics.update({f'val/{k}': v for k, v in evals.task_metrics(raw_model, tokenizer, task_items, eval_items_per_task).items()})
+        with ctx.autocast:  # decode in the stage's dtype, as it trains
+            task = evals.task_metrics(raw_model, tokenizer, task_items, eval_items_per_task)
+        metrics.update({f'val/{k}': v for k, v in task.items()})
     model.train()
     return metrics
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 import common
+import data
 from configurator import configure
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer
@@ -37,7 +38,7 @@ wandb_log = False
 wandb_project = 'mini-llm'
 wandb_run_name = 'pretrain'
 # data
-dataset = 'stdlib'  # reads data/<dataset>/{train,val}.bin and meta.json, written by prepare.py
+dataset = 'stdlib'  # reads data/<dataset>/: meta.json and the token shards it lists, written by prepare.py
 data_root = 'data'
 gradient_accumulation_steps = 1
 batch_size = 16  # micro-batch size per rank
@@ -101,7 +102,9 @@ if ctx.master:
     print(f"tokens per iteration: {tokens_per_iter:,} ({gradient_accumulation_steps} accum x {batch_size} batch x {block_size} ctx); "
           f"{ctx.world_size} rank(s) on {ctx.device}, {ctx.dtype}")
 
-# data: memmaps re-opened per batch (a long-lived np.memmap keeps growing resident memory)
+# data: the token shards prepare.py wrote (or train.bin/val.bin of an older dataset), memory-mapped
+# afresh per batch (a long-lived np.memmap keeps growing resident memory). A row never spans two
+# shards. Row starts are positions in the split's shards laid end to end.
 data_path = os.path.join(data_root, dataset)
 meta_path = os.path.join(data_path, 'meta.json')
 if not os.path.exists(meta_path):
@@ -110,15 +113,33 @@ with open(meta_path) as f:
     meta = json.load(f)
 tokenizer = Tokenizer.load(os.path.join(data_path, meta['tokenizer']))
 bytes_per_token = meta['val_bytes'] / meta['val_tokens'] if meta.get('val_bytes') else None
+shards = {split: data.token_shards(data_path, meta, split) for split in ('train', 'val')}  # [(path, tokens)]
+shard_starts = {split: np.cumsum([0] + [n for _, n in s])[:-1] for split, s in shards.items()}
 
 
-def open_split(split):
-    return np.memmap(os.path.join(data_path, f'{split}.bin'), dtype=np.dtype(meta['dtype']), mode='r')
+def open_shard(split, k):
+    return np.memmap(shards[split][k][0], dtype=np.dtype(meta['dtype']), mode='r')
 
 
+def per_shard(split, count):
+    """count(tokens) for each shard of split, and where each shard's share starts (int64 arrays)."""
+    counts = np.array([max(0, count(n)) for _, n in shards[split]], np.int64)
+    return counts, np.cumsum(counts) - counts
+
+
+def to_position(split, counts, firsts, index, scale=1):
+    """The i-th of per_shard's things (a row start or a window) -> its start position in split: shard
+    k's share begins at firsts[k]; the j-th of its share is at shard_starts[k] + j * scale."""
+    k = np.searchsorted(firsts + counts, index, side='right')  # the shard each index falls in
+    return shard_starts[split][k] + (index - firsts[k]) * scale
+
+
+# rows anywhere: start i is valid while a whole row (block_size + 1 tokens) fits in i's shard
+anywhere = {split: per_shard(split, lambda n: n - block_size - 1) for split in ('train', 'val')}
 for split in ('train', 'val'):
-    if len(open_split(split)) <= block_size + 1:
-        raise SystemExit(f"{data_path}/{split}.bin has {len(open_split(split))} tokens, too few for block_size={block_size}")
+    if anywhere[split][0].sum() == 0:
+        raise SystemExit(f"{data_path}: no {split} shard has more than block_size + 1 = {block_size + 1} tokens "
+                         f"({', '.join(f'{os.path.basename(p)} {n:,}' for p, n in shards[split])})")
 
 
 if sampling not in ('random', 'epoch'):
@@ -126,28 +147,31 @@ if sampling not in ('random', 'epoch'):
 bos_id = meta.get('bos_id', tokenizer.eot_id)  # every document starts with it (prepare.py)
 
 
-def document_rows(data):
-    """The row starts of align_to_docs (an int64 array): every document's start (its bos token) and,
-    in a document longer than a row, every block_size tokens after it. Rows at document starts alone
-    would never train on the rest of a long document (on stdlib at block_size 256: 96% of the
-    tokens). A row whose document ends early runs on into the next ones. Only starts with a whole
-    row (block_size + 1 tokens) left in the split."""
+def document_rows(tokens):
+    """The row starts of align_to_docs in one shard (an int64 array): every document's start (its
+    bos token) and, in a document longer than a row, every block_size tokens after it. Rows at
+    document starts alone would never train on the rest of a long document (on stdlib at
+    block_size 256: 96% of the tokens). A row whose document ends early runs on into the next ones.
+    Only starts with a whole row (block_size + 1 tokens) left in the shard."""
     # 1) document starts: the bos positions, scanned in chunks (the memmap is never read whole);
-    #    0 as well, in case the split does not start with a bos
+    #    0 as well: a shard may start inside a document (and an old split without a bos)
     chunk = 1 << 24
-    docs = np.unique(np.concatenate([[0]] + [np.flatnonzero(data[i:i + chunk] == bos_id) + i
-                                             for i in range(0, len(data), chunk)]))
+    docs = np.unique(np.concatenate([[0]] + [np.flatnonzero(tokens[i:i + chunk] == bos_id) + i
+                                             for i in range(0, len(tokens), chunk)]))
     # 2) each document cut into pieces of block_size tokens, from its start
-    pieces = -(-np.diff(np.append(docs, len(data))) // block_size)  # per document, rounded up
+    pieces = -(-np.diff(np.append(docs, len(tokens))) // block_size)  # per document, rounded up
     piece = np.arange(pieces.sum()) - np.repeat(np.cumsum(pieces) - pieces, pieces)  # 0, 1, .. within its document
     starts = np.repeat(docs, pieces) + block_size * piece
-    return starts[starts <= len(data) - block_size - 1]
+    return starts[starts <= len(tokens) - block_size - 1]
 
 
-# align_to_docs: where rows may start, per split. An epoch's rows: those, or the non-overlapping
-# windows i * block_size of train.bin
-aligned = {split: document_rows(open_split(split)) for split in ('train', 'val')} if align_to_docs else None
-epoch_rows = len(aligned['train']) if align_to_docs else (len(open_split('train')) - 1) // block_size
+# align_to_docs: where rows may start, per split, as positions. An epoch's rows: those, or the
+# non-overlapping windows i * block_size of each train shard
+aligned = {split: np.concatenate([document_rows(open_shard(split, k)) + shard_starts[split][k]
+                                  for k in range(len(shards[split]))])
+           for split in ('train', 'val')} if align_to_docs else None
+windows_per_shard = per_shard('train', lambda n: (n - 1) // block_size)
+epoch_rows = len(aligned['train']) if align_to_docs else int(windows_per_shard[0].sum())
 rows_per_iter = gradient_accumulation_steps * batch_size  # drawn by all ranks together
 if ctx.master and (align_to_docs or doc_mask or sampling == 'epoch'):
     print(f"rows: {'at document starts' if align_to_docs else 'anywhere'}, attention "
@@ -156,10 +180,13 @@ if ctx.master and (align_to_docs or doc_mask or sampling == 'epoch'):
 
 
 def random_starts(split, shape, generator, at_docs):
-    """Row starts (shape) drawn with replacement from `generator`: anywhere, or at the aligned starts."""
+    """Row starts (shape) drawn with replacement from `generator`: anywhere, or at the aligned starts.
+    (One shard: the draws of a single train.bin, so older runs continue as they were.)"""
     if at_docs:
         return torch.from_numpy(aligned[split])[torch.randint(len(aligned[split]), shape, generator=generator)]
-    return torch.randint(len(open_split(split)) - block_size - 1, shape, generator=generator)
+    counts, firsts = anywhere[split]
+    index = torch.randint(int(counts.sum()), shape, generator=generator)
+    return torch.from_numpy(to_position(split, counts, firsts, index.numpy()))
 
 
 @functools.lru_cache(maxsize=2)
@@ -174,16 +201,22 @@ def epoch_starts(position, shape):
     count = math.prod(shape)
     first, last = position // epoch_rows, (position + count - 1) // epoch_rows
     skip = position - first * epoch_rows
-    rows = torch.cat([epoch_order(e) for e in range(first, last + 1)])[skip:skip + count]
-    return (torch.from_numpy(aligned['train'])[rows] if align_to_docs else rows * block_size).view(shape)
+    rows = torch.cat([epoch_order(e) for e in range(first, last + 1)])[skip:skip + count].numpy()
+    starts = aligned['train'][rows] if align_to_docs else to_position('train', *windows_per_shard, rows, block_size)
+    return torch.from_numpy(starts).view(shape)
 
 
-def windows(data, ix, masked):
-    """Rows of (x, y) windows of block_size tokens starting at the offsets ix (batch_size,), and the
-    model's keyword arguments for them: with `masked` (doc_mask), the positions and the
-    block-diagonal causal mask that keep each row's documents apart, as SFT's packing does. These
-    depend on the row, so they are built per batch (on the device: a cumsum and a comparison)."""
-    chunk = torch.from_numpy(np.stack([data[i:i + block_size + 1] for i in ix.tolist()]).astype(np.int64))
+def windows(split, ix, masked):
+    """Rows of (x, y) windows of block_size tokens starting at the positions ix (batch_size,) of
+    split, and the model's keyword arguments for them: with `masked` (doc_mask), the positions and
+    the block-diagonal causal mask that keep each row's documents apart, as SFT's packing does.
+    These depend on the row, so they are built per batch (on the device: a cumsum and a comparison)."""
+    ix = ix.numpy() if torch.is_tensor(ix) else np.asarray(ix)
+    k = np.searchsorted(shard_starts[split], ix, side='right') - 1  # the shard of each row
+    maps = {s: open_shard(split, s) for s in np.unique(k).tolist()}
+    local = ix - shard_starts[split][k]  # the row's start in its shard
+    rows = [maps[s][i:i + block_size + 1] for s, i in zip(k.tolist(), local.tolist())]
+    chunk = torch.from_numpy(np.stack(rows).astype(np.int64))
     x, y = chunk[:, :-1], chunk[:, 1:]
     if ctx.device_type == 'cuda':  # pinned memory lets the copy overlap with compute
         x, y = x.pin_memory().to(ctx.device, non_blocking=True), y.pin_memory().to(ctx.device, non_blocking=True)
@@ -201,10 +234,9 @@ def get_batches(split, generator, n_micro, position):
     draws the row starts of the whole iteration and keeps its own share, so N ranks see exactly the
     batches one process with N-times the accumulation would: 'random' from `generator`, 'epoch' the
     rows at `position` of the epoch stream."""
-    data = open_split(split)
     shape = (n_micro * ctx.world_size, batch_size)
     ix = epoch_starts(position, shape) if sampling == 'epoch' else random_starts(split, shape, generator, align_to_docs)
-    return [windows(data, rows, doc_mask) for rows in ix[ctx.rank * n_micro:(ctx.rank + 1) * n_micro]]
+    return [windows(split, rows, doc_mask) for rows in ix[ctx.rank * n_micro:(ctx.rank + 1) * n_micro]]
 
 
 data_generator = torch.Generator().manual_seed(seed)
@@ -263,11 +295,10 @@ def estimate_loss():
     if align_to_docs or doc_mask:
         layouts['plain'] = ('val', False, False)
     for name, (split, at_docs, masked) in layouts.items():
-        data = open_split(split)
         ix = random_starts(split, (eval_iters, batch_size), torch.Generator().manual_seed(seed + 1), at_docs)
         total = torch.zeros(2, device=ctx.device)  # (sum of losses, count)
         for rows, weight in common.rank_share(ctx, ix):
-            x, y, kwargs = windows(data, rows, masked)
+            x, y, kwargs = windows(split, rows, masked)
             with ctx.autocast:
                 _, loss = model(x, y, **kwargs)
             total += weight * torch.stack([loss.float(), torch.ones((), device=ctx.device)])

@@ -1,14 +1,20 @@
 """prepare.py end to end, as a user runs it: the train.py contract, every source kind, cleaning
-counts, mixing, dtypes, streaming, offline errors, --validate and --tasks."""
+counts, mixing, dtypes, streaming, shards, worker processes, resuming a killed run, bounded memory,
+offline errors, --validate and --tasks."""
 
 import json
 import os
 import random
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 
-from conftest import run_script
+import data
+from conftest import REPO, run_script
 from tokenizer import Tokenizer
 
 
@@ -21,7 +27,8 @@ def load(tmp_path, dataset):
     meta = json.load(open(os.path.join(folder, 'meta.json')))
     stats = json.load(open(os.path.join(folder, 'stats.json')))
     tok = Tokenizer.load(os.path.join(folder, 'tokenizer.json'))
-    split = {s: np.fromfile(os.path.join(folder, f'{s}.bin'), meta['dtype']) for s in ('train', 'val')}
+    split = {s: np.concatenate([np.fromfile(path, meta['dtype']) for path, _ in data.token_shards(folder, meta, s)])
+             for s in ('train', 'val')}  # the shards of a split, end to end
     return meta, stats, tok, split
 
 
@@ -53,7 +60,9 @@ def test_default_run_builds_the_stdlib_dataset_train_py_expects(tmp_path):
     assert total['docs_in'] - total['docs_out'] == sum(total['dropped'].values())
     assert total['dropped']['exact_duplicate'] > 0 and total['dropped']['near_duplicate'] > 0
     assert 'tokenise |' in proc.stdout and 'MB/s' in proc.stdout
-    assert not os.path.exists(os.path.join(tmp_path, 'stdlib', 'tmp'))
+    assert not os.path.exists(os.path.join(tmp_path, 'stdlib.tmp'))
+    assert sorted(os.listdir(tmp_path / 'stdlib')) == ['meta.json', 'stats.json', 'tokenizer.json', 'train_000000.bin',
+                                                      'val_000000.bin']
 
 
 def test_shakespeare_char_recipe_splits_the_last_tenth_like_nanogpt(tmp_path):
@@ -147,7 +156,7 @@ def test_streaming_chunks_smaller_than_the_file_give_identical_shards(tmp_path):
     assert os.path.getsize(tmp_path / 'big.txt') > 20 * 1000  # vs chunk_mb=0.001: 1 KB in flight
     args = [f"--sources={tmp_path / 'big.txt'}", '--vocab_size=300']
     prepare(tmp_path, '--dataset=one_chunk', *args)
-    prepare(tmp_path, '--dataset=many_chunks', *args, '--chunk_mb=0.001', '--num_threads=2')
+    prepare(tmp_path, '--dataset=many_chunks', *args, '--chunk_mb=0.001', '--num_proc=2')
     one, many = load(tmp_path, 'one_chunk'), load(tmp_path, 'many_chunks')
     assert np.array_equal(one[3]['train'], many[3]['train']) and np.array_equal(one[3]['val'], many[3]['val'])
     assert one[0]['tokenizer_identity'] == many[0]['tokenizer_identity']
@@ -160,7 +169,7 @@ def test_unreachable_url_fails_with_one_clear_line_and_no_file_left(tmp_path):
     assert 'http://127.0.0.1:9/x' in last and '--sources=PATH' in last and 'Traceback' not in proc.stderr
     downloads = tmp_path / 'downloads'
     assert not downloads.exists() or os.listdir(downloads) == []
-    assert not (tmp_path / 'web' / 'train.bin').exists()
+    assert not (tmp_path / 'web').exists()
 
 
 def test_unknown_dataset_or_input_errors_say_what_to_pass(tmp_path):
@@ -190,3 +199,115 @@ def test_tasks_mode_writes_the_six_task_files(tmp_path):
     assert files == sorted([f'{s}.jsonl' for s in ('sft_train', 'sft_test', 'pref_train', 'pref_test', 'rl_train',
                                                    'rl_test')] + ['tasks.json'])
     assert 'Robo' in (tmp_path / 'tasks' / 'sft_train.jsonl').read_text() and 'sft_train 13,400' in proc.stdout
+
+
+# ----------------------------------------------------------------------------- at scale (issue 15)
+
+def many_files(tmp_path, n_files=120, docs_per_file=8, seed=20):
+    """A directory of text files of distinct documents (none is a near-duplicate of another)."""
+    folder = tmp_path / 'many'
+    folder.mkdir()
+    docs = sentences(n_files * docs_per_file, seed)
+    for f in range(n_files):
+        (folder / f'{f:04d}.txt').write_text('\n<|endoftext|>\n'.join(docs[f * docs_per_file:(f + 1) * docs_per_file]))
+    return str(folder)
+
+
+def files_of(folder):
+    return {name: open(os.path.join(folder, name), 'rb').read() for name in sorted(os.listdir(folder))
+            if name != 'stats.json'}  # stats.json holds timings
+
+
+def test_shards_and_their_index_and_one_worker_gives_what_two_give(tmp_path):
+    args = ['--dataset=one', f'--sources={many_files(tmp_path)}', '--vocab_size=300', '--shard_tokens=5000']
+    prepare(tmp_path, *args, '--num_proc=1')
+    prepare(tmp_path, *[a.replace('=one', '=two') for a in args], '--num_proc=2', '--chunk_mb=0.5')
+    one, two = files_of(tmp_path / 'one'), files_of(tmp_path / 'two')
+    assert one.keys() == two.keys() and all(one[k] == two[k] for k in one if k != 'meta.json')
+    meta, _, tok, split = load(tmp_path, 'one')
+    assert json.loads(one['meta.json'].replace(b'"two"', b'"one"')) == json.loads(two['meta.json'].replace(b'"two"', b'"one"'))
+    train = meta['shards']['train']
+    assert len(train) == -(-meta['train_tokens'] // 5000) > 10 and meta['shard_tokens'] == 5000
+    assert [s['file'] for s in train] == [f'train_{k:06d}.bin' for k in range(len(train))]
+    assert all(s['tokens'] == 5000 for s in train[:-1]) and sum(s['tokens'] for s in train) == meta['train_tokens']
+    assert sum(s['documents'] for s in train) == meta['documents']['train'] == np.count_nonzero(split['train'] == tok.eot_id)
+    for s in train:  # a shard's documents: those whose <|endoftext|> is in it
+        assert s['documents'] == np.count_nonzero(np.fromfile(tmp_path / 'one' / s['file'], meta['dtype']) == tok.eot_id)
+    assert len(documents(tok, split['train'])) + len(documents(tok, split['val'])) == 120 * 8
+
+
+def run_until(args, progress, stop, timeout=120):
+    """Start prepare.py, kill -9 it as soon as stop(its progress.json) holds; True if it was killed."""
+    proc = subprocess.Popen([sys.executable, 'prepare.py', *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    t0 = time.time()
+    while proc.poll() is None and time.time() - t0 < timeout:
+        try:
+            with open(progress) as f:
+                if stop(json.load(f)):
+                    proc.send_signal(signal.SIGKILL)
+                    proc.wait()
+                    return True
+        except (OSError, ValueError):  # not written yet, or caught mid-rename
+            pass
+        time.sleep(0.005)
+    proc.wait()
+    return False
+
+
+def test_a_killed_run_continues_where_it_stopped_and_gives_the_same_bytes(tmp_path):
+    source = many_files(tmp_path, n_files=200)
+    common = [f'--sources={source}', '--vocab_size=300', '--shard_tokens=2000', '--checkpoint_s=0', '--num_proc=2',
+              '--chunk_mb=0.1']  # tasks of 6 KB: many checkpoints
+    prepare(tmp_path, '--dataset=straight', *common)
+    args = [f'--data_root={tmp_path}', '--dataset=killed', *common]
+    progress = str(tmp_path / 'killed.tmp' / 'progress.json')
+    killed_in = []
+    # kill -9 in the middle of cleaning, then of tokenising or writing shards, then let it finish
+    if run_until(args, progress, lambda p: p['phase'] == 'clean' and p['clean']['file'] > 40):
+        killed_in.append('clean')
+    if run_until(args, progress, lambda p: len(p.get('shards', {}).get('train', [])) >= 3):
+        killed_in.append('write')
+    proc = prepare(tmp_path, *args[1:])
+    assert killed_in == ['clean', 'write'], killed_in  # both kills landed (else the test proves less)
+    assert 'resuming the run' in proc.stdout and 'from its write step' in proc.stdout
+    assert files_of(tmp_path / 'killed').keys() == files_of(tmp_path / 'straight').keys()
+    straight, killed = files_of(tmp_path / 'straight'), files_of(tmp_path / 'killed')
+    assert all(killed[k] == straight[k] for k in straight if k != 'meta.json') and len(straight) > 10
+    assert not (tmp_path / 'killed.tmp').exists()
+
+
+def test_ctrl_c_keeps_the_work_done_and_other_settings_start_again(tmp_path):
+    source = many_files(tmp_path, n_files=200)
+    args = [f'--data_root={tmp_path}', '--dataset=ctrl', f'--sources={source}', '--vocab_size=300',
+            '--shard_tokens=2000', '--checkpoint_s=0', '--num_proc=2']
+    proc = subprocess.Popen([sys.executable, 'prepare.py', *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    progress = tmp_path / 'ctrl.tmp' / 'progress.json'
+    while not progress.exists() and proc.poll() is None:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and 'run the same command again to continue' in err
+    assert progress.exists() and not (tmp_path / 'ctrl').exists()
+    proc = prepare(tmp_path, *args[1:], '--min_chars=33')  # another setting: its output would differ
+    assert 'other settings or inputs: starting again' in proc.stdout and (tmp_path / 'ctrl' / 'meta.json').exists()
+
+
+def test_one_huge_document_streams_through_in_pieces_with_bounded_memory(tmp_path):
+    rng = random.Random(7)
+    words = [''.join(rng.choice('abcdefghijklmnopqrstuvwxyz') for _ in range(rng.randrange(2, 9))) for _ in range(5000)]
+    lines = [' '.join(rng.choices(words, k=12)) for _ in range(400_000)]  # ~30 MB, one document
+    text = '\n'.join(lines) + '\n'
+    (tmp_path / 'huge.txt').write_text(text)
+    mb = len(text) / 1e6
+    assert mb > 25
+    prepare(tmp_path, '--dataset=huge', f"--sources={tmp_path / 'huge.txt'}", '--vocab_size=300',
+            '--tokenizer_train_chars=1000000', '--piece_mb=0.5')
+    meta, stats, tok, split = load(tmp_path, 'huge')
+    peak = stats['timing']['peak_rss_mb']
+    # the old pipeline held the document whole, many times over (~75 bytes a byte in MinHash): 2 GB here
+    assert peak['main'] < 300 and peak['largest_worker'] < 300, peak
+    train, val = documents(tok, split['train']), documents(tok, split['val'])
+    assert len(train) == len(val) == 1 and train[0] + val[0] == text  # nanoGPT's split by position, in pieces
+    assert len(val[0]) == len(text) - int(len(text) * 0.9)

@@ -282,8 +282,9 @@ def bos(data):
 
 
 def aligned_starts(ids, bos_id, T=64):
-    """What align_to_docs promises: each document's start, and every T tokens into a longer one."""
-    docs = [i for i in range(len(ids)) if ids[i] == bos_id] + [len(ids)]
+    """What align_to_docs promises: each document's start, and every T tokens into a longer one
+    (a shard that starts inside a document: from the shard's start)."""
+    docs = sorted({0} | {i for i in range(len(ids)) if ids[i] == bos_id}) + [len(ids)]
     return [s for a, b in zip(docs, docs[1:]) for s in range(a, b, T) if s + T + 1 <= len(ids)]
 
 
@@ -434,6 +435,82 @@ def test_ddp_two_ranks_draw_the_epoch_rows_one_process_does(short_docs, tmp_path
             assert torch.equal(ranks[r][step], one[2 * step + r]), (step, r)
     a, b = history(str(tmp_path / 'one')), history(str(tmp_path / 'two'))
     assert b[12]['val/loss'] == pytest.approx(a[12]['val/loss'], rel=1e-4)
+
+
+# ----------------------------------------------------------------------------- token shards (issue 15)
+
+@pytest.fixture(scope='module')
+def sharded_docs(short_docs, tmp_path_factory):
+    """short_docs in prepare.py's sharded layout: train in shards of 1,000 tokens (cut anywhere,
+    documents running on into the next shard, the last shorter), val in two."""
+    import numpy as np
+    meta = json.load(open(os.path.join(*short_docs, 'meta.json')))
+    folder = tmp_path_factory.mktemp('sharded') / 'sharded'
+    folder.mkdir()
+    shards = {}
+    for split, size in (('train', 1000), ('val', -(-meta['val_tokens'] // 2))):
+        ids = tokens(short_docs, split).astype(meta['dtype'])
+        shards[split] = []
+        for k, lo in enumerate(range(0, len(ids), size)):
+            ids[lo:lo + size].tofile(folder / f'{split}_{k:06d}.bin')
+            shards[split].append({'file': f'{split}_{k:06d}.bin', 'tokens': len(ids[lo:lo + size]), 'documents': 0})
+    json.dump({**meta, 'shard_tokens': 1000, 'shards': shards}, open(folder / 'meta.json', 'w'))
+    (folder / 'tokenizer.json').write_bytes(open(os.path.join(*short_docs, 'tokenizer.json'), 'rb').read())
+    return str(folder.parent), 'sharded'
+
+
+def shard_tokens(data):
+    import numpy as np
+    meta = json.load(open(os.path.join(*data, 'meta.json')))
+    return [np.fromfile(os.path.join(*data, s['file']), meta['dtype']).astype(np.int64) for s in meta['shards']['train']]
+
+
+@pytest.mark.parametrize('layout', [[], ['--align_to_docs=True', '--doc_mask=True'], ['--sampling=epoch'],
+                                    ['--sampling=epoch', '--align_to_docs=True']],
+                         ids=['random', 'aligned', 'epoch', 'epoch-aligned'])
+def test_rows_come_from_inside_one_shard(sharded_docs, tmp_path, layout):
+    """On a sharded dataset every training row lies inside one shard (a row across a boundary
+    would be found in none); aligned rows start at a document or block_size into one, per shard;
+    an epoch visits every row of every shard once."""
+    from collections import Counter
+    shards = shard_tokens(sharded_docs)
+    assert len(shards) >= 10
+    starts = [set(aligned_starts(ids, bos(sharded_docs))) if '--align_to_docs=True' in layout else None for ids in shards]
+    every = [tuple(ids[s:s + 64]) for k, ids in enumerate(shards)  # an epoch's rows
+             for s in (sorted(starts[k]) if starts[k] is not None else range(0, len(ids) - 64, 64))]
+    iters = -(-len(every) // 8) if '--sampling=epoch' in layout else 12
+    fed = fed_to_model(tmp_path, sharded_docs, str(tmp_path / 'out'), *layout, f'--max_iters={iters}',
+                       f'--eval_interval={iters}', '--batch_size=8')[0]
+    rows = [row for f in fed if f['train'] for row in f['x'].numpy()]
+    for row in rows:
+        found = [offsets(ids, row) & starts[k] if starts[k] is not None else offsets(ids, row)
+                 for k, ids in enumerate(shards)]
+        assert any(found)
+    if '--sampling=epoch' in layout:
+        assert Counter(map(tuple, rows[:len(every)])) == Counter(every)
+
+
+def test_training_on_shards_lowers_the_loss_as_on_one_file(sharded_docs, short_docs, tmp_path):
+    args = ['--max_iters=60', '--eval_interval=60', '--lr_decay_iters=60', '--batch_size=8']
+    train(sharded_docs, str(tmp_path / 'sharded'), *args)
+    h = history(str(tmp_path / 'sharded'))
+    assert h[60]['val/loss'] < h[0]['val/loss'] - 1.0
+
+
+def test_a_missing_or_cut_short_shard_is_an_error_naming_it(sharded_docs, tmp_path):
+    import shutil
+    root = tmp_path / 'data'
+    shutil.copytree(os.path.join(*sharded_docs), root / 'broken')
+    shard = root / 'broken' / 'train_000003.bin'
+    shard.write_bytes(shard.read_bytes()[:-10])
+    proc = run_script('train.py', f'--data_root={root}', '--dataset=broken', f'--out_dir={tmp_path / "out"}', *TINY,
+                      check=False)
+    assert proc.returncode != 0 and 'Traceback' not in proc.stderr
+    assert f'{shard} has 1,990 bytes, but meta.json says 1,000 uint16 tokens' in proc.stderr
+    shard.unlink()
+    proc = run_script('train.py', f'--data_root={root}', '--dataset=broken', f'--out_dir={tmp_path / "out"}', *TINY,
+                      check=False)
+    assert proc.returncode != 0 and f'{shard} is missing (train shard 4 of' in proc.stderr
 
 
 # ----------------------------------------------------------------------------- Muon
