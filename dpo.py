@@ -16,6 +16,10 @@ only (the prompt is masked), chosen and rejected rows in one forward pass; SimPO
 with ipo_length_normalize use their per-token mean. precompute_ref_logps scores every pair under
 the reference once, before training, and frees it: no second model in memory and no reference
 forward per step.
+lora_rank > 0 trains low-rank adapters only (lora.py); the reference is then the policy with its
+adapters switched off (lora.adapters_off): the frozen base, exactly, with no second copy held.
+The checkpoint holds the merged weights in 'model' (ppo.py and sample.py load it as any policy)
+and the adapters in 'lora' (to resume).
 """
 
 import time
@@ -27,6 +31,7 @@ import dpo_loss as losses
 import evals
 import preference
 from configurator import configure
+from lora import add_lora, adapters_off, check_resume, load_adapters, lora_state_dict, merged_state_dict
 
 # ----------------------------------------------------------------------------- config
 # I/O
@@ -58,6 +63,11 @@ desirable_weight = 1.0  # kto: lambda_D; keep lambda_D n_D / (lambda_U n_U) in [
 undesirable_weight = 1.0  # kto: lambda_U
 rpo_alpha = 0.0  # DPO family: > 0 adds alpha * NLL of the chosen answers (RPO), so their likelihood does not sink
 precompute_ref_logps = True  # score the reference once, then free it; False keeps it in memory
+# LoRA (the keys of sft.py); the reference is then the base with the adapters off
+lora_rank = 0  # 0 = full fine-tuning
+lora_alpha = 16.0
+lora_dropout = 0.0
+lora_targets = 'c_attn,c_proj,c_fc'
 # optimizer
 batch_size = 16  # pairs per micro-batch per rank (two rows each)
 gradient_accumulation_steps = 1  # total over ranks
@@ -101,11 +111,20 @@ resume = init_from == 'resume'
 ckpt, parent = common.start_from(ctx, init_from, init_checkpoint)
 pretrain_dataset = ckpt.get('dataset')  # carried forward, for eval.py's loss/bpb
 tokenizer = common.tokenizer_from_checkpoint(ckpt)
-model = common.model_from_checkpoint(ckpt, dropout=dropout).to(ctx.device)
+if resume:
+    check_resume(ckpt, lora_rank, out_dir)
+# base: the starting policy, the reference (on resume the parent). LoRA resumes from it plus the
+# saved adapters ('model' holds them merged); full fine-tuning loads the reference from it
+base = common.load_checkpoint(parent) if resume and (lora_rank or uses_reference) else ckpt
+model = common.model_from_checkpoint(base if lora_rank else ckpt, dropout=dropout)
+n_train = add_lora(model, lora_rank, lora_alpha, lora_targets, lora_dropout)
+if resume and lora_rank:
+    load_adapters(model, ckpt['lora'], out_dir)
+model.to(ctx.device)
 common.shard(ctx, model)  # FSDP only; the frozen reference stays whole on every rank
-ref_model = None
-if uses_reference:
-    ref_model = common.model_from_checkpoint(common.load_checkpoint(parent) if resume else ckpt)
+ref_model = None  # full fine-tuning: a frozen copy of the starting policy; LoRA: the policy, adapters off
+if uses_reference and not lora_rank:
+    ref_model = common.model_from_checkpoint(base)
     ref_model.to(ctx.device).eval().requires_grad_(False)
 if max_seq_len > model.config.block_size:
     raise SystemExit(f"max_seq_len={max_seq_len} exceeds the model's block_size {model.config.block_size}")
@@ -113,7 +132,8 @@ model_args = model.config.to_dict()
 if ctx.master:
     stage = ckpt.get('stage', '?')
     print(f"policy from {init_from} ({stage} stage), {loss_type} loss, reference {parent if uses_reference else 'none'}: "
-          f"{model.get_num_params() / 1e6:.2f}M params" + ("; note: DPO usually starts from an SFT model" if stage == 'pretrain' else ''))
+          f"{model.get_num_params() / 1e6:.2f}M params, training {n_train / 1e6:.3f}M{f' (LoRA rank {lora_rank})' if lora_rank else ''}"
+          + ("; note: DPO usually starts from an SFT model" if stage == 'pretrain' else ''))
 
 # data: pairs -> right-padded [chosen, rejected] rows, built once (preference.py)
 # kto: unpaired examples, each as the pair (its completion, another example's completion) under its prompt
@@ -144,9 +164,16 @@ def reference_logps(split, rows, ids, targets):
         return torch.zeros(len(ids), device=ctx.device)
     if 'ref' in split:
         return split['ref'][rows].T.reshape(-1).to(ctx.device)  # (B, 2) -> chosen then rejected
-    return answer_logps(ref_model, ids, targets)[0]
+    if ref_model is not None:
+        return answer_logps(ref_model, ids, targets)[0]
+    training = raw_model.training
+    with adapters_off(raw_model.eval()):  # LoRA: the frozen base (in eval mode: no dropout) is the reference
+        logps = answer_logps(raw_model, ids, targets)[0]
+    raw_model.train(training)
+    return logps
 
 
+raw_model = model
 if uses_reference and precompute_ref_logps:
     t0 = time.time()
     for split in (train, val):
@@ -212,8 +239,7 @@ optimizer = common.adamw(params, learning_rate, weight_decay, (beta1, beta2), ct
 if resume:
     # batches are a function of the step: no data generator to restore
     iter_num, best_val_loss = common.resume_training(ctx, ckpt, optimizer)
-ckpt = None
-raw_model = model
+ckpt = base = None
 model = common.wrap(ctx, model, compile_model)
 
 
@@ -262,8 +288,11 @@ def evaluate_kto(batches):
 
 
 def state():
-    return common.checkpoint(ctx, 'dpo', common.model_state(ctx, raw_model), model_args, tokenizer, config, parent,
-                             pretrain_dataset, optimizer, iter_num)
+    state = common.model_state(ctx, raw_model)
+    weights = merged_state_dict(raw_model, state) if lora_rank else state
+    lora = {'lora': lora_state_dict(state)} if lora_rank else {}
+    return common.checkpoint(ctx, 'dpo', weights, model_args, tokenizer, config, parent, pretrain_dataset, optimizer,
+                             iter_num, **lora)
 
 
 log, stop = common.start_logging(ctx, config, resume, iter_num, wandb_log, wandb_project, wandb_run_name)

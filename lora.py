@@ -3,12 +3,19 @@ LoRA (Hu et al. 2021): fine-tune a frozen Linear W by a low-rank update,
     y = x W^T + (alpha / r) * dropout(x) A^T B^T,   A: (r, in) random, B: (out, r) zeros,
 so training starts exactly at the base model and only r * (in + out) numbers per layer learn.
 merge_lora() folds B A into W and gives back plain Linears: the same logits, no extra cost.
+adapters_off(model) runs the frozen base alone: DPO's and PPO's reference, with no second copy.
+Stage scripts: add_lora() (the config keys lora_rank, lora_alpha, lora_dropout, lora_targets),
+load_adapters() on resume, lora_state_dict()/merged_state_dict() for checkpoints (the merged
+weights in 'model', so every later stage and sample.py load them as a plain GPT; the adapters
+in 'lora', to resume).
 """
 
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 class LoRALinear(nn.Module):
@@ -24,6 +31,7 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear inits its weight
         self.scale = alpha / rank
         self.dropout = nn.Dropout(dropout)
+        self.enabled = True  # False: the base layer alone (adapters_off)
 
     @property
     def weight(self):
@@ -31,7 +39,10 @@ class LoRALinear(nn.Module):
         return self.base.weight
 
     def forward(self, x):
-        return self.base(x) + (self.dropout(x) @ self.lora_A.t() @ self.lora_B.t()) * self.scale
+        if not self.enabled:
+            return self.base(x)
+        # scaled at rank r: r numbers per token to multiply, not out
+        return self.base(x) + F.linear(F.linear(self.dropout(x), self.lora_A) * self.scale, self.lora_B)
 
     def merged(self):
         """A plain Linear with W + scale * B A."""
@@ -63,6 +74,69 @@ def apply_lora(model, rank, alpha, targets, dropout=0.0):
     if not wrapped:
         raise SystemExit(f"lora_targets {targets} matched no Linear layer (names: c_attn, c_proj, c_fc, lm_head)")
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def add_lora(model, rank, alpha, targets, dropout=0.0):
+    """apply_lora with the stage config's forms (targets comma-separated: lora_targets); returns
+    the number of trainable parameters (rank 0: none added, all of them)."""
+    if not rank:
+        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return apply_lora(model, rank, alpha, [t.strip() for t in targets.split(',') if t.strip()], dropout)
+
+
+@contextmanager
+def adapters_off(model):
+    """Inside, every adapter of `model` is switched off: it computes exactly its frozen base (the
+    same ops on the same weights, so bit for bit), the reference policy of DPO and PPO without a
+    second copy of the model. Outside, each adapter is as it was. A model without adapters is
+    unchanged. Gradients never reach the adapters inside (they are not used)."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    before = [m.enabled for m in layers]
+    for m in layers:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m, enabled in zip(layers, before):
+            m.enabled = enabled
+
+
+def has_lora(model):
+    return any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+def load_adapters(model, adapters, where, keep=()):
+    """Load saved adapters (lora_state_dict's keys, plus any other trainable state named in `keep`,
+    e.g. a value head) into a model that add_lora() prepared, strictly: every adapter of the model
+    must be in `adapters` and nothing else may be. where: the run they come from, for the error."""
+    unexpected = model.load_state_dict(adapters, strict=False).unexpected_keys
+    missing = [k for k in model.state_dict() if ('lora_' in k or k.startswith(tuple(keep))) and k not in adapters]
+    if unexpected or missing:
+        raise SystemExit(f"the LoRA adapters in {where} do not fit this run's lora_targets/lora_rank "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]}): resume with the settings of the first run")
+
+
+def check_resume(ckpt, lora_rank, where):
+    """A run resumes with LoRA exactly when it was trained with it (the optimizer holds the adapters' moments)."""
+    if bool(lora_rank) != ('lora' in ckpt):
+        raise SystemExit(f"{where} was trained {'with' if 'lora' in ckpt else 'without'} LoRA, this run has "
+                         f"lora_rank={lora_rank}: resume with the lora_rank of the first run")
+
+
+def share_frozen_weights(model, source):
+    """Make every frozen parameter of `model` the very tensor of the same name in `source` (same
+    shape and the same values), so both hold one copy: PPO's LoRA critic and policy, whose frozen
+    bases are both the SFT weights. Tied weights stay tied. Returns how many numbers are shared."""
+    shared, counted = dict(source.named_parameters(remove_duplicate=False)), set()
+    for name, p in list(model.named_parameters(remove_duplicate=False)):
+        other = shared.get(name)
+        if other is None or p.requires_grad or other.requires_grad or other.shape != p.shape or p is other:
+            continue
+        if torch.equal(p, other):
+            module_name, _, attr = name.rpartition('.')
+            setattr(model.get_submodule(module_name), attr, other)
+            counted.add(id(other))
+    return sum(p.numel() for p in source.parameters() if id(p) in counted)
 
 
 def merge_lora(model):

@@ -20,6 +20,14 @@ One iteration:
 DAPO (Yu et al. 2025) is GRPO with loss_type='dapo', epsilon_high=0.28, dynamic_sampling=True and
 overlong_buffer_len > 0 (or mask_truncated_completions=True); Dr. GRPO is loss_type='dr_grpo'.
 The math is in rl.py; this file is the loop. Metrics carry TRL's names (objective/kl, ...).
+Rollouts decode under the stage's autocast (dtype), as the forward passes that score them do.
+lora_rank > 0 (lora.py) trains adapters on a frozen base: on the policy, and on the critic's own
+transformer too (its value head in full), since a full critic would hold the most memory of all:
+its weights, gradients and two Adam moments. The reference is the policy with its adapters off,
+and with critic_init='policy' the critic's frozen base is the very same tensors: one copy of the
+SFT weights serves policy, reference and critic. The checkpoint holds the merged policy in
+'model' (sample.py and later stages load it as any GPT), the adapters in 'lora' and the critic's
+adapters and value head in 'value' (to resume, from the same parent).
 Under torchrun batch_size is per rank; the ranks sample their rows from one shared random stream
 and whiten over all ranks, so N ranks run what one process with N x batch_size would.
 """
@@ -39,6 +47,8 @@ import rl
 import tasks
 from configurator import configure
 from generate import GenerationConfig, generate_ids, pad_prompts, ragged_inputs
+from lora import (add_lora, adapters_off, check_resume, load_adapters, lora_state_dict, merged_state_dict,
+                  share_frozen_weights)
 
 # ----------------------------------------------------------------------------- config
 # I/O
@@ -101,6 +111,11 @@ max_sampling_tries = 4  # dynamic_sampling: rollout batches per iteration at mos
 mask_truncated_completions = False
 overlong_buffer_len = 0  # > 0: the last this many tokens before max_new_tokens cost up to overlong_penalty_factor
 overlong_penalty_factor = 1.0
+# LoRA (the keys of sft.py): adapters on the policy and the critic's transformer; the reference is the base
+lora_rank = 0  # 0 = full fine-tuning
+lora_alpha = 16.0
+lora_dropout = 0.0  # must stay 0: the rollout's log-probs and the update's must agree (as dropout)
+lora_targets = 'c_attn,c_proj,c_fc'
 # critic (PPO)
 critic_init = 'policy'  # 'policy' (the SFT weights) | 'reward' (the reward model's transformer)
 share_backbone = False  # the value head sits on the policy's transformer: one model, less memory
@@ -156,6 +171,9 @@ if temperature <= 0:
                      "would make every GRPO group identical and PPO's ratios undefined)")
 if reward_model and not reward_model_weight and critic_init != 'reward':
     raise SystemExit(f"reward_model={reward_model!r} would be unused: reward_model_weight=0 and critic_init={critic_init!r}")
+if lora_dropout:
+    raise SystemExit("lora_dropout must be 0 in RL: the log-probs of the rollout and of the update's first "
+                     "minibatch must agree exactly (the model's dropout is off for the same reason)")
 if critic_init == 'reward' and share_backbone:
     raise SystemExit("critic_init='reward' needs the critic's own transformer: with share_backbone=True the value "
                      "head sits on the policy; set share_backbone=False, or critic_init='policy'")
@@ -169,9 +187,15 @@ ckpt, parent = common.start_from(ctx, init_from, init_checkpoint)
 pretrain_dataset = ckpt.get('dataset')  # carried forward, for eval.py's loss/bpb
 sft_ckpt = common.load_checkpoint(parent) if resume else ckpt  # the reference stays the SFT model
 tokenizer = common.tokenizer_from_checkpoint(ckpt)
-# dropout off: the log-probs of the rollout and of the update's first minibatch must agree exactly
-policy = common.model_from_checkpoint(ckpt, dropout=0.0)
-reference = common.model_from_checkpoint(sft_ckpt, dropout=0.0).requires_grad_(False).eval()
+if resume:
+    check_resume(ckpt, lora_rank, out_dir)
+# dropout off: the log-probs of the rollout and of the update's first minibatch must agree exactly.
+# LoRA: the SFT weights, frozen, under adapters (resumed: load_adapters below)
+policy = common.model_from_checkpoint(sft_ckpt if lora_rank else ckpt, dropout=0.0)
+add_lora(policy, lora_rank, lora_alpha, lora_targets)
+reference = None  # LoRA: the policy with its adapters off (reference_logprobs)
+if not lora_rank:
+    reference = common.model_from_checkpoint(sft_ckpt, dropout=0.0).requires_grad_(False).eval()
 if max_new_tokens + 8 > policy.config.block_size:
     raise SystemExit(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in block_size {policy.config.block_size}")
 reward_net = None  # the reward model (rewardmodel.py), frozen: its head at each response's last token (+ lm_coef term)
@@ -183,6 +207,7 @@ if reward_model and reward_model_weight:  # with weight 0 it only initialises th
         raise SystemExit(f"reward model {reward_model} uses another tokenizer ({rm_tokenizer.identity}) than the policy "
                          f"({tokenizer.identity}): train it from the same pretrain/SFT lineage")
 critic, value_head, critic_ckpt = None, None, None  # PPO's value function: a head on a transformer
+n_shared = 0  # LoRA: numbers of the critic's frozen base that are the policy's own tensors
 if algorithm == 'ppo':
     if critic_init not in ('policy', 'reward') or (critic_init == 'reward' and not reward_model):
         raise SystemExit(f"critic_init={critic_init!r}: use 'policy', or 'reward' together with reward_model=<out_dir>")
@@ -193,14 +218,21 @@ if algorithm == 'ppo':
             raise SystemExit(f"reward model {reward_model} uses another tokenizer than the policy: train it from the "
                              f"same pretrain/SFT lineage")
         critic = common.model_from_checkpoint(critic_ckpt, dropout=0.0)
-        critic.lm_head.requires_grad_(critic.config.tie_embeddings)  # an untied output head is unused (DDP)
+        add_lora(critic, lora_rank, lora_alpha, lora_targets)  # LoRA: adapters on the critic's frozen base too
+        # an untied output head is unused (DDP rejects unused parameters); a tied one is the embedding
+        critic.lm_head.requires_grad_(critic.config.tie_embeddings and not lora_rank)
+        if lora_rank and not from_rm:  # the policy's frozen base is the same SFT weights: hold them once
+            n_shared = share_frozen_weights(critic, policy)
     value_head = nn.Linear(policy.config.n_embd if critic is None else critic.config.n_embd, 1)
     if from_rm:  # the reward model's head (not its lm_coef term): values start near the reward's scale
         value_head.load_state_dict(critic_ckpt['reward_head'])
     else:
         nn.init.zeros_(value_head.weight), nn.init.zeros_(value_head.bias)  # V = 0 until it learns
 actor_critic = rl.ActorCritic(policy, critic, value_head)
-if resume:
+if resume and lora_rank:  # the policy's adapters, the critic's adapters and its value head
+    load_adapters(actor_critic, {**{'policy.' + k: v for k, v in ckpt['lora'].items()}, **ckpt['value']}, out_dir,
+                  keep=('value_head.',))
+elif resume:
     actor_critic.load_state_dict({**{'policy.' + k: v for k, v in ckpt['model'].items()}, **ckpt['value']})
 actor_critic.to(device)
 common.shard(ctx, actor_critic)  # FSDP only; the frozen reference and reward model stay whole on every rank
@@ -208,12 +240,16 @@ if ctx.fsdp:  # FSDP picks its root at the first forward: it must be the ActorCr
     with torch.no_grad():
         actor_critic(torch.zeros(1, 2, dtype=torch.long, device=device))
     actor_critic.reshard()  # the root keeps its gathered parameters after a forward: the optimizer needs the shards
-reference.to(device)
-ref_model = rl.ActorCritic(reference)
+ref_model = rl.ActorCritic(policy if reference is None else reference.to(device))  # no value head
 model_args = policy.config.to_dict()
 if ctx.master:
     critic_desc = 'none' if algorithm == 'grpo' else 'shared backbone' if share_backbone else f'own transformer from {critic_init}'
-    print(f"{algorithm}: policy from {init_from} ({policy.get_num_params() / 1e6:.2f}M params), reference {parent}, "
+    if n_shared:
+        critic_desc += f" with LoRA, its frozen base the policy's ({n_shared / 1e6:.2f}M numbers held once)"
+    n_train = sum(p.numel() for p in actor_critic.parameters() if p.requires_grad)
+    print(f"{algorithm}: policy from {init_from} ({policy.get_num_params() / 1e6:.2f}M params), reference {parent}"
+          f"{' (the base, adapters off)' if lora_rank else ''}, training {n_train / 1e6:.3f}M"
+          f"{f' (LoRA rank {lora_rank})' if lora_rank else ''}, "
           f"critic: {critic_desc}, reward: {verifiable_weight:g} x verifiable"
           f"{f' + {reward_model_weight:g} x {reward_model}' if reward_model and reward_model_weight else ''}")
 
@@ -262,6 +298,16 @@ def forward_all(m, ids, positions, mask, n_query):
     return torch.cat(logprobs), None if values[0] is None else torch.cat(values)
 
 
+def reference_logprobs(ids, positions, mask, n_query):
+    """Response log-probs under the reference: its own frozen model, or (LoRA) the policy with its
+    adapters off, which computes exactly the frozen SFT base. The latter bypasses the FSDP root's
+    forward, so the root's parameters are gathered around it, as for generation."""
+    if reference is not None:
+        return forward_all(ref_model, ids, positions, mask, n_query)[0]
+    with common.gathered(ctx), adapters_off(policy):
+        return forward_all(ref_model, ids, positions, mask, n_query)[0]
+
+
 # optimizer: the critic (value head and its transformer) may learn at its own rate
 iter_num, kl_coef_now = 0, kl_coef
 data_generator = torch.Generator().manual_seed(seed)
@@ -290,8 +336,13 @@ def state():
     weights = common.model_state(ctx, actor_critic)  # one gather under FSDP: the policy's weights, then the rest
     policy_state = {k.removeprefix('policy.'): v for k, v in weights.items() if k.startswith('policy.')}
     value_state = {k: v for k, v in weights.items() if not k.startswith('policy.')}
+    lora = {}
+    if lora_rank:  # merged weights in 'model' (any script loads them); what is trained, to resume
+        lora = {'lora': lora_state_dict(policy_state)}
+        policy_state = merged_state_dict(policy, policy_state)
+        value_state = {k: v for k, v in value_state.items() if 'lora_' in k or k.startswith('value_head.')}
     return common.checkpoint(ctx, algorithm, policy_state, model_args, tokenizer, config, parent, pretrain_dataset,
-                             optimizer, iter_num, data_generator, value=value_state, kl_coef=kl_coef_now)
+                             optimizer, iter_num, data_generator, value=value_state, kl_coef=kl_coef_now, **lora)
 
 
 CONSOLE_KEYS = {  # of the metrics below, those on the console line (all go to history.jsonl and wandb)
@@ -355,7 +406,8 @@ def generate_and_score(rollout_seed):
     ix = torch.randint(len(prompts), (ctx.world_size, batch_size), generator=data_generator)[ctx.rank]
     batch = [prompts[i] for i in ix.tolist() for _ in range(num_generations)]
     policy.eval()
-    with common.gathered(ctx):
+    # in the stage's dtype (autocast), as the forward passes that score the samples run
+    with common.gathered(ctx), ctx.autocast:
         gen = generate_ids(policy, [p['ids'] for p in batch], dataclasses.replace(gen_config, seed=rollout_seed),
                            tokenizer.pad_id, rows=(ctx.rank * n_rollouts, ctx.world_size * n_rollouts),
                            all_done=all_ranks_done)
@@ -429,7 +481,7 @@ while True:
 
     # 3. log-probs under the policy as it is now (the update's starting point) and the reference
     old_logprobs, values = forward_all(model, ids, positions, attn_mask, Tq)  # (N, R) each
-    ref_logprobs, _ = forward_all(ref_model, ids, positions, attn_mask, Tq)
+    ref_logprobs = reference_logprobs(ids, positions, attn_mask, Tq)
     kl = rl.kl_penalty(old_logprobs, ref_logprobs, kl_estimator) * mask  # (N, R)
 
     # 4. advantages
@@ -537,6 +589,8 @@ while True:
         if not all(math.isfinite(metrics[k]) for k in ('objective/scores', 'loss/policy_avg', 'objective/kl')):
             raise SystemExit(f"non-finite loss or reward at iteration {iter_num}: stopping; the last good checkpoint is intact")
         metrics['time/rollout_frac'] = t_rollout / (time.time() - t0)
+        # response tokens of the batch (all ranks) per second of rollout (sampling and scoring)
+        metrics['time/rollout_tok_s'] = mean_all(mask.float().sum()) * ctx.world_size / t_rollout
         common.log_step(ctx, log, iter_num, max_iters, metrics, common.step_time(log, iter_num),
                         (n_rollouts * ctx.world_size, 'rollouts'), show=CONSOLE_KEYS[algorithm])
 

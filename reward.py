@@ -10,6 +10,9 @@ The checkpoint is the usual one (the backbone in 'model') plus 'reward_head', st
 rewardmodel.load_reward_model(out_dir) loads it and rewardmodel.score() scores pairs (ppo.py).
 Batches put the chosen and rejected rows of every pair in one forward pass, right-padded to the
 longest row of the batch; pairs of similar length are batched together, so little is padding.
+lora_rank > 0 trains low-rank adapters on the backbone (lora.py) and the head in full; the
+checkpoint holds the merged backbone in 'model' (ppo.py and load_reward_model read it unchanged)
+and the adapters in 'lora' (to resume).
 """
 
 import torch
@@ -17,6 +20,7 @@ import torch
 import common
 import preference
 from configurator import configure
+from lora import add_lora, check_resume, load_adapters, lora_state_dict, merged_state_dict
 from rewardmodel import RewardModel, bradley_terry_loss, reward_metrics
 
 # ----------------------------------------------------------------------------- config
@@ -41,6 +45,11 @@ use_margin = True  # subtract each pair's "margin" field (0 when absent) inside 
 center_rewards_coef = 0.0  # > 0 keeps rewards near mean 0 (TRL suggests 0.01); a steadier scale for PPO
 lm_coef = 0.0  # > 0 adds lm_coef * mean log p(response) to the head's reward (SimPO's implicit reward)
 freeze_backbone = False  # train the head only: a linear probe on the SFT model's features
+# LoRA (the keys of sft.py): adapters on the backbone, the head trained in full
+lora_rank = 0  # 0 = the whole backbone trains
+lora_alpha = 16.0
+lora_dropout = 0.0
+lora_targets = 'c_attn,c_proj,c_fc'
 # optimizer
 batch_size = 16  # pairs per micro-batch per rank (two rows each)
 gradient_accumulation_steps = 1  # total over ranks
@@ -72,7 +81,16 @@ resume = init_from == 'resume'
 ckpt, parent = common.start_from(ctx, init_from, init_checkpoint)
 pretrain_dataset = ckpt.get('dataset')  # carried forward, for eval.py's loss/bpb
 tokenizer = common.tokenizer_from_checkpoint(ckpt)
-model = RewardModel(common.model_from_checkpoint(ckpt, dropout=dropout), lm_coef)
+if resume:
+    check_resume(ckpt, lora_rank, out_dir)
+if freeze_backbone and lora_rank:
+    raise SystemExit("freeze_backbone=True trains the head alone: set lora_rank=0 (or leave freeze_backbone off)")
+# LoRA resumes from the base weights (the parent) plus the saved adapters; 'model' holds them merged
+base = common.load_checkpoint(parent) if resume and lora_rank else ckpt
+model = RewardModel(common.model_from_checkpoint(base, dropout=dropout), lm_coef)
+add_lora(model.backbone, lora_rank, lora_alpha, lora_targets, lora_dropout)  # the head stays trainable
+if resume and lora_rank:
+    load_adapters(model.backbone, ckpt['lora'], out_dir)
 if 'reward_head' in ckpt:  # resuming, or going on from another reward model
     model.head.load_state_dict(ckpt['reward_head'])
     if ckpt.get('reward_lm_coef', 0.0) != lm_coef:  # the head was trained beside another log-likelihood term
@@ -93,7 +111,7 @@ params = [p for p in model.parameters() if p.requires_grad]
 if ctx.master:
     print(f"reward model from {init_from} ({ckpt.get('stage', '?')} stage): "
           f"{model.backbone.get_num_params() / 1e6:.2f}M params, training {sum(p.numel() for p in params) / 1e6:.3f}M"
-          + (' (head only)' if freeze_backbone else ''))
+          + (' (head only)' if freeze_backbone else f' (LoRA rank {lora_rank} + head)' if lora_rank else ''))
 
 # data: pairs -> right-padded [chosen, rejected] rows, built once (preference.py)
 train_pairs, val_pairs, _ = preference.load_splits(pref_files, data_root, val_fraction, seed, skip_bad_lines)
@@ -127,7 +145,7 @@ optimizer = common.adamw(params, learning_rate, weight_decay, (beta1, beta2), ct
 if resume:
     # batches are a function of the step: no data generator to restore
     iter_num, best_val_loss = common.resume_training(ctx, ckpt, optimizer)
-ckpt = None
+ckpt = base = None
 raw_model = model
 model = common.wrap(ctx, model, compile_model)
 
@@ -148,9 +166,11 @@ def evaluate():
 
 
 def state():
-    return common.checkpoint(ctx, 'reward', common.model_state(ctx, raw_model.backbone), model_args, tokenizer, config, parent,
-                             pretrain_dataset, optimizer, iter_num,
-                             reward_head=common.model_state(ctx, raw_model.head), reward_lm_coef=lm_coef)
+    backbone = common.model_state(ctx, raw_model.backbone)
+    weights = merged_state_dict(raw_model.backbone, backbone) if lora_rank else backbone
+    lora = {'lora': lora_state_dict(backbone)} if lora_rank else {}
+    return common.checkpoint(ctx, 'reward', weights, model_args, tokenizer, config, parent, pretrain_dataset, optimizer,
+                             iter_num, reward_head=common.model_state(ctx, raw_model.head), reward_lm_coef=lm_coef, **lora)
 
 
 log, stop = common.start_logging(ctx, config, resume, iter_num, wandb_log, wandb_project, wandb_run_name)

@@ -27,3 +27,7 @@ learning_rate = 2e-5
 warmup_iters = 10
 lr_schedule = 'constant'
 max_iters = 400
+# LoRA: --lora_rank=8 (adapters only; the reference is the base with the adapters off). Peak RSS of
+# 3 iterations on one CPU thread: 1,008 -> 986 MB here; 1,135 -> 863 MB at 26M params (batch_size=4).
+# Rollouts decode under dtype's autocast: --dtype=bfloat16 samples 1.2-1.6x faster than fp32 at
+# this size on an AMX CPU (2.4x at 26M params).

@@ -33,3 +33,7 @@ critic_learning_rate = 1e-4  # the value head starts from zero: it needs to move
 warmup_iters = 10
 lr_schedule = 'constant'
 max_iters = 150
+# LoRA: --lora_rank=8 puts adapters on the policy and the critic, whose frozen base is the policy's
+# own tensors; the reference is that base with the adapters off: one copy of the SFT weights in all.
+# Peak RSS of 3 iterations on one CPU thread: 1,430 -> 1,461 MB here (activations dominate at 1.3M
+# params); 1,807 -> 1,390 MB at 26M params (batch_size=32).

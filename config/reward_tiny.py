@@ -17,3 +17,6 @@ learning_rate = 3e-5  # 1e-4 lets the arithmetic pairs pull the LM term below wh
 min_lr = 3e-6
 warmup_iters = 20
 lr_decay_iters = 600
+# LoRA: --lora_rank=8 trains adapters on the backbone and the head in full (the checkpoint holds
+# the merged backbone, so ppo.py reads it unchanged). Peak RSS of 5 steps on one CPU thread:
+# 422 -> 414 MB here (activations dominate at 1.3M params); 1,125 -> 959 MB at 26M params.

@@ -121,7 +121,11 @@ def test_dynamic_sampling_fills_the_batch_with_groups_that_teach(toy, tmp_path):
     ('grpo', ['--num_generations=4', '--kl_estimator=k3', '--scale_rewards=False']),
     ('grpo', ['--num_generations=4', '--loss_type=dr_grpo', '--advantage=rloo', '--micro_batch_size=3']),
     ('grpo', ['--num_generations=1', '--loss_type=bnpo', '--advantage=reinforce_pp', '--overlong_buffer_len=2']),
-], ids=['ppo', 'ppo-shared-adaptive-earlystop', 'ppo-reward-model', 'grpo', 'grpo-rloo-dr_grpo', 'reinforce_pp-bnpo'])
+    ('ppo', ['--reward_model={root}/rm', '--critic_init=reward', '--verifiable_weight=0', '--reward_model_weight=2',
+             '--lora_rank=4']),
+    ('grpo', ['--num_generations=4', '--lora_rank=4', '--dtype=bfloat16']),
+], ids=['ppo', 'ppo-shared-adaptive-earlystop', 'ppo-reward-model', 'grpo', 'grpo-rloo-dr_grpo', 'reinforce_pp-bnpo',
+        'ppo-lora-reward-critic', 'grpo-lora-bf16-rollouts'])
 def test_end_to_end_on_the_builtin_arithmetic_prompts(suite, tmp_path, algorithm, args):
     sft, data_root = suite
     out = str(tmp_path / 'out')
@@ -144,6 +148,9 @@ def test_end_to_end_on_the_builtin_arithmetic_prompts(suite, tmp_path, algorithm
     if '--critic_init=reward' in args:  # the value head started as the reward model's head (and moved a little)
         rm_head = torch.load(os.path.join(data_root, 'rm', 'ckpt.pt'), weights_only=True)['reward_head']['weight']
         assert (ckpt['value']['value_head.weight'] - rm_head).abs().max() < 0.05 < rm_head.abs().max()
+    if '--lora_rank=4' in args:  # merged weights in 'model'; the adapters (and the critic's, and its head) saved apart
+        assert set(ckpt['lora']) and all('lora_' in k or k.startswith('value_head.') for k in ckpt['value'])
+        assert torch.equal(ckpt['model']['transformer.wte.weight'], reference['transformer.wte.weight'])
     if '--critic_learning_rate=5e-3' in args:  # the critic's groups learn at their own rate
         assert sorted({g['lr'] for g in ckpt['optimizer']['param_groups']}) == pytest.approx([1e-3, 5e-3])
     if '--target_kl=1e-9' in args:
@@ -195,3 +202,47 @@ def test_grpo_without_a_group_says_how_to_fix_it(toy, tmp_path):
     proc = run_script('ppo.py', f'--init_from={sft}', f'--rl_file={prompts}', f'--out_dir={tmp_path}', '--algorithm=grpo',
                       '--num_generations=1', check=False)
     assert proc.returncode != 0 and 'num_generations >= 2' in proc.stderr
+
+
+def test_lora_ppo_learns_with_adapters_only_a_critic_on_the_same_base_and_resumes(toy, tmp_path):
+    """PPO with lora_rank > 0 on the toy task (the one token x): (a) only the adapters of policy and
+    critic and the value head train, the critic's frozen base being the policy's; (b) the score
+    rises from ~0 to ~1; (c) the reference is the base with the adapters off, bit for bit; (d) a
+    resumed run continues the same curve, and the merged policy loads as a plain GPT. The head is
+    untied and adapted: a random tied head has logits too small for any adapter to move much."""
+    from lora import add_lora, adapters_off, load_adapters, merged_state_dict
+    _, prompts = toy
+    sft = save_tiny(tmp_path / 'sft', TOY_TOKENIZER, tie_embeddings=False)
+    args = [f'--init_from={sft}', f'--rl_file={prompts}', *TOY, '--max_new_tokens=1', '--batch_size=16',
+            '--learning_rate=3e-2', '--critic_learning_rate=1e-2', '--kl_coef=0.05', '--max_iters=10',
+            '--lr_decay_iters=10', '--lora_rank=4', '--lora_alpha=8', '--lora_targets=c_attn,lm_head']
+    straight, split = str(tmp_path / 'straight'), str(tmp_path / 'split')
+    proc = run_script('ppo.py', *args, f'--out_dir={straight}')
+    assert 'LoRA rank 4' in proc.stdout and 'adapters off' in proc.stdout and "its frozen base the policy's" in proc.stdout
+    run_script('ppo.py', *args, f'--out_dir={split}', '--max_iters=5')
+    run_script('ppo.py', *args, f'--out_dir={split}', '--init_from=resume')
+    a, b = rows(straight), rows(split)
+    assert sum(r['objective/scores'] for r in a[:3]) / 3 < 0.2 and a[-1]['objective/scores'] > 0.8, a
+    for ra, rb in zip(a[5:], b[5:]):
+        for key in ('objective/scores', 'objective/kl', 'loss/policy_avg', 'loss/value_avg'):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-6), key
+
+    ckpt = torch.load(os.path.join(straight, 'ckpt.pt'), weights_only=True)
+    assert set(ckpt['value']) == {k for k in ckpt['value'] if k.startswith('critic.') and 'lora_' in k} | {
+        'value_head.weight', 'value_head.bias'} and any(k.startswith('critic.') for k in ckpt['value'])
+    base_state = torch.load(os.path.join(sft, 'ckpt.pt'), weights_only=True)
+    base = GPT(GPTConfig(**base_state['model_args'])).eval()
+    base.load_state_dict(base_state['model'])
+    policy = GPT(GPTConfig(**base_state['model_args'])).eval()
+    policy.load_state_dict(base_state['model'])
+    add_lora(policy, 4, 8.0, 'c_attn,lm_head')
+    load_adapters(policy, ckpt['lora'], straight)
+    merged = merged_state_dict(policy)
+    assert all(torch.equal(ckpt['model'][k], v) for k, v in merged.items())  # = base + B A: the base did not move
+    x = torch.randint(0, TOY_TOKENIZER.n_vocab, (2, 6))
+    with torch.no_grad():
+        with adapters_off(policy):
+            assert torch.equal(policy(x)[0], base(x)[0])
+        plain = GPT(GPTConfig(**ckpt['model_args'])).eval()
+        plain.load_state_dict(ckpt['model'])  # what sample.py and a next stage load
+        torch.testing.assert_close(plain(x)[0], policy(x)[0], atol=1e-4, rtol=1e-4)

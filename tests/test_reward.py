@@ -261,3 +261,63 @@ def test_malformed_preference_data_names_file_line_and_field(sft_dir, tmp_path, 
     proc = run_reward(sft_dir, str(tmp_path / 'out'), f'--pref_files={path}', '--max_iters=1', check=False)
     assert proc.returncode != 0
     assert f'{path}:3' in proc.stderr and field in proc.stderr and 'Traceback' not in proc.stderr
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+def lora_model(base_dir, out_dir, wrap=lambda m: m):
+    """The model of a LoRA run rebuilt as it trained: its parent's weights (the base) under the saved
+    adapters; wrap(GPT) adds what the stage puts around the backbone. -> (model, base GPT, checkpoint)."""
+    from lora import add_lora, load_adapters
+    ckpt = common.load_checkpoint(out_dir, which='latest')
+    base = common.model_from_checkpoint(common.load_checkpoint(base_dir)).eval()
+    backbone = common.model_from_checkpoint(common.load_checkpoint(base_dir))
+    add_lora(backbone, ckpt['config']['lora_rank'], ckpt['config']['lora_alpha'], ckpt['config']['lora_targets'])
+    load_adapters(backbone, ckpt['lora'], out_dir)
+    return wrap(backbone).eval(), base, ckpt
+
+
+def assert_lora_checkpoint(base_dir, ckpt, model, x):
+    """(a) only adapters trained: the merged 'model' is the base plus the adapters' B A, the
+    embedding untouched; (c) with the adapters off the model is the base, bit for bit; and the
+    merged weights load as a plain GPT with the LoRA model's logits (the next stage, sample.py)."""
+    from lora import adapters_off, merged_state_dict
+    base_state = common.load_checkpoint(base_dir)['model']
+    backbone = model.backbone if hasattr(model, 'backbone') else model
+    assert set(ckpt['lora']) and all('lora_' in k for k in ckpt['lora'])
+    merged = merged_state_dict(backbone)
+    assert all(torch.equal(ckpt['model'][k], merged[k]) for k in merged)
+    assert torch.equal(ckpt['model']['transformer.wte.weight'], base_state['transformer.wte.weight'])
+    assert not torch.equal(ckpt['model']['transformer.h.0.attn.c_attn.weight'], base_state['transformer.h.0.attn.c_attn.weight'])
+    base = common.model_from_checkpoint(common.load_checkpoint(base_dir)).eval()
+    with torch.no_grad(), adapters_off(backbone):
+        assert torch.equal(backbone(x)[0], base(x)[0])
+    with torch.no_grad():
+        torch.testing.assert_close(common.model_from_checkpoint(ckpt).eval()(x)[0], backbone(x)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_lora_reward_model_trains_adapters_and_head_resumes_and_loads_for_ppo(sft_dir, toy_file, tmp_path):
+    """(a) the backbone's adapters and the head train, nothing else; (b) the loss falls; (c) adapters
+    off is the SFT model; (d) a resumed run reaches the same metrics, and load_reward_model reads the
+    merged checkpoint as any reward model."""
+    args = [f'--pref_files={toy_file}', '--val_fraction=0.25', '--eval_interval=5', '--lr_decay_iters=10',
+            '--lora_rank=4', '--lora_alpha=8']
+    straight, split = str(tmp_path / 'straight'), str(tmp_path / 'split')
+    proc = run_reward(sft_dir, straight, '--max_iters=10', *args)
+    assert 'LoRA rank 4 + head' in proc.stdout
+    run_reward(sft_dir, split, '--max_iters=5', *args)
+    run_reward('resume', split, '--max_iters=10', *args)
+    h, b = history(straight), history(split)
+    assert h[10]['val/loss'] < h[0]['val/loss'] - 0.3 and h[10]['val/accuracy'] > 0.9, h
+    for key in ('val/loss', 'val/accuracy', 'val/margin'):
+        assert b[10][key] == pytest.approx(h[10][key], rel=1e-5, abs=1e-6), key
+
+    model, _, ckpt = lora_model(sft_dir, straight, lambda backbone: RewardModel(backbone))
+    model.head.load_state_dict(ckpt['reward_head'])
+    assert not torch.equal(ckpt['reward_head']['weight'], RewardModel(model.backbone).head.weight)
+    assert_lora_checkpoint(sft_dir, ckpt, model, torch.randint(0, 100, (2, 12)))
+    rm, tok = load_reward_model(straight)  # merged: the reward model ppo.py loads, unchanged
+    ids = torch.randint(0, 100, (2, 12))
+    torch.testing.assert_close(rm(ids, torch.tensor([11, 11]))[0], model(ids, torch.tensor([11, 11]))[0], atol=1e-5, rtol=1e-5)
+    prompts = [[{'role': 'user', 'content': "Say something about tiger and lemon."}]]
+    assert (score(rm, tok, prompts, ['good tiger']) > score(rm, tok, prompts, ['bad lemon'])).all()
