@@ -254,7 +254,9 @@ def evaluate():
     else:
         metrics = evaluate_pairs(batches)
     if eval_items_per_task and task_items and (ctx.master or ctx.fsdp):  # FSDP: every rank joins the forwards
-        metrics.update({f'val/{k}': v for k, v in evals.task_metrics(raw_model, tokenizer, task_items, eval_items_per_task).items()})
+        with ctx.autocast:  # decode in the stage's dtype, as it trains
+            task = evals.task_metrics(raw_model, tokenizer, task_items, eval_items_per_task)
+        metrics.update({f'val/{k}': v for k, v in task.items()})
     model.train()
     return metrics
 

@@ -327,7 +327,7 @@ def evaluate():
     """Held-out task metrics by greedy generation (val/arith_acc = exact match of the final number)."""
     if not task_items or not (ctx.master or ctx.fsdp):  # FSDP: every rank joins the forwards
         return {}
-    with common.gathered(ctx):
+    with common.gathered(ctx), ctx.autocast:  # decode in the stage's dtype, as the rollouts do
         metrics = evals.task_metrics(policy, tokenizer, task_items, eval_items_per_task)
     return {f'val/{k}': v for k, v in metrics.items()}
 
