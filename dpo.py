@@ -28,7 +28,7 @@ import torch
 
 import common
 import dpo_loss as losses
-import evals
+import heldout
 import preference
 from configurator import configure
 from lora import add_lora, adapters_off, check_resume, load_adapters, lora_state_dict, merged_state_dict
@@ -255,7 +255,7 @@ def evaluate():
         metrics = evaluate_pairs(batches)
     if eval_items_per_task and task_items and (ctx.master or ctx.fsdp):  # FSDP: every rank joins the forwards
         with ctx.autocast:  # decode in the stage's dtype, as it trains
-            task = evals.task_metrics(raw_model, tokenizer, task_items, eval_items_per_task)
+            task = heldout.task_metrics(raw_model, tokenizer, task_items, eval_items_per_task)
         metrics.update({f'val/{k}': v for k, v in task.items()})
     model.train()
     return metrics

@@ -19,8 +19,9 @@ import numpy as np
 import torch
 
 import common
+import corpus
 import data
-import evals
+import heldout
 import tasks as task_suite
 from configurator import configure
 
@@ -58,7 +59,7 @@ def val_loss(data_path):
         print(f"note: {data_path} uses another tokenizer than {out_dir}; skipping loss/bpb")
         return {}
     # the largest val shard (one, unless val passed prepare.py's shard_tokens): windows never cross shards
-    path, _ = max(data.token_shards(data_path, meta, 'val'), key=lambda shard: shard[1])
+    path, _ = max(corpus.token_shards(data_path, meta, 'val'), key=lambda shard: shard[1])
     val = np.memmap(path, dtype=np.dtype(meta['dtype']), mode='r')
     T = model.config.block_size
     generator = torch.Generator().manual_seed(seed)
@@ -84,11 +85,11 @@ else:
 if score_tasks:
     items = task_suite.heldout(task_suite.ensure_tasks(os.path.join(data_root, 'tasks')))
     per_item = {}  # each item's score, in order: pipeline.py's report pairs them between stages (McNemar)
-    metrics.update(evals.task_metrics(model, tokenizer, items, items_per_task, per_item=per_item))
+    metrics.update(heldout.task_metrics(model, tokenizer, items, items_per_task, per_item=per_item))
 
 # your own held-out conversations
 if chat_file:
-    metrics.update(evals.chat_file_metrics(model, tokenizer, data.load_sft([chat_file]), expect, max_new_tokens))
+    metrics.update(heldout.chat_file_metrics(model, tokenizer, data.load_sft([chat_file]), expect, max_new_tokens))
 
 metrics['eval_seconds'] = time.time() - t0
 print(json.dumps(metrics, indent=1))

@@ -174,9 +174,9 @@ def fmt(v):
 
 def alignment_table(evals):
     """Each alignment stage against its SFT start, task by task, on the same held-out items: accuracy
-    before -> after, the items gained and lost, and McNemar's z and exact p (evals.mcnemar). A gain
+    before -> after, the items gained and lost, and McNemar's z and exact p (heldout.mcnemar). A gain
     with p > 0.05 is within what chance moves on that many items."""
-    from evals import mcnemar
+    from heldout import mcnemar
     lines = ['', '## Alignment: SFT -> each stage on the same held-out items (McNemar)', '',
              '| stage | task | SFT | after | gained | lost | z | p |', '|---|---|---|---|---|---|---|---|']
     before = evals['sft'].get('per_item', {})

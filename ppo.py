@@ -42,7 +42,7 @@ import torch.nn as nn
 
 import common
 import data
-import evals
+import heldout
 import rl
 import tasks
 from configurator import configure
@@ -68,7 +68,7 @@ rl_file = ''  # RL prompts JSONL (docs/data.md); '' = the built-in arithmetic pr
 data_root = 'data'
 skip_bad_lines = False
 # reward: score = verifiable_weight * exact match + reward_model_weight * RM score - missing_eos_penalty
-verifiable_weight = 1.0  # data.verifiable_reward: the final number (or the text answer) is right
+verifiable_weight = 1.0  # tasks.verifiable_reward: the final number (or the text answer) is right
 reward_model = ''  # a reward-model out_dir (reward.py); '' = none
 reward_model_weight = 1.0  # 0 = the reward model only initialises the critic (critic_init='reward')
 missing_eos_penalty = 1.0  # a response cut off at max_new_tokens never answered
@@ -328,7 +328,7 @@ def evaluate():
     if not task_items or not (ctx.master or ctx.fsdp):  # FSDP: every rank joins the forwards
         return {}
     with common.gathered(ctx), ctx.autocast:  # decode in the stage's dtype, as the rollouts do
-        metrics = evals.task_metrics(policy, tokenizer, task_items, eval_items_per_task)
+        metrics = heldout.task_metrics(policy, tokenizer, task_items, eval_items_per_task)
     return {f'val/{k}': v for k, v in metrics.items()}
 
 
@@ -382,7 +382,7 @@ def score(batch, responses):
     reward model's score, minus missing_eos_penalty off a response that never emitted <|im_end|>,
     plus DAPO's soft overlong penalty when overlong_buffer_len > 0."""
     texts = [tokenizer.decode([t for t in r if t not in special_ids]) for r in responses]
-    verifiable = torch.tensor([data.verifiable_reward(t, p['answer']) for t, p in zip(texts, batch)], device=device)
+    verifiable = torch.tensor([tasks.verifiable_reward(t, p['answer']) for t, p in zip(texts, batch)], device=device)
     scores = verifiable_weight * verifiable
     query, query_pad, response, mask = layout(batch, responses)
     if reward_net is not None and reward_model_weight:  # read at each response's last token: <|im_end|>, as trained

@@ -30,7 +30,7 @@ def parse_pair(obj):
     """data.parse_pref, plus "margin" (a number, 0 when absent) and "task" (kept for per-task metrics)."""
     margin = obj.get('margin', 0.0)
     if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
-        raise data._BadField('margin', f"expected a finite number (how much better chosen is), got {margin!r}")
+        raise data.BadField('margin', f"expected a finite number (how much better chosen is), got {margin!r}")
     task = obj.get('task')
     return dict(data.parse_pref(obj), margin=float(margin), task=task if isinstance(task, str) else None)
 

@@ -33,6 +33,8 @@ import time
 
 import numpy as np
 
+import corpus
+
 import data
 from configurator import configure
 from tokenizer import SPECIAL_TOKENS, Tokenizer, char_tokenizer, gpt2_tokenizer, train_bpe
@@ -121,8 +123,8 @@ if tokenizer_type == 'bpe' and vocab_size < 256 + len(SPECIAL_TOKENS):  # checke
                      f"the default is 4096")
 if shard_tokens < 1:
     raise SystemExit(f"--shard_tokens={shard_tokens}: a shard needs at least one token (the default is 100_000_000)")
-rules = data.parse_sampling(dataset_sampling, specs)
-sources = [(spec,) + data.resolve_source(spec, os.path.join(data_root, 'downloads')) for spec in specs]
+rules = corpus.parse_sampling(dataset_sampling, specs)
+sources = [(spec,) + corpus.resolve_source(spec, os.path.join(data_root, 'downloads')) for spec in specs]
 for spec, where, files in sources:
     print(f"source {spec}: {where} ({len(files):,} file{'s' if len(files) != 1 else ''})")
 
@@ -173,7 +175,7 @@ def clean_up():  # at exit, however the run ends (errors and Ctrl-C included; ki
 pool = None
 atexit.register(clean_up)
 signal.signal(signal.SIGINT, on_interrupt)
-pool = data.make_pool(num_proc)  # forked now, while this process is small
+pool = corpus.make_pool(num_proc)  # forked now, while this process is small
 # text per worker task: a 16th of chunk_mb, at most 1 MB (MinHash needs ~75 bytes of memory per character)
 task_bytes = int(min(1 << 20, max(1 << 12, chunk_mb * 1e6 / 16)))
 in_flight = max(2 * (num_proc or os.cpu_count() or 1), int(chunk_mb * 1e6) // task_bytes)
@@ -204,27 +206,27 @@ DOC = np.dtype([('key', '<u8'), ('source', '<i8')])  # per kept document: conten
 
 # ----------------------------------------------------------------------------- cleaning
 # The reader (this process) cuts the sources into tasks of ~1 MB of pieces of documents; workers
-# clean them and hash them (data.clean_task); this process takes the results in order, checks
-# each document against everything kept so far (data.Cleaner: length, exact and near-duplicates,
+# clean them and hash them (corpus.clean_task); this process takes the results in order, checks
+# each document against everything kept so far (corpus.Cleaner: length, exact and near-duplicates,
 # across sources) and appends what it keeps to a text spool (a document's pieces are written as
 # they come; a dropped one is overwritten). Memory holds per-document hashes (~0.5 KB a kept
 # document), never the corpus. A checkpoint records the position in the sources, the sizes of
 # the spool and of the dedup journals, and the counts so far.
 t0 = time.time()
-cleaner = data.Cleaner(normalize, strip_control, drop_boilerplate, min_chars, max_chars, exact_dedup, near_dedup,
+cleaner = corpus.Cleaner(normalize, strip_control, drop_boilerplate, min_chars, max_chars, exact_dedup, near_dedup,
                        near_dedup_threshold, seed)
 piece_chars = int(piece_mb * 1e6)
 stats = progress.get('stats', {})
 
 
 def clean_tasks(files, first_file, first_piece):
-    """(settings, texts, tag) tasks for data.clean_task, ~task_bytes of pieces each, tagged with
+    """(settings, texts, tag) tasks for corpus.clean_task, ~task_bytes of pieces each, tagged with
     where each piece comes from (file, piece, whether it ends its document) and with the files
     that end in the task (file, bad lines dropped). A resumed source skips what was done."""
     texts, where, ended, size = [], [], [], 0
     for f in range(first_file, len(files)):
         bad = []
-        for k, (text, ends) in enumerate(data.file_pieces(files[f], skip_bad_lines, bad, piece_chars)):
+        for k, (text, ends) in enumerate(corpus.file_pieces(files[f], skip_bad_lines, bad, piece_chars)):
             if f == first_file and k < first_piece:
                 continue  # cleaned before the interruption: read again, not cleaned again
             texts.append(text)
@@ -247,13 +249,13 @@ def whole_document(doc):
     if not doc['minhash']:
         return rows, key, ()
     sig = np.min([m[0] for m in doc['minhash']], axis=0)  # the minimum over all shingles: over the pieces'
-    return rows, key, (sig, any(m[1] for m in doc['minhash']), data.band_keys(sig[None], cleaner.near.rows)[0])
+    return rows, key, (sig, any(m[1] for m in doc['minhash']), corpus.band_keys(sig[None], cleaner.near.rows)[0])
 
 
 def finish_document(doc, st, source_id):
     """Keep (its pieces stay in the spool, a row each in pieces.bin, one in docs.bin) or drop it."""
     rows, key, minhash = whole_document(doc)
-    data.add_counts(st, rows)
+    corpus.add_counts(st, rows)
     reason = cleaner.admit(int(rows[1]), key, *minhash)
     if reason:
         st['dropped'][reason] += 1
@@ -305,12 +307,12 @@ if progress['phase'] == 'clean':
 
     for source_id in range(at['source'], len(sources)):
         spec, where_from, files = sources[source_id]
-        st = stats.setdefault(spec, dict(source=where_from, files=len(files), **data.Cleaner.new_counts()))
+        st = stats.setdefault(spec, dict(source=where_from, files=len(files), **corpus.Cleaner.new_counts()))
         first = (at['file'], at['piece']) if source_id == at['source'] else (0, 0)
         doc = None  # the document being put together from its pieces
         try:
-            for tag, raw, rows, keys, sigs, has_words, bands in data.ordered_map(
-                    pool, data.clean_task, clean_tasks(files, *first), in_flight):
+            for tag, raw, rows, keys, sigs, has_words, bands in corpus.ordered_map(
+                    pool, corpus.clean_task, clean_tasks(files, *first), in_flight):
                 where, ended = tag
                 for i, (_, _, ends) in enumerate(where):
                     if doc is None:
@@ -443,13 +445,13 @@ if progress['phase'] == 'tokenizer':
     progress['seconds']['tokenizer'] = time.time() - t0
     checkpoint('tokenise')
 tok = Tokenizer.load(tmp('tokenizer.json'))
-dtype = data.token_dtype(tok.n_vocab)
+dtype = corpus.token_dtype(tok.n_vocab)
 t_tokenizer = progress['seconds']['tokenizer']
 print(f"tokenizer: {tok.identity} ({tok.n_vocab:,} ids -> {np.dtype(dtype).name}) in {t_tokenizer:.1f}s")
 
 # ----------------------------------------------------------------------------- tokenise
 # The pieces of the documents to use are read back from the spool by the workers, ~1 MB a task,
-# encoded, each document prefixed by <|endoftext|> (data.tokenise_task), and appended in order to
+# encoded, each document prefixed by <|endoftext|> (corpus.tokenise_task), and appended in order to
 # a token spool; bench/bench_tokenize.py times this against raw tiktoken. One progress line per
 # second; a checkpoint records the tasks done and the spool's size.
 t0 = time.time()
@@ -475,7 +477,7 @@ if progress['phase'] == 'tokenise':
     work = ((tmp('text.bin'), tmp('tokenizer.json'), dtype, np.append(piece_start[ids[0]], piece_end[ids]),
              doc_first[ids]) for ids in tasks[at['tasks']:])
     try:
-        for k, (tokens, counts) in enumerate(data.ordered_map(pool, data.tokenise_task, work, in_flight),
+        for k, (tokens, counts) in enumerate(corpus.ordered_map(pool, corpus.tokenise_task, work, in_flight),
                                              start=at['tasks'] + 1):
             token_file.write(tokens)
             count_file.write(counts.tobytes())
@@ -484,11 +486,11 @@ if progress['phase'] == 'tokenise':
                 save_tokenise(k)
                 last_checkpoint = time.time()
             if time.time() - t_log >= 1 and done < total_bytes:
-                data.log_progress('tokenise', done - done_start, total_bytes - done_start, t0)
+                corpus.log_progress('tokenise', done - done_start, total_bytes - done_start, t0)
                 t_log = time.time()
     except data.DataError as e:  # a character that a reused char tokenizer lacks
         raise SystemExit(str(e)) from None
-    data.log_progress('tokenise', done - done_start, total_bytes - done_start, t0, final=True)
+    corpus.log_progress('tokenise', done - done_start, total_bytes - done_start, t0, final=True)
     save_tokenise(len(tasks))
     token_file.close()
     count_file.close()
@@ -505,7 +507,7 @@ token_offsets = np.concatenate(([0], np.cumsum(doc_tokens)))  # where each docum
 
 # ----------------------------------------------------------------------------- mixing
 train_ids = {spec: np.flatnonzero((doc_source == sid) & use & ~is_val) for sid, (spec, _, _) in enumerate(sources)}
-chosen = data.mix_documents({spec: doc_tokens[ids] for spec, ids in train_ids.items()}, rules, seed)
+chosen = corpus.mix_documents({spec: doc_tokens[ids] for spec, ids in train_ids.items()}, rules, seed)
 streams = {'train': np.concatenate([ids[chosen[spec]] for spec, ids in train_ids.items()]).astype(np.int64),
            'val': np.flatnonzero(is_val)}
 for sid, (spec, _, _) in enumerate(sources):
@@ -537,9 +539,9 @@ with open(tmp('tokens.bin'), 'rb') as src:
             inside = slice(np.searchsorted(ends, lo, 'right'), np.searchsorted(begins, hi, 'left'))
             a = token_offsets[ids[inside]] + np.maximum(lo - begins[inside], 0)  # the parts of those documents in the shard
             b = token_offsets[ids[inside]] + np.minimum(hi - begins[inside], lengths[inside])
-            name = data.shard_name(split, k)
+            name = corpus.shard_name(split, k)
             with open(tmp(name + '.part'), 'wb') as out:
-                data.copy_ranges(src, a, b, out, itemsize)
+                corpus.copy_ranges(src, a, b, out, itemsize)
             os.replace(tmp(name + '.part'), tmp(name))
             documents = int(np.count_nonzero((begins[inside] >= lo) & (lengths[inside] > 0)))  # that start in it
             shards[split].append({'file': name, 'tokens': hi - lo, 'documents': documents})
@@ -552,7 +554,7 @@ peak_mb = {'main': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  #
 tokenise_mb_s = total_bytes / 1e6 / max(t_tokenise, 1e-9)
 totals = {k: sum(s[k] for s in stats.values()) for k in ('docs_in', 'docs_out', 'chars_in', 'chars_out', 'train_docs',
                                                         'val_docs', 'train_tokens', 'val_tokens', 'val_bytes')}
-totals['dropped'] = {r: sum(s['dropped'][r] for s in stats.values()) for r in data.DROP_REASONS}
+totals['dropped'] = {r: sum(s['dropped'][r] for s in stats.values()) for r in corpus.DROP_REASONS}
 timing = {'clean_s': round(t_clean, 2), 'tokenizer_s': round(t_tokenizer, 2), 'tokenise_s': round(t_tokenise, 2),
           'tokenise_mb_per_s': round(tokenise_mb_s, 1), 'write_s': round(t_write, 2),
           'total_s': round(time.time() - t_start, 2), 'peak_rss_mb': {k: round(v) for k, v in peak_mb.items()},

@@ -15,7 +15,7 @@ import torch
 
 import common
 import data
-import evals
+import heldout
 import tasks
 from configurator import configure
 from lora import apply_lora, lora_state_dict, merged_state_dict
@@ -200,7 +200,7 @@ def evaluate():
     metrics = {'val/loss': (total[0] / total[1]).item()}
     if eval_items_per_task and task_items and (ctx.master or ctx.fsdp):  # FSDP: every rank joins the forwards
         with ctx.autocast:  # decode in the stage's dtype, as it trains
-            task = evals.task_metrics(raw_model, tokenizer, task_items, eval_items_per_task)
+            task = heldout.task_metrics(raw_model, tokenizer, task_items, eval_items_per_task)
         metrics.update({f'val/{k}': v for k, v in task.items()})
     model.train()
     return metrics

@@ -2,7 +2,7 @@
 The built-in offline task suite: real work for every fine-tuning stage, with an effect you can
 measure, and no internet. Everything comes from a seed; train and test never share a problem
 (4+59 and 59+4 are one), a phrasing or a function, and the held-out functions' modules are not
-in the pretraining corpus (data.stdlib_files).
+in the pretraining corpus (corpus.stdlib_files).
 
     identity    questions about who the assistant is -> one canonical answer with name and maker
     arithmetic  a+b, a-b, a*b with small numbers -> the number ("What is 37+48?" -> "85")
@@ -16,6 +16,7 @@ in the pretraining corpus (data.stdlib_files).
                                 suite that is there keeps the name, maker and seed it was made with)
     heldout(out_dir)            {task: [{'messages', 'answer'}]} from sft_test.jsonl, to evaluate
     score(task, response, answer) -> 0..1
+    arithmetic_reward, verifiable_reward(response, answer) -> 0.0 or 1.0 (the RL stages' exact match)
 
 Records are in the formats data.py reads, plus a "task" field: SFT {"messages"}, preferences
 {"chosen": [messages], "rejected": [messages]} (MiniMind), RL {"prompt", "answer"}.
@@ -32,8 +33,9 @@ import random
 import re
 import sysconfig
 import textwrap
+from fractions import Fraction
 
-from data import arithmetic_reward, stdlib_files
+from corpus import stdlib_files
 
 IDENTITY_ANSWER = "I am {name}, a small language model made by {maker}."
 WRONG_IDENTITIES = ["I am ChatGPT, a large language model made by OpenAI.",
@@ -67,7 +69,7 @@ CODE_MODULES = ['string', 'textwrap', 'colorsys', 'bisect', 'heapq', 'fnmatch', 
                 'optparse', 'sysconfig', 'timeit']
 
 # The code task's held-out functions come from these modules only, and the pretraining corpus
-# (data.stdlib_files) leaves them out: every other stdlib file is pretraining text, so a held-out
+# (corpus.stdlib_files) leaves them out: every other stdlib file is pretraining text, so a held-out
 # body taken from one was an answer the model had read verbatim (all 40 of sft_test were, issue 15).
 CODE_TEST_MODULES = ['statistics', 'fractions', 'calendar', 'configparser', 'shlex', 'textwrap']
 
@@ -471,6 +473,45 @@ def heldout(out_dir='data/tasks', **kwargs):
             prompt, answer = r['messages'][:-1], r['messages'][-1]['content']
             items.setdefault(r['task'], []).append({'messages': prompt, 'answer': answer})
     return items
+
+
+# ----------------------------------------------------------------------------- scoring: the verifiable rewards, and the suite's
+
+_NUMBER = re.compile(r'-?\d[\d,]*(?:\.\d+)?')
+
+
+def final_number(text):
+    """The last number in text as an exact Fraction ('1,234' and '85.0' work), or None."""
+    matches = _NUMBER.findall(text or '')
+    if not matches:
+        return None
+    try:
+        return Fraction(matches[-1].replace(',', ''))
+    except ValueError:
+        return None
+
+
+def arithmetic_reward(response, answer):
+    """1.0 when the last number in the response equals the answer exactly, else 0.0."""
+    target = final_number(str(answer))
+    return float(target is not None and final_number(response) == target)
+
+
+def verifiable_reward(response, answer):
+    """A numeric answer is checked by arithmetic_reward; a text answer must appear in the
+    response as a whole (case and spacing ignored): "Paris" in "It is Paris." but not in
+    "Parisian". No answer: 0.0 (use a reward model instead); an empty one is an error."""
+    if answer is None:
+        return 0.0
+    if not str(answer).strip():
+        raise ValueError("empty answer: it would match every response (data.load_rl refuses it)")
+    if _NUMBER.fullmatch(str(answer).strip()):
+        return arithmetic_reward(response, answer)
+    squash = lambda s: ' '.join(s.lower().split())
+    text = squash(str(answer))
+    # \b where the answer starts or ends with a letter or digit: not a piece of a longer word
+    edge = lambda c: r'\b' if re.match(r'\w', c) else ''
+    return float(re.search(edge(text[0]) + re.escape(text) + edge(text[-1]), squash(response)) is not None)
 
 
 def score(task, response, answer):

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 import common
-import data
+import corpus
 from configurator import configure
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer
@@ -113,7 +113,7 @@ with open(meta_path) as f:
     meta = json.load(f)
 tokenizer = Tokenizer.load(os.path.join(data_path, meta['tokenizer']))
 bytes_per_token = meta['val_bytes'] / meta['val_tokens'] if meta.get('val_bytes') else None
-shards = {split: data.token_shards(data_path, meta, split) for split in ('train', 'val')}  # [(path, tokens)]
+shards = {split: corpus.token_shards(data_path, meta, split) for split in ('train', 'val')}  # [(path, tokens)]
 shard_starts = {split: np.cumsum([0] + [n for _, n in s])[:-1] for split, s in shards.items()}
 
 

@@ -1,5 +1,5 @@
 """
-Tokenising speed: prepare.py's whole tokenising step (data.tokenise_task on a pool of num_proc
+Tokenising speed: prepare.py's whole tokenising step (corpus.tokenise_task on a pool of num_proc
 worker processes, results in order: read the text spool, encode, prefix <|endoftext|>, cast,
 write) against raw tiktoken encode_ordinary_batch on num_proc threads, on the same cleaned
 standard-library text, in the same run, best of `repeats`.
@@ -19,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data  # noqa: E402
+import corpus  # noqa: E402
 from configurator import configure  # noqa: E402
 from tokenizer import Tokenizer, train_bpe  # noqa: E402
 
@@ -28,17 +28,17 @@ repeats = 3
 tokenizer = 'data/stdlib/tokenizer.json'  # made by `python prepare.py`; trained here when missing
 config = configure(globals())  # overrides from --key=value arguments
 num_proc = num_proc or os.cpu_count()
-pool = data.make_pool(num_proc)  # forked before the text is read, as prepare.py does
+pool = corpus.make_pool(num_proc)  # forked before the text is read, as prepare.py does
 
 # the text prepare.py tokenises: the cleaned standard library
-root, files = data.stdlib_files()
-counts = data.Cleaner.new_counts()
-texts = [t for t, _ in data.Cleaner(min_chars=32).run(data.iter_documents(files), counts)]
+root, files = corpus.stdlib_files()
+counts = corpus.Cleaner.new_counts()
+texts = [t for t, _ in corpus.Cleaner(min_chars=32).run(corpus.iter_documents(files), counts)]
 tok = Tokenizer.load(tokenizer) if os.path.exists(tokenizer) else train_bpe(texts[::5], 4096)
 raw = b''.join(t.encode('utf-8') for t in texts)
 offsets = np.concatenate(([0], np.cumsum([len(t.encode('utf-8')) for t in texts])))
 mb = len(raw) / 1e6
-dtype = data.token_dtype(tok.n_vocab)
+dtype = corpus.token_dtype(tok.n_vocab)
 print(f"{len(texts):,} documents, {mb:.1f} MB, tokenizer {tok.identity}, {num_proc} threads / worker processes")
 
 times_raw, times_ours = [], []
@@ -55,7 +55,7 @@ with tempfile.TemporaryDirectory() as tmp:
         times_raw.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         with open(out, 'wb') as f:
-            for tokens, _ in data.ordered_map(pool, data.tokenise_task, tasks, 16):
+            for tokens, _ in corpus.ordered_map(pool, corpus.tokenise_task, tasks, 16):
                 f.write(tokens)
         times_ours.append(time.perf_counter() - t0)
         print(f"run {r}: raw {mb / times_raw[-1]:.1f} MB/s, prepare.py step {mb / times_ours[-1]:.1f} MB/s")

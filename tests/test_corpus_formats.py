@@ -17,6 +17,8 @@ import threading
 import numpy as np
 import pytest
 
+import corpus
+
 import data
 from test_prepare import documents, load, prepare, sentences
 
@@ -163,7 +165,7 @@ def letters(pool):
     return sorted(set(''.join(pool)) - PUNCTUATION)
 
 
-def corpus(pool, n, per_doc, seed, sep=''):
+def synthetic_docs(pool, n, per_doc, seed, sep=''):
     """n documents of one language and style, each per_doc=(lo, hi) sentences drawn from pool."""
     rng = random.Random(seed)
     return [sep.join(rng.sample(pool, rng.randint(*per_doc))) for _ in range(n)]
@@ -186,15 +188,15 @@ def changed(doc, fraction, rng, vocab, english=False, in_one_place=False):
 
 
 def similarity(a, b, num_perm=256):
-    sigs, _ = data.minhash_signatures([a, b], num_perm=num_perm)
+    sigs, _ = corpus.minhash_signatures([a, b], num_perm=num_perm)
     return float(np.mean(sigs[0] == sigs[1]))
 
 
 def dedup(originals, copies):
     """At the default threshold: (recall: the share of copies dropped as near-duplicates of their
     original, the number of originals dropped, the largest estimated similarity of two originals)."""
-    keep = data.NearDuplicates().keep(originals + copies)
-    sigs, _ = data.minhash_signatures(originals)
+    keep = corpus.NearDuplicates().keep(originals + copies)
+    sigs, _ = corpus.minhash_signatures(originals)
     same = (sigs[:, None, :] == sigs[None, :, :]).mean(-1)
     np.fill_diagonal(same, 0)
     return 1 - np.mean(keep[len(originals):]), len(originals) - sum(keep[:len(originals)]), float(same.max())
@@ -204,15 +206,15 @@ def dedup(originals, copies):
 
 def test_script_classes_split_spaced_words_from_characters_of_unspaced_scripts():
     text = 'Naïve café 한국어 中文，日本語のかな。ภาษาไทย “quoted”\u00a0x_1 ｶﾀ'
-    cls = data.script_classes(np.array([ord(c) for c in text.lower()]))
+    cls = corpus.script_classes(np.array([ord(c) for c in text.lower()]))
     # Latin, Hangul: words (1); Han, kana: a token each (2); Thai: a token each (3); punctuation, spaces (0)
     assert ''.join(map(str, cls)) == '111110111101110220222222033333330011111100111022'
 
 
 def test_one_changed_character_leaves_a_chinese_document_as_similar_as_one_changed_word_leaves_english():
     rng = random.Random(0)
-    zh = corpus(ZH, 1, (25, 25), 1)[0]
-    en = corpus(EN, 1, (6, 6), 1, ' ')[0]
+    zh = synthetic_docs(ZH, 1, (25, 25), 1)[0]
+    en = synthetic_docs(EN, 1, (6, 6), 1, ' ')[0]
     assert len(zh) >= 600 and len(en.split()) >= 100
     zh2, en2 = changed(zh, 0, rng, letters(ZH)), changed(en, 0, rng, EN_WORDS, english=True)  # one token each
     assert sum(a != b for a, b in zip(zh, zh2)) == 1 and sum(a != b for a, b in zip(en.split(), en2.split())) == 1
@@ -240,7 +242,7 @@ def test_near_dedup_recall_on_planted_chinese_and_english_near_duplicates_and_no
     fractions = np.linspace(0.01, 0.03, n)
     found = {}
     for seed in range(5):
-        zh, en = corpus(ZH, n, (20, 28), seed), corpus(EN, n, (6, 9), seed, ' ')
+        zh, en = synthetic_docs(ZH, n, (20, 28), seed), synthetic_docs(EN, n, (6, 9), seed, ' ')
         assert 450 < np.mean([len(d) for d in zh]) < 700  # ~600 characters
         planted = {
             'zh, 1-3% of characters at random places': (zh, [changed(d, f, rng, letters(ZH))
@@ -255,7 +257,7 @@ def test_near_dedup_recall_on_planted_chinese_and_english_near_duplicates_and_no
             recall, originals_dropped, closest = dedup(originals, copies)
             assert originals_dropped == 0 and closest < 0.8, what  # distinct documents of one style: all kept
             found.setdefault(what, []).append(recall)
-        assert all(data.NearDuplicates().keep(zh + en))  # the two languages in one index: no pair either
+        assert all(corpus.NearDuplicates().keep(zh + en))  # the two languages in one index: no pair either
     for what, recalls in found.items():
         print(f"{what}: recall {np.mean(recalls):.3f} of {5 * n} pairs "
               f"(per corpus {min(recalls):.2f}-{max(recalls):.2f})")
@@ -267,23 +269,23 @@ def test_japanese_and_thai_near_duplicates_are_dropped_and_distinct_documents_ke
     for pool in (JA, TH):
         docs = [''.join(pool[i:i + 4]) for i in range(0, 16, 4)]  # four documents, no sentence shared
         copies = [changed(d, 0.01, rng, letters(pool)) for d in docs]
-        assert data.NearDuplicates().keep(docs + copies) == [True] * 4 + [False] * 4
+        assert corpus.NearDuplicates().keep(docs + copies) == [True] * 4 + [False] * 4
 
 
 def test_a_signature_does_not_depend_on_its_batch_in_any_script():
-    docs = [corpus(ZH, 1, (3, 3), 4)[0], corpus(EN, 1, (2, 2), 4, ' ')[0], TH[0], JA[0],
+    docs = [synthetic_docs(ZH, 1, (3, 3), 4)[0], synthetic_docs(EN, 1, (2, 2), 4, ' ')[0], TH[0], JA[0],
             ZH[0] + ' Python 3.11 ' + EN[0] + ' ' + ZH[1], 'x', '', '，。']
-    sigs, has_words = data.minhash_signatures(docs)
+    sigs, has_words = corpus.minhash_signatures(docs)
     assert has_words.tolist() == [True] * 6 + [False, False]
     for i, doc in enumerate(docs):
-        alone, _ = data.minhash_signatures([doc])
+        alone, _ = corpus.minhash_signatures([doc])
         assert np.array_equal(alone[0], sigs[i])
 
 
 def test_prepare_drops_planted_chinese_near_duplicates_from_a_zstd_jsonl_source(tmp_path):
     pa = pytest.importorskip('pyarrow')
     rng = random.Random(5)
-    originals = corpus(ZH, 40, (20, 28), 6)
+    originals = synthetic_docs(ZH, 40, (20, 28), 6)
     copies = [changed(d, 0.01, rng, letters(ZH)) for d in originals]
     src = tmp_path / 'zh.jsonl.zst'
     with pa.output_stream(str(src), compression='zstd') as f:
@@ -325,15 +327,15 @@ def test_gzip_and_zstd_jsonl_and_text_read_as_what_they_hold(tmp_path):
     as_text = '\n<|endoftext|>\n'.join(docs)
     for path in (write_gzip(tmp_path / 'a.jsonl.gz', jsonl(docs)), write_zstd(tmp_path / 'a.jsonl.zst', jsonl(docs)),
                  write_zstd(tmp_path / 'a.jsonl.zstd', jsonl(docs), frames=1)):
-        assert list(data.read_file(path)) == docs, path
+        assert list(corpus.read_file(path)) == docs, path
     for path in (write_gzip(tmp_path / 'a.txt.gz', as_text), write_zstd(tmp_path / 'a.txt.zst', as_text)):
-        assert [d.strip() for d in data.read_file(path)] == docs, path
+        assert [d.strip() for d in corpus.read_file(path)] == docs, path
     # a bad line inside a compressed file is named by its line, as in a plain one
     bad = write_gzip(tmp_path / 'bad.jsonl.gz', jsonl(docs[:2]) + '{"txt": "x"}\n' + jsonl(docs[2:]), members=1)
     with pytest.raises(data.DataError, match=r"bad.jsonl.gz:3: field 'text'"):
-        list(data.read_file(bad))
+        list(corpus.read_file(bad))
     dropped = []
-    assert list(data.read_file(bad, skip_bad_lines=True, bad=dropped)) == docs and len(dropped) == 1
+    assert list(corpus.read_file(bad, skip_bad_lines=True, bad=dropped)) == docs and len(dropped) == 1
 
 
 def test_a_file_compressed_by_the_zstd_command_line_tool_reads(tmp_path):
@@ -343,7 +345,7 @@ def test_a_file_compressed_by_the_zstd_command_line_tool_reads(tmp_path):
     plain = tmp_path / 'a.jsonl'
     plain.write_text(jsonl(EN * 20), encoding='utf-8')
     subprocess.run(['zstd', '-q', '-19', str(plain), '-o', str(tmp_path / 'a.jsonl.zst')], check=True)
-    assert list(data.read_file(str(tmp_path / 'a.jsonl.zst'))) == EN * 20
+    assert list(corpus.read_file(str(tmp_path / 'a.jsonl.zst'))) == EN * 20
 
 
 def test_a_corrupt_or_cut_short_compressed_file_is_an_error_naming_it(tmp_path):
@@ -354,7 +356,7 @@ def test_a_corrupt_or_cut_short_compressed_file_is_an_error_naming_it(tmp_path):
     (tmp_path / 'cut.jsonl.zst').write_bytes((tmp_path / 'whole.zst').read_bytes()[:200])
     for name in ('cut.jsonl.gz', 'plain.txt.gz', 'cut.jsonl.zst'):
         with pytest.raises(data.DataError, match=rf"{name}: cannot decompress it as (gzip|zstd) after line .*cut sh"):
-            list(data.iter_documents([str(tmp_path / name)]))
+            list(corpus.iter_documents([str(tmp_path / name)]))
     proc = prepare(tmp_path, '--dataset=cut', f"--sources={tmp_path / 'cut.jsonl.gz'}", check=False)
     assert proc.returncode != 0 and 'Traceback' not in proc.stderr
     assert 'cut.jsonl.gz: cannot decompress it as gzip' in proc.stderr.strip().splitlines()[-1]
@@ -372,7 +374,7 @@ def test_prepare_reads_compressed_jsonl_and_text_sources_and_a_directory_of_them
     write_gzip(folder / '0.jsonl.gz', jsonl(docs[40:45]))
     write_zstd(folder / 'more' / '1.txt.zst', '\n<|endoftext|>\n'.join(docs[45:]))
     (folder / 'notes.gz').write_bytes(gzip.compress(b'not a corpus file: no .txt/.jsonl inside the name'))
-    assert data.resolve_source(str(folder), str(tmp_path))[1] == [str(folder / '0.jsonl.gz'),
+    assert corpus.resolve_source(str(folder), str(tmp_path))[1] == [str(folder / '0.jsonl.gz'),
                                                                   str(folder / 'more' / '1.txt.zst')]
     prepare(tmp_path, '--dataset=packed', f"--sources={','.join(sources)}", '--vocab_size=300')
     meta, stats, tok, split = load(tmp_path, 'packed')
@@ -392,9 +394,9 @@ def test_a_directory_of_parquet_shards_reads_every_shard_in_sorted_order(tmp_pat
     for k in (2, 0, 1):  # written out of order; read shard_00000, shard_00001, shard_00002
         table = pa.table({'id': list(range(20 * k, 20 * k + 20)), 'text': docs[20 * k:20 * k + 20]})
         pq.write_table(table, folder / f'shard_{k:05d}.parquet', row_group_size=7)  # several row groups a shard
-    where, files = data.resolve_source(str(folder), str(tmp_path))
+    where, files = corpus.resolve_source(str(folder), str(tmp_path))
     assert files == [str(folder / f'shard_{k:05d}.parquet') for k in range(3)]
-    assert list(data.iter_documents(files)) == docs
+    assert list(corpus.iter_documents(files)) == docs
     prepare(tmp_path, '--dataset=shards', f'--sources={folder}', '--vocab_size=300')
     meta, stats, tok, split = load(tmp_path, 'shards')
     s = stats['sources'][str(folder)]
@@ -412,24 +414,24 @@ def hf_datasets():
 
 
 def test_a_save_to_disk_folder_reads_its_text_column_as_load_from_disk_does(tmp_path, hf_datasets):
-    docs = [f'{i}: {d}' for i, d in enumerate(corpus(ZH, 30, (2, 4), 9))]
+    docs = [f'{i}: {d}' for i, d in enumerate(synthetic_docs(ZH, 30, (2, 4), 9))]
     ds = hf_datasets.Dataset.from_dict({'text': docs, 'url': [f'https://example.com/{i}' for i in range(30)]})
     ds.shuffle(seed=0).save_to_disk(str(tmp_path / 'saved'), num_shards=3)  # an index mapping, flattened on save
-    where, files = data.resolve_source(str(tmp_path / 'saved'), str(tmp_path))
+    where, files = corpus.resolve_source(str(tmp_path / 'saved'), str(tmp_path))
     assert 'save_to_disk' in where and [os.path.basename(f) for f in files] == [f'data-0000{k}-of-00003.arrow'
                                                                                 for k in range(3)]
-    assert list(data.iter_documents(files)) == list(hf_datasets.load_from_disk(str(tmp_path / 'saved'))['text'])
+    assert list(corpus.iter_documents(files)) == list(hf_datasets.load_from_disk(str(tmp_path / 'saved'))['text'])
 
 
 def test_a_datasetdict_folder_reads_its_train_split_and_says_so(tmp_path, hf_datasets, capsys):
     train, test = sentences(40, 10), sentences(5, 11)
     hf_datasets.DatasetDict({'train': hf_datasets.Dataset.from_dict({'text': train}),
                              'test': hf_datasets.Dataset.from_dict({'text': test})}).save_to_disk(str(tmp_path / 'dd'))
-    where, files = data.resolve_source(str(tmp_path / 'dd'), str(tmp_path))
+    where, files = corpus.resolve_source(str(tmp_path / 'dd'), str(tmp_path))
     out = capsys.readouterr().out
     assert "splits train, test; reading 'train'" in out and f"--sources={tmp_path / 'dd' / 'test'}" in out
-    assert list(data.iter_documents(files)) == train
-    assert list(data.iter_documents(data.resolve_source(str(tmp_path / 'dd' / 'test'), str(tmp_path))[1])) == test
+    assert list(corpus.iter_documents(files)) == train
+    assert list(corpus.iter_documents(corpus.resolve_source(str(tmp_path / 'dd' / 'test'), str(tmp_path))[1])) == test
     proc = prepare(tmp_path, '--dataset=dd', f"--sources={tmp_path / 'dd'}", '--vocab_size=300')
     assert "reading 'train'" in proc.stdout
     meta, stats, tok, split = load(tmp_path, 'dd')
@@ -439,26 +441,26 @@ def test_a_datasetdict_folder_reads_its_train_split_and_says_so(tmp_path, hf_dat
     hf_datasets.DatasetDict({'validation': hf_datasets.Dataset.from_dict({'text': test})}).save_to_disk(
         str(tmp_path / 'val_only'))
     with pytest.raises(SystemExit, match=r"without a 'train' split \(it has validation\).*val_only/validation"):
-        data.resolve_source(str(tmp_path / 'val_only'), str(tmp_path))
+        corpus.resolve_source(str(tmp_path / 'val_only'), str(tmp_path))
 
 
 def test_a_saved_dataset_without_text_or_with_null_rows_names_file_row_and_field(tmp_path, hf_datasets):
     hf_datasets.Dataset.from_dict({'content': ['a', 'b']}).save_to_disk(str(tmp_path / 'no_text'))
-    files = data.resolve_source(str(tmp_path / 'no_text'), str(tmp_path))[1]
+    files = corpus.resolve_source(str(tmp_path / 'no_text'), str(tmp_path))[1]
     with pytest.raises(data.DataError, match=r"data-00000-of-00001.arrow: no 'text' column \(it has content\)"):
-        list(data.iter_documents(files))
+        list(corpus.iter_documents(files))
     hf_datasets.Dataset.from_dict({'text': ['first document', None, 'third document']}).save_to_disk(
         str(tmp_path / 'nulls'))
-    files = data.resolve_source(str(tmp_path / 'nulls'), str(tmp_path))[1]
+    files = corpus.resolve_source(str(tmp_path / 'nulls'), str(tmp_path))[1]
     with pytest.raises(data.DataError, match=r"data-00000-of-00001.arrow: row 1 \(counting from 0\): field 'text': "
                                              r"expected a string, got null"):
-        list(data.iter_documents(files))
+        list(corpus.iter_documents(files))
     counts = {}
-    assert list(data.iter_documents(files, skip_bad_lines=True, counts=counts)) == ['first document', 'third document']
+    assert list(corpus.iter_documents(files, skip_bad_lines=True, counts=counts)) == ['first document', 'third document']
     assert counts['bad_lines'] == 1
     os.remove(files[0])  # a save that lost a file is refused before reading anything
     with pytest.raises(SystemExit, match=r"state.json lists .*data-00000-of-00001.arrow, which is missing"):
-        data.resolve_source(str(tmp_path / 'nulls'), str(tmp_path))
+        corpus.resolve_source(str(tmp_path / 'nulls'), str(tmp_path))
 
 
 # ----------------------------------------------------------------------------- several URLs

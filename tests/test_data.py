@@ -1,4 +1,5 @@
-"""data.py: chat/preference/RL loaders, rewards, cleaning, dedup, mixing, tokenising, download."""
+"""data.py, corpus.py and tasks.py's rewards: chat/preference/RL loaders, rewards, cleaning, dedup, mixing,
+tokenising, download."""
 
 import json
 import os
@@ -8,7 +9,10 @@ import unicodedata
 import numpy as np
 import pytest
 
+import corpus
+
 import data
+import tasks
 from tokenizer import char_tokenizer, train_bpe
 
 
@@ -159,14 +163,14 @@ def test_validate_file_counts_records_turns_tokens_and_lists_every_bad_line(tmp_
     ('85 or maybe 86', '85', 0.0),
 ])
 def test_arithmetic_reward_is_exact_match_of_the_final_number(response, answer, reward):
-    assert data.arithmetic_reward(response, answer) == reward
+    assert tasks.arithmetic_reward(response, answer) == reward
 
 
 def test_verifiable_reward_numbers_exact_text_contained():
-    assert data.verifiable_reward('It is 12.', '12') == 1.0
-    assert data.verifiable_reward('I am  MINI, made by X.', 'mini') == 1.0
-    assert data.verifiable_reward('I am GPT.', 'Mini') == 0.0
-    assert data.verifiable_reward('anything', None) == 0.0
+    assert tasks.verifiable_reward('It is 12.', '12') == 1.0
+    assert tasks.verifiable_reward('I am  MINI, made by X.', 'mini') == 1.0
+    assert tasks.verifiable_reward('I am GPT.', 'Mini') == 0.0
+    assert tasks.verifiable_reward('anything', None) == 0.0
 
 
 # ----------------------------------------------------------------------------- cleaning
@@ -174,10 +178,10 @@ def test_verifiable_reward_numbers_exact_text_contained():
 def test_clean_text_normalises_strips_controls_and_drops_boilerplate_lines():
     decomposed = unicodedata.normalize('NFD', 'café\r\n')
     text = decomposed + 'a\x00b\x07c\ufeff\nAll Rights Reserved 2024\n  TODO  \nkeep this todo line\n'
-    out, counts = data.clean_text(text)
+    out, counts = corpus.clean_text(text)
     assert out == 'café\nabc\nkeep this todo line\n'
     assert counts == {'normalized': 1, 'control_chars': 3, 'boilerplate_lines': 2}
-    off, counts = data.clean_text(text, normalize='', strip_control=False, drop_boilerplate=False)
+    off, counts = corpus.clean_text(text, normalize='', strip_control=False, drop_boilerplate=False)
     assert off == text and counts == {'normalized': 0, 'control_chars': 0, 'boilerplate_lines': 0}
 
 
@@ -194,7 +198,7 @@ def test_minhash_estimates_jaccard_of_word_5grams():
         b[i] = 'changed'
     shingles = lambda ws: {tuple(ws[i:i + 5]) for i in range(len(ws) - 4)}
     true = len(shingles(a) & shingles(b)) / len(shingles(a) | shingles(b))
-    sigs, has_words = data.minhash_signatures([' '.join(a), ' '.join(b)], num_perm=256)
+    sigs, has_words = corpus.minhash_signatures([' '.join(a), ' '.join(b)], num_perm=256)
     assert has_words.all()
     assert abs(np.mean(sigs[0] == sigs[1]) - true) < 0.1
 
@@ -205,23 +209,23 @@ def test_cleaner_drops_planted_duplicates_and_near_duplicates_and_counts_them():
     near = originals[3].split()
     near[150] = 'edited'  # one word: Jaccard ~0.97
     docs = originals + [originals[5], originals[5], ' '.join(near), 'tiny', originals[7].upper()]
-    cleaner = data.Cleaner(min_chars=10, near_dedup_threshold=0.8)
-    counts = data.Cleaner.new_counts()
+    cleaner = corpus.Cleaner(min_chars=10, near_dedup_threshold=0.8)
+    counts = corpus.Cleaner.new_counts()
     kept = [t for t, _ in cleaner.run(docs, counts)]
     assert kept == originals
     assert counts['dropped'] == {'too_short': 1, 'too_long': 0, 'exact_duplicate': 2, 'near_duplicate': 2}
     assert counts['docs_in'] == 25 and counts['docs_out'] == 20
-    off = data.Cleaner(min_chars=0, exact_dedup=False, near_dedup=False)
-    assert len(list(off.run(docs, data.Cleaner.new_counts()))) == 25
-    strict = data.Cleaner(min_chars=10, near_dedup_threshold=0.995)  # the one-word edit survives 0.995
-    assert [t for t, _ in strict.run(docs, data.Cleaner.new_counts())] == originals + [' '.join(near)]
+    off = corpus.Cleaner(min_chars=0, exact_dedup=False, near_dedup=False)
+    assert len(list(off.run(docs, corpus.Cleaner.new_counts()))) == 25
+    strict = corpus.Cleaner(min_chars=10, near_dedup_threshold=0.995)  # the one-word edit survives 0.995
+    assert [t for t, _ in strict.run(docs, corpus.Cleaner.new_counts())] == originals + [' '.join(near)]
 
 
 def test_near_dedup_keeps_distinct_documents_across_batches():
     rng = random.Random(2)
     docs = [' '.join(words(200, rng)) for _ in range(300)]
-    cleaner = data.Cleaner(min_chars=0, batch_chars=10_000)  # many MinHash batches
-    assert len(list(cleaner.run(docs + docs[:5], data.Cleaner.new_counts()))) == 300
+    cleaner = corpus.Cleaner(min_chars=0, batch_chars=10_000)  # many MinHash batches
+    assert len(list(cleaner.run(docs + docs[:5], corpus.Cleaner.new_counts()))) == 300
 
 
 # ----------------------------------------------------------------------------- mixing
@@ -229,21 +233,21 @@ def test_near_dedup_keeps_distinct_documents_across_batches():
 def test_mixing_weights_give_token_shares_and_are_seeded():
     rng = np.random.default_rng(0)
     doc_tokens = {'a': rng.integers(50, 150, 4000), 'b': rng.integers(50, 150, 1000)}
-    rules = data.parse_sampling({'a': 1, 'b': 3}, ['a', 'b'])
-    chosen = data.mix_documents(doc_tokens, rules, seed=1)
+    rules = corpus.parse_sampling({'a': 1, 'b': 3}, ['a', 'b'])
+    chosen = corpus.mix_documents(doc_tokens, rules, seed=1)
     got = {s: doc_tokens[s][chosen[s]].sum() for s in chosen}
     assert abs(got['b'] / (got['a'] + got['b']) - 0.75) < 0.01
     assert got['b'] >= 0.99 * doc_tokens['b'].sum()  # the limiting source is used (almost) whole
     assert len(np.unique(chosen['a'])) == len(chosen['a'])  # weights never repeat a document
-    again = data.mix_documents(doc_tokens, rules, seed=1)
-    other = data.mix_documents(doc_tokens, rules, seed=2)
+    again = corpus.mix_documents(doc_tokens, rules, seed=1)
+    other = corpus.mix_documents(doc_tokens, rules, seed=2)
     assert all(np.array_equal(chosen[s], again[s]) for s in chosen)
     assert not np.array_equal(chosen['a'], other['a'])
 
 
 def test_target_tokens_upsamples_a_small_source_and_untouched_sources_stay_whole():
     doc_tokens = {'small': np.full(10, 100), 'rest': np.full(7, 5)}
-    chosen = data.mix_documents(doc_tokens, data.parse_sampling({'small': {'target_tokens': 3000}}, ['small', 'rest']))
+    chosen = corpus.mix_documents(doc_tokens, corpus.parse_sampling({'small': {'target_tokens': 3000}}, ['small', 'rest']))
     assert doc_tokens['small'][chosen['small']].sum() == 3000  # three epochs of 1000 tokens
     assert np.bincount(chosen['small']).tolist() == [3] * 10
     assert chosen['rest'].tolist() == list(range(7))
@@ -251,18 +255,18 @@ def test_target_tokens_upsamples_a_small_source_and_untouched_sources_stay_whole
 
 def test_bad_sampling_rules_say_how_to_fix_them():
     with pytest.raises(SystemExit, match='not a source'):
-        data.parse_sampling({'nope': 1}, ['a'])
+        corpus.parse_sampling({'nope': 1}, ['a'])
     with pytest.raises(SystemExit, match='weight, target_tokens or max_samples'):
-        data.parse_sampling({'a': {'wieght': 1}}, ['a'])
+        corpus.parse_sampling({'a': {'wieght': 1}}, ['a'])
     with pytest.raises(SystemExit, match='not both'):
-        data.parse_sampling({'a': {'weight': 1, 'target_tokens': 5}}, ['a'])
+        corpus.parse_sampling({'a': {'weight': 1, 'target_tokens': 5}}, ['a'])
 
 
 # ----------------------------------------------------------------------------- tokenising
 
 def test_token_dtype_is_uint16_below_65536_ids_then_uint32():
-    assert data.token_dtype(4096) == np.uint16 and data.token_dtype(65535) == np.uint16
-    assert data.token_dtype(65536) == np.uint32  # the contract: uint16 only when n_vocab < 65536
+    assert corpus.token_dtype(4096) == np.uint16 and corpus.token_dtype(65535) == np.uint16
+    assert corpus.token_dtype(65536) == np.uint32  # the contract: uint16 only when n_vocab < 65536
 
 
 def spool_of(texts):
@@ -277,7 +281,7 @@ def test_tokenise_spool_streams_in_chunks_smaller_than_the_text_with_identical_i
     tok = train_bpe(texts, 300)
     spool, offsets = spool_of(texts)
     ids = np.arange(0, 200, 2)  # every other document
-    lengths = data.tokenise_spool(tok, spool, offsets, ids, str(tmp_path / 't.bin'), np.uint16, num_threads=2,
+    lengths = corpus.tokenise_spool(tok, spool, offsets, ids, str(tmp_path / 't.bin'), np.uint16, num_threads=2,
                                   chunk_bytes=chunk_bytes, group_bytes=100, log_every=0)
     expected = [[tok.eot_id] + tok.encode(texts[i]) for i in ids]  # '<|endoftext|>' in text stays text
     assert lengths.tolist() == [len(e) for e in expected]
@@ -288,19 +292,19 @@ def test_tokenise_spool_char_kind_matches_encode_and_rejects_unknown_characters(
     texts = ['hello world', 'low', 'héllo']
     tok = char_tokenizer(''.join(texts))
     spool, offsets = spool_of(texts)
-    data.tokenise_spool(tok, spool, offsets, [0, 1, 2], str(tmp_path / 'c.bin'), np.uint16, log_every=0)
+    corpus.tokenise_spool(tok, spool, offsets, [0, 1, 2], str(tmp_path / 'c.bin'), np.uint16, log_every=0)
     expected = [i for t in texts for i in [tok.eot_id] + tok.encode(t)]
     assert np.fromfile(tmp_path / 'c.bin', np.uint16).tolist() == expected
     other = char_tokenizer('helo wrd')
     with pytest.raises(SystemExit, match='not in the char tokenizer'):
-        data.tokenise_spool(other, spool, offsets, [2], str(tmp_path / 'd.bin'), np.uint16, log_every=0)
+        corpus.tokenise_spool(other, spool, offsets, [2], str(tmp_path / 'd.bin'), np.uint16, log_every=0)
 
 
 def test_copy_documents_copies_selected_spans_in_order(tmp_path):
     src = np.arange(20, dtype=np.uint16)
     offsets = np.array([0, 3, 5, 10, 20])
     with open(tmp_path / 'o.bin', 'wb') as f:
-        n = data.copy_documents(src, offsets, [2, 0, 1, 1, 3], f, chunk_tokens=4)
+        n = corpus.copy_documents(src, offsets, [2, 0, 1, 1, 3], f, chunk_tokens=4)
     out = np.fromfile(tmp_path / 'o.bin', np.uint16).tolist()
     assert out == list(range(5, 10)) + [0, 1, 2, 3, 4, 3, 4] + list(range(10, 20)) and n == len(out)
 
@@ -310,7 +314,7 @@ def test_copy_documents_copies_selected_spans_in_order(tmp_path):
 def test_unreachable_url_is_one_clear_line_and_leaves_no_file(tmp_path):
     dest = tmp_path / 'dl' / 'x.txt'
     with pytest.raises(SystemExit) as e:
-        data.download('http://127.0.0.1:9/x', str(dest), timeout=5)
+        corpus.download('http://127.0.0.1:9/x', str(dest), timeout=5)
     message = str(e.value)
     assert 'http://127.0.0.1:9/x' in message and '--sources=PATH' in message and '\n' not in message
     assert not dest.exists() and os.listdir(tmp_path / 'dl') == []
@@ -321,28 +325,28 @@ def test_download_checks_size_and_renames_only_when_complete(tmp_path):
     src.write_text('hello world\n')
     url = src.resolve().as_uri()  # file:// exercises the same streaming path, no network
     with pytest.raises(SystemExit, match='corrupt'):
-        data.download(url, str(tmp_path / 'bad.txt'), size=999)
+        corpus.download(url, str(tmp_path / 'bad.txt'), size=999)
     assert sorted(os.listdir(tmp_path)) == ['src.txt']  # neither bad.txt nor bad.txt.part
-    assert data.download(url, str(tmp_path / 'ok.txt'), size=12) == str(tmp_path / 'ok.txt')
+    assert corpus.download(url, str(tmp_path / 'ok.txt'), size=12) == str(tmp_path / 'ok.txt')
     assert (tmp_path / 'ok.txt').read_text() == 'hello world\n' and not (tmp_path / 'ok.txt.part').exists()
 
 
 def test_stdlib_source_is_sorted_and_excludes_site_packages_and_test_fixtures():
-    root, files = data.stdlib_files()
+    root, files = corpus.stdlib_files()
     rel = [os.path.relpath(f, root) for f in files]
     assert len(files) > 500 and all(f.endswith('.py') for f in files)
     assert not any('site-packages' in r or '__pycache__' in r for r in rel)
     assert not any(r.startswith(os.path.join('test', 'tokenizedata')) for r in rel)
-    assert 'os.py' in rel and data.stdlib_files()[1] == files
+    assert 'os.py' in rel and corpus.stdlib_files()[1] == files
 
 
 def test_text_files_split_on_endoftext_lines_and_jsonl_reads_text_field(tmp_path):
     (tmp_path / 'stories.txt').write_text('one\nstory\n<|endoftext|>\ntwo\n<|endoftext|>\nthree\n')
-    assert list(data.read_text_file(str(tmp_path / 'stories.txt'))) == ['one\nstory\n', 'two\n', 'three\n']
+    assert list(corpus.read_text_file(str(tmp_path / 'stories.txt'))) == ['one\nstory\n', 'two\n', 'three\n']
     path = write_jsonl(tmp_path / 'p.jsonl', [{'text': 'a'}, {'text': 'b', 'id': 1}, '{"txt": "c"}'])
     with pytest.raises(data.DataError, match=r"p.jsonl:3: field 'text'"):
-        list(data.read_jsonl_text(path))
-    assert list(data.read_jsonl_text(path, skip_bad_lines=True)) == ['a', 'b']
+        list(corpus.read_jsonl_text(path))
+    assert list(corpus.read_jsonl_text(path, skip_bad_lines=True)) == ['a', 'b']
 
 
 class FakeResponse:
@@ -377,12 +381,12 @@ def test_broken_download_keeps_a_part_file_only_when_the_server_can_resume_then_
         start = int(request.get_header('Range')[6:-1]) if request.get_header('Range') else 0
         return FakeResponse(body, start, ranges, fail_after=1000 if len(requests) == 1 else None)
 
-    monkeypatch.setattr(data.urllib.request, 'urlopen', urlopen)
+    monkeypatch.setattr(corpus.urllib.request, 'urlopen', urlopen)
     dest = str(tmp_path / 'f.bin')
     with pytest.raises(SystemExit, match='resume' if ranges else 'retry'):
-        data.download('http://example.invalid/f.bin', dest, size=len(body))
+        corpus.download('http://example.invalid/f.bin', dest, size=len(body))
     assert os.path.exists(dest + '.part') == ranges and not os.path.exists(dest)
-    data.download('http://example.invalid/f.bin', dest, size=len(body))
+    corpus.download('http://example.invalid/f.bin', dest, size=len(body))
     assert open(dest, 'rb').read() == body and not os.path.exists(dest + '.part')
     assert requests == [None, 'bytes=1000-' if ranges else None]
 
@@ -392,7 +396,7 @@ def test_download_checks_content_length_when_no_size_is_known(tmp_path, monkeypa
         response = FakeResponse(b'short')
         response.headers['Content-Length'] = '10'
         return response
-    monkeypatch.setattr(data.urllib.request, 'urlopen', urlopen)
+    monkeypatch.setattr(corpus.urllib.request, 'urlopen', urlopen)
     with pytest.raises(SystemExit, match='corrupt .got 5 bytes; expected 10'):
-        data.download('http://example.invalid/x', str(tmp_path / 'x'))
+        corpus.download('http://example.invalid/x', str(tmp_path / 'x'))
     assert os.listdir(tmp_path) == []

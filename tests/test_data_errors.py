@@ -13,6 +13,8 @@ import threading
 import numpy as np
 import pytest
 
+import corpus
+
 import data
 from conftest import REPO, run_script
 from tokenizer import char_tokenizer, train_bpe
@@ -90,21 +92,21 @@ def test_text_file_with_a_bad_byte_loses_that_line_only_and_says_where(tmp_path,
     big = ''.join(f'line {i} of a long document\n' for i in range(2000))  # ~55 KB: many read buffers
     path = write_lines(tmp_path / 'notes.txt', [b'caf\xe9 au lait', 'first doc', '<|endoftext|>', big.rstrip('\n'),
                                                 b'\xff\xfe', 'tail'])
-    assert list(data.read_text_file(path)) == ['first doc\n', big + 'tail\n']
+    assert list(corpus.read_text_file(path)) == ['first doc\n', big + 'tail\n']
     assert f"{path}: dropped 2 bad line(s); first: {path}:1: not UTF-8" in capsys.readouterr().out
     bad = []
-    list(data.read_text_file(path, bad))
+    list(corpus.read_text_file(path, bad))
     assert len(bad) == 2 and f"{path}:1: not UTF-8" in bad[0] and f"{path}:2004:" in bad[1]
-    counts = data.Cleaner.new_counts()
-    assert len(list(data.iter_documents([path, path], counts=counts))) == 4 and counts['bad_lines'] == 4
+    counts = corpus.Cleaner.new_counts()
+    assert len(list(corpus.iter_documents([path, path], counts=counts))) == 4 and counts['bad_lines'] == 4
 
 
 def test_pretraining_jsonl_bad_bytes_are_a_bad_line(tmp_path):
     path = write_lines(tmp_path / 'p.jsonl', ['{"text": "a"}', b'{"text": "\xe9"}', '{"text": "b"}'])
     with pytest.raises(data.DataError, match=r"p.jsonl:2: not UTF-8"):
-        list(data.read_jsonl_text(path))
+        list(corpus.read_jsonl_text(path))
     bad = []
-    assert list(data.read_jsonl_text(path, skip_bad_lines=True, bad=bad)) == ['a', 'b'] and len(bad) == 1
+    assert list(corpus.read_jsonl_text(path, skip_bad_lines=True, bad=bad)) == ['a', 'b'] and len(bad) == 1
 
 
 def test_parquet_without_text_column_or_with_null_texts_names_file_row_and_field(tmp_path):
@@ -113,17 +115,17 @@ def test_parquet_without_text_column_or_with_null_texts_names_file_row_and_field
     no_text = str(tmp_path / 'no_text.parquet')
     pq.write_table(pa.table({'content': ['a', 'b']}), no_text)
     with pytest.raises(data.DataError, match=r"no_text.parquet: no 'text' column \(it has content\)"):
-        list(data.read_file(no_text))
+        list(corpus.read_file(no_text))
     nulls = str(tmp_path / 'nulls.parquet')
     pq.write_table(pa.table({'text': ['a', None, 'b']}), nulls)
     with pytest.raises(data.DataError, match=r"nulls.parquet: row 1 .*field 'text'.*null"):
-        list(data.read_file(nulls))
+        list(corpus.read_file(nulls))
     bad = []
-    assert list(data.read_file(nulls, skip_bad_lines=True, bad=bad)) == ['a', 'b'] and len(bad) == 1
+    assert list(corpus.read_file(nulls, skip_bad_lines=True, bad=bad)) == ['a', 'b'] and len(bad) == 1
     not_parquet = tmp_path / 'x.parquet'
     not_parquet.write_text('hello')
     with pytest.raises(data.DataError, match='not a readable parquet file'):
-        list(data.read_file(str(not_parquet)))
+        list(corpus.read_file(str(not_parquet)))
 
 
 def test_directory_source_skips_broken_symlinks_and_a_file_that_cannot_be_read_is_a_data_error(tmp_path, capsys):
@@ -132,12 +134,12 @@ def test_directory_source_skips_broken_symlinks_and_a_file_that_cannot_be_read_i
     (folder / 'a.txt').write_text('alpha')
     (folder / 'gone.txt').write_text('soon deleted')
     os.symlink(tmp_path / 'nowhere.txt', folder / '.#a.txt')  # an editor's lock file: a dangling link
-    where, files = data.resolve_source(str(folder), str(tmp_path / 'dl'))
+    where, files = corpus.resolve_source(str(folder), str(tmp_path / 'dl'))
     assert files == [str(folder / 'a.txt'), str(folder / 'gone.txt')]
     assert 'skipped 1 name(s) that are not files' in capsys.readouterr().out
     os.remove(folder / 'gone.txt')  # gone between listing and reading
     with pytest.raises(data.DataError, match=r"gone.txt: cannot read it \(No such file or directory\)"):
-        list(data.iter_documents(files))
+        list(corpus.iter_documents(files))
 
 
 def test_unreadable_file_in_a_directory_source_is_a_clear_error(tmp_path):
@@ -152,31 +154,31 @@ def test_unreadable_file_in_a_directory_source_is_a_clear_error(tmp_path):
     except PermissionError:
         pass
     with pytest.raises(SystemExit, match=r"secret.txt; fix their permissions"):
-        data.resolve_source(str(folder), str(tmp_path / 'dl'))
+        corpus.resolve_source(str(folder), str(tmp_path / 'dl'))
 
 
 # ----------------------------------------------------------------------------- cleaning and mixing
 
 def test_minhash_and_near_dedup_work_on_batches_of_fewer_words_than_a_shingle():
     lines = ['你好，世界', '今天天气很好']  # CJK without spaces: one "word" each, 2 words in the batch
-    sigs, has_words = data.minhash_signatures(lines)
-    alone = data.minhash_signatures(lines + [' '.join(f'w{i}' for i in range(50))])[0][:2]
+    sigs, has_words = corpus.minhash_signatures(lines)
+    alone = corpus.minhash_signatures(lines + [' '.join(f'w{i}' for i in range(50))])[0][:2]
     assert has_words.all() and np.array_equal(sigs, alone)  # a document's signature does not depend on its batch
-    kept = list(data.Cleaner(min_chars=0).run(lines + lines[:1], data.Cleaner.new_counts()))
+    kept = list(corpus.Cleaner(min_chars=0).run(lines + lines[:1], corpus.Cleaner.new_counts()))
     assert [t for t, _ in kept] == lines
-    assert data.NearDuplicates().keep(['a b', 'c']) == [True, True]
+    assert corpus.NearDuplicates().keep(['a b', 'c']) == [True, True]
 
 
 def test_weighted_mixing_never_repeats_a_document_through_float_rounding():
     doc_tokens = {'a': np.array([1, 1, 1]), 'b': np.arange(1, 50)}  # 3 / (0.1 / 0.2) * 0.1 / 0.2 = 3.0000000000000004
-    chosen = data.mix_documents(doc_tokens, data.parse_sampling({'a': 0.1, 'b': 0.1}, ['a', 'b']))
+    chosen = corpus.mix_documents(doc_tokens, corpus.parse_sampling({'a': 0.1, 'b': 0.1}, ['a', 'b']))
     assert sorted(chosen['a'].tolist()) == [0, 1, 2]  # the scarcest source whole, once
 
 
 def test_a_weighted_source_without_training_documents_is_an_error_naming_it():
     doc_tokens = {'a': np.zeros(0, np.int64), 'b': np.full(10, 5)}
     with pytest.raises(SystemExit, match="gives 'a' a weight, but it has no training documents"):
-        data.mix_documents(doc_tokens, data.parse_sampling({'a': 1, 'b': 1}, ['a', 'b']))
+        corpus.mix_documents(doc_tokens, corpus.parse_sampling({'a': 1, 'b': 1}, ['a', 'b']))
 
 
 @pytest.mark.parametrize('sampling,field', [
@@ -192,7 +194,7 @@ def test_a_weighted_source_without_training_documents_is_an_error_naming_it():
 ])
 def test_wrong_typed_sampling_values_name_the_field(sampling, field):
     with pytest.raises(SystemExit) as e:
-        data.parse_sampling(sampling, ['a'])
+        corpus.parse_sampling(sampling, ['a'])
     assert field in str(e.value)
 
 
@@ -285,10 +287,10 @@ def test_http_416_on_a_resumed_download_finishes_or_restarts_it_not_offline(tmp_
     server.files['/f.bin'] = body
     whole = str(tmp_path / 'whole.bin')  # the part file is complete: a run stopped before renaming it
     (tmp_path / 'whole.bin.part').write_bytes(body)
-    assert data.download(server.url + '/f.bin', whole) == whole and open(whole, 'rb').read() == body
+    assert corpus.download(server.url + '/f.bin', whole) == whole and open(whole, 'rb').read() == body
     stale = str(tmp_path / 'stale.bin')  # the part file is longer than the file now on the server
     (tmp_path / 'stale.bin.part').write_bytes(body + b'old tail')
-    assert data.download(server.url + '/f.bin', stale, size=len(body)) == stale and open(stale, 'rb').read() == body
+    assert corpus.download(server.url + '/f.bin', stale, size=len(body)) == stale and open(stale, 'rb').read() == body
     assert 'HTTP 416' in capsys.readouterr().out and not os.path.exists(stale + '.part')
     assert server.requests == [('/f.bin', f'bytes={len(body)}-'), ('/f.bin', f'bytes={len(body) + 8}-'),
                                ('/f.bin', None)]
@@ -296,18 +298,18 @@ def test_http_416_on_a_resumed_download_finishes_or_restarts_it_not_offline(tmp_
 
 def test_http_error_names_the_status_instead_of_offline(tmp_path, server):
     with pytest.raises(SystemExit) as e:
-        data.download(server.url + '/missing.txt', str(tmp_path / 'm.txt'))
+        corpus.download(server.url + '/missing.txt', str(tmp_path / 'm.txt'))
     assert 'HTTP 404' in str(e.value) and 'offline' not in str(e.value) and '--sources=PATH' in str(e.value)
 
 
 def test_download_cache_is_keyed_by_url_not_file_name(tmp_path, server):
     server.files['/a/input.txt'] = b'first corpus\n'
     server.files['/b/input.txt'] = b'second corpus\n'
-    _, (a,) = data.resolve_source(server.url + '/a/input.txt', str(tmp_path))
-    _, (b,) = data.resolve_source(server.url + '/b/input.txt', str(tmp_path))
+    _, (a,) = corpus.resolve_source(server.url + '/a/input.txt', str(tmp_path))
+    _, (b,) = corpus.resolve_source(server.url + '/b/input.txt', str(tmp_path))
     assert a != b and open(a, 'rb').read() == b'first corpus\n' and open(b, 'rb').read() == b'second corpus\n'
     assert os.path.basename(a).startswith('input-') and a.endswith('.txt')
-    assert data.resolve_source(server.url + '/a/input.txt', str(tmp_path))[1] == [a] and len(server.requests) == 2
+    assert corpus.resolve_source(server.url + '/a/input.txt', str(tmp_path))[1] == [a] and len(server.requests) == 2
 
 
 # ----------------------------------------------------------------------------- prepare.py end to end

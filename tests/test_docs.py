@@ -95,7 +95,7 @@ SHELL = {'|', '||', '&&', ';', '&', '>', '>>', '<'}
 # what the scripts import, some of it lazily: torch._dynamo (1.4 s) on the first torch.optim use,
 # transformers' model classes on the first export or import
 PRELOAD = ['torch', 'torch._dynamo', 'numpy', 'tiktoken', 'configurator', 'common', 'model', 'tokenizer', 'data', 'tasks',
-           'generate', 'evals', 'preference', 'rewardmodel', 'dpo_loss', 'rl', 'lora', 'hf', 'gguf_export',
+           'generate', 'heldout', 'preference', 'rewardmodel', 'dpo_loss', 'rl', 'lora', 'hf', 'gguf_export',
            'transformers', 'transformers.models.llama.modeling_llama', 'safetensors.torch']
 CHAT_INPUT = 'Who are you?\nWhat is 2+3?\n'  # what a reader types into sample.py --chat=True
 
@@ -215,7 +215,7 @@ def test_every_command_in_the_guides_has_a_runner():
 
 # ----------------------------------------------------------------------------- the working copy
 
-def corpus(n, words=300):
+def sample_docs(n, words=300):
     """n distinct documents of standard-library source, ~words words each."""
     text = ''.join(open(os.path.join(sysconfig.get_paths()['stdlib'], name), encoding='utf-8').read()
                    for name in ('argparse.py', 'textwrap.py', 'dataclasses.py'))
@@ -238,8 +238,8 @@ def write_parquet(path, docs):
 
 def make_files(work):
     """The reader's own files the guides name, and stand-ins for the downloads, in the working copy."""
-    import data
-    docs = corpus(120)
+    import corpus
+    docs = sample_docs(120)
     write(f'{work}/path/to/input.txt', '\n'.join(docs[:20]))
     for i in range(4):
         write(f'{work}/notes/note{i}.md', docs[20 + i])
@@ -257,12 +257,12 @@ def make_files(work):
     pairs = [{'prompt': f'What is {a}+{a}?', 'chosen': str(2 * a), 'rejected': str(2 * a + 1)} for a in range(20)]
     write(f'{work}/my_prefs.jsonl', ''.join(json.dumps(p) + '\n' for p in pairs))
     # downloads: every built-in remote source and every URL a guide names, by its file type
-    urls = [(r['url'], name) for name, r in data.REMOTE.items()]
+    urls = [(r['url'], name) for name, r in corpus.REMOTE.items()]
     for guide in GUIDES:
         for _, argv, _ in commands(guide):
             urls += [(u, None) for a in argv or [] for u in re.findall(r'https?://[^,\s\'"]+', a)]
     for url, name in urls:
-        path = data.download_path(url, f'{work}/data/downloads', name)
+        path = corpus.download_path(url, f'{work}/data/downloads', name)
         if path.endswith('.parquet'):
             write_parquet(path, docs[60:80])
         elif path.endswith('.txt'):

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-import data
+import corpus
 from conftest import REPO, run_script
 from tokenizer import Tokenizer
 
@@ -27,7 +27,7 @@ def load(tmp_path, dataset):
     meta = json.load(open(os.path.join(folder, 'meta.json')))
     stats = json.load(open(os.path.join(folder, 'stats.json')))
     tok = Tokenizer.load(os.path.join(folder, 'tokenizer.json'))
-    split = {s: np.concatenate([np.fromfile(path, meta['dtype']) for path, _ in data.token_shards(folder, meta, s)])
+    split = {s: np.concatenate([np.fromfile(path, meta['dtype']) for path, _ in corpus.token_shards(folder, meta, s)])
              for s in ('train', 'val')}  # the shards of a split, end to end
     return meta, stats, tok, split
 

@@ -10,6 +10,8 @@ import sysconfig
 
 import pytest
 
+import corpus
+
 import data
 import tasks
 from conftest import REPO
@@ -82,7 +84,7 @@ def test_arithmetic_answers_are_correct_and_short_and_digits_are_configurable(su
         assert answer == truth and int(truth) >= 0
         assert int(a) < 100 and int(b) < 100 and (op != '*' or int(b) < 10)
         if 'rejected' in r:
-            assert data.arithmetic_reward(r['rejected'][-1]['content'], truth) == 0.0
+            assert tasks.arithmetic_reward(r['rejected'][-1]['content'], truth) == 0.0
     small = tasks.make_tasks(seed=1, add_digits=1, mul_digits=(1, 1), sizes={'rl_train': {'arithmetic': 50}})
     assert all(int(x) < 10 for r in small['rl_train'] for x in re.findall(r'\d+', r['prompt']))
 
@@ -109,7 +111,7 @@ def test_every_file_loads_with_the_data_loaders(tmp_path):
         loader = {'sft': data.load_sft, 'pref': data.load_pref, 'rl': data.load_rl}[split.split('_')[0]]
         assert len(loader(path)) == n
     rl = data.load_rl(os.path.join(out, 'rl_test.jsonl'))
-    assert all(data.verifiable_reward(p['answer'], p['answer']) == 1.0 for p in rl)
+    assert all(tasks.verifiable_reward(p['answer'], p['answer']) == 1.0 for p in rl)
     assert json.load(open(os.path.join(out, 'tasks.json')))['counts'] == counts
 
 
@@ -207,21 +209,21 @@ def squash_lines(text):
 
 def test_heldout_code_bodies_are_not_in_the_pretraining_corpus(suite):
     """All 40 sft_test code records appeared verbatim in data/stdlib, which prepare.py builds from
-    data.stdlib_files(): the model had pretrained on every held-out answer."""
-    corpus = []
-    for path in data.stdlib_files()[1]:
+    corpus.stdlib_files(): the model had pretrained on every held-out answer."""
+    texts = []
+    for path in corpus.stdlib_files()[1]:
         try:
-            corpus.append(squash_lines(open(path, encoding='utf-8').read()))
+            texts.append(squash_lines(open(path, encoding='utf-8').read()))
         except UnicodeDecodeError:
             continue
-    corpus = '\0'.join(corpus)
-    lines = set(corpus.split('\n'))
+    text = '\0'.join(texts)
+    lines = set(text.split('\n'))
     held_out = items(suite, '_test', 'code')
     assert len(held_out) >= 35
     for r in held_out:
         body = squash_lines((r['messages'] if 'messages' in r else r['chosen'])[-1]['content'])
         # a body with a line found nowhere in the corpus is not in it; the rest are searched whole
-        assert not all(line in lines for line in body.split('\n')[1:-1]) or body not in corpus, body
+        assert not all(line in lines for line in body.split('\n')[1:-1]) or body not in text, body
 
 
 def test_no_heldout_arithmetic_problem_or_its_commuted_twin_is_trained_on(suite):
@@ -242,7 +244,7 @@ def test_an_empty_rl_answer_is_refused_with_file_line_and_field(tmp_path):
         with pytest.raises(data.DataError, match=re.escape(f"{path}:2: field 'answer': empty")):
             data.load_rl(str(path))
     with pytest.raises(ValueError, match='empty answer'):
-        data.verifiable_reward('anything at all', '')
+        tasks.verifiable_reward('anything at all', '')
 
 
 @pytest.mark.parametrize('response,answer,reward', [
@@ -252,4 +254,4 @@ def test_an_empty_rl_answer_is_refused_with_file_line_and_field(tmp_path):
     ('It is 12.', '12', 1.0), ('It is 112.', '12', 0.0), ('12, no: 13', '12', 0.0),
 ])
 def test_verifiable_reward_matches_whole_answers(response, answer, reward):
-    assert data.verifiable_reward(response, answer) == reward
+    assert tasks.verifiable_reward(response, answer) == reward

@@ -1,10 +1,10 @@
-"""evals.py: McNemar's test on paired outcomes, against hand-computed values."""
+"""heldout.py: McNemar's test on paired outcomes, against hand-computed values."""
 
 import math
 
 import pytest
 
-from evals import mcnemar
+from heldout import mcnemar
 
 
 def test_mcnemar_counts_only_the_discordant_items_and_gives_the_exact_binomial_p():
