@@ -77,6 +77,11 @@ assistant_maker = 'the Mini-LLM project'
 validate = ''  # a chat JSONL to check with --kind=sft|pref|rl
 kind = 'sft'
 config = configure(globals())  # overrides from config files and --key=value arguments
+# Ctrl-C interrupts, whatever the parent process left us: a blocked or ignored SIGINT is inherited
+# (a background job of a shell script ignores it; a test runner's thread may block it), and a
+# download would then hang for its whole timeout
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 DEFAULT_SOURCE = {'stdlib': 'stdlib', 'shakespeare_char': 'tinyshakespeare', 'shakespeare': 'tinyshakespeare',
                   'tinyshakespeare': 'tinyshakespeare', 'tinystories': 'tinystories', 'fineweb_edu': 'fineweb-edu',

@@ -333,9 +333,14 @@ def test_a_failed_or_interrupted_run_leaves_the_existing_dataset_whole(tmp_path,
     assert proc.returncode != 0 and 'clean ' in proc.stdout and 'typo.json' in proc.stderr
     assert snapshot(tmp_path / 'keep') == before
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+
+    def as_a_background_job():  # SIGINT ignored and blocked, as a parent may leave it: Ctrl-C must still work
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
     proc = subprocess.Popen([sys.executable, 'prepare.py', f'--data_root={tmp_path}', *args,
                              f'--sources={server.url}/hang'], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=as_a_background_job)
     assert server.hanging.wait(60)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
