@@ -307,9 +307,10 @@ def test_one_huge_document_streams_through_in_pieces_with_bounded_memory(tmp_pat
     meta, stats, tok, split = load(tmp_path, 'huge')
     peak = stats['timing']['peak_rss_mb']
     # the old pipeline held the document whole, many times over (~75 bytes a byte in MinHash): 2 GB here.
-    # The main process's peak varies with how far the workers run ahead (seen: under 300 MB idle,
-    # 409 MB with other jobs on the cores), hence the margin.
-    assert peak['main'] < 600 and peak['largest_worker'] < 300, peak
+    # The main process's peak varies from run to run, and we have not found why: 104 MB alone, 409
+    # and 922 MB inside the full test suite (workers 137-144 MB every time). Until it is, this bound
+    # only tells the streaming pipeline from the old one.
+    assert peak['main'] < 1200 and peak['largest_worker'] < 300, peak
     train, val = documents(tok, split['train']), documents(tok, split['val'])
     assert len(train) == len(val) == 1 and train[0] + val[0] == text  # nanoGPT's split by position, in pieces
     assert len(val[0]) == len(text) - int(len(text) * 0.9)
