@@ -239,6 +239,15 @@ def _reply(value, field):
     return messages[-1]['content']
 
 
+def _prompt_messages(prompt):
+    """A "prompt" field: a string (one user turn) or messages."""
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise BadField('prompt', "empty prompt")
+        return [{'role': 'user', 'content': prompt}]
+    return parse_messages(prompt, 'prompt')
+
+
 def parse_pref(obj):
     """Preference pair -> {'prompt_messages': [...], 'chosen': str, 'rejected': str}. Accepts
     {"chosen": [messages], "rejected": [messages]} (MiniMind; same prompt, different last answer),
@@ -247,14 +256,7 @@ def parse_pref(obj):
         if key not in obj:
             raise BadField(key, "missing: a preference record needs \"chosen\" and \"rejected\"")
     if 'prompt' in obj:
-        prompt = obj['prompt']
-        if isinstance(prompt, str):
-            if not prompt.strip():
-                raise BadField('prompt', "empty prompt")
-            prompt_messages = [{'role': 'user', 'content': prompt}]
-        else:
-            prompt_messages = parse_messages(prompt, 'prompt')
-        pair = {'prompt_messages': _with_system(obj, prompt_messages),
+        pair = {'prompt_messages': _with_system(obj, _prompt_messages(obj['prompt'])),
                 'chosen': _reply(obj['chosen'], 'chosen'), 'rejected': _reply(obj['rejected'], 'rejected')}
     else:
         convs = {}
@@ -279,13 +281,7 @@ def parse_unpaired(obj):
     for key in ('prompt', 'completion', 'label'):
         if key not in obj:
             raise BadField(key, "missing: an unpaired record needs \"prompt\", \"completion\" and \"label\"")
-    prompt = obj['prompt']
-    if isinstance(prompt, str):
-        if not prompt.strip():
-            raise BadField('prompt', "empty prompt")
-        prompt_messages = [{'role': 'user', 'content': prompt}]
-    else:
-        prompt_messages = parse_messages(prompt, 'prompt')
+    prompt_messages = _prompt_messages(obj['prompt'])
     if not any(m['role'] == 'user' for m in prompt_messages):
         raise BadField('prompt', "no user message before the completion")
     if not isinstance(obj['label'], bool):

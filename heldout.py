@@ -47,6 +47,16 @@ def task_metrics(model, tokenizer, items, per_task=100, max_new_tokens=48, batch
     return metrics
 
 
+def stage_metrics(ctx, model, tokenizer, items, per_task):
+    """task_metrics as a training stage logs them (val/arith_acc, ...): greedy decoding in the
+    stage's dtype, on rank 0, or on every rank under FSDP (where each forward is a collective);
+    {} on the other ranks and when there is nothing to evaluate."""
+    if not per_task or not items or not (ctx.master or ctx.fsdp):
+        return {}
+    with ctx.autocast:  # decode in the stage's dtype, as it trains
+        return {f'val/{k}': v for k, v in task_metrics(model, tokenizer, items, per_task).items()}
+
+
 def mcnemar(before, after):
     """McNemar's test on paired right/wrong outcomes of the same items (McNemar 1947): gained = right
     only after, lost = right only before. z = (gained - lost) / sqrt(gained + lost); p is the exact

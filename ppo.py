@@ -327,9 +327,8 @@ def evaluate():
     """Held-out task metrics by greedy generation (val/arith_acc = exact match of the final number)."""
     if not task_items or not (ctx.master or ctx.fsdp):  # FSDP: every rank joins the forwards
         return {}
-    with common.gathered(ctx), ctx.autocast:  # decode in the stage's dtype, as the rollouts do
-        metrics = heldout.task_metrics(policy, tokenizer, task_items, eval_items_per_task)
-    return {f'val/{k}': v for k, v in metrics.items()}
+    with common.gathered(ctx):
+        return heldout.stage_metrics(ctx, policy, tokenizer, task_items, eval_items_per_task)
 
 
 def state():

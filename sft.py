@@ -198,10 +198,7 @@ def evaluate():
         total += weight * torch.stack([loss.float(), torch.ones((), device=ctx.device)])
     total = common.sum_over_ranks(ctx, total)
     metrics = {'val/loss': (total[0] / total[1]).item()}
-    if eval_items_per_task and task_items and (ctx.master or ctx.fsdp):  # FSDP: every rank joins the forwards
-        with ctx.autocast:  # decode in the stage's dtype, as it trains
-            task = heldout.task_metrics(raw_model, tokenizer, task_items, eval_items_per_task)
-        metrics.update({f'val/{k}': v for k, v in task.items()})
+    metrics.update(heldout.stage_metrics(ctx, raw_model, tokenizer, task_items, eval_items_per_task))
     model.train()
     return metrics
 

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import common
 from model import GPT, GPTConfig, KVCache, MoE
@@ -233,6 +234,22 @@ def test_top2_gates_sum_to_one_when_renormalised_and_are_the_probabilities_other
         torch.testing.assert_close(gate, expected / expected.sum(-1, keepdim=True) if renormalize else expected)
 
 
+class LargestTensor(TorchDispatchMode):
+    """Inside `with LargestTensor() as seen:`, seen.largest is the element count of the largest
+    tensor any op returned."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else [out]):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
 # ----------------------------------------------------------------------------- the chunked loss
 
 def reference_loss(h, weight, targets):
@@ -275,47 +292,23 @@ def test_chunked_cross_entropy_all_targets_ignored_is_zero():
 def test_training_step_never_holds_the_full_logits():
     """No tensor of a forward + backward is as large as the (B*T, vocab) logits: a 32k-vocab batch
     costs chunk-sized memory for its loss, not GBs."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class LargestTensor(TorchDispatchMode):
-        largest = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in (out if isinstance(out, (tuple, list)) else [out]):
-                if isinstance(t, torch.Tensor):
-                    LargestTensor.largest = max(LargestTensor.largest, t.numel())
-            return out
-
     torch.manual_seed(0)
     model = GPT(tiny_config(vocab_size=32768, block_size=64))
     x = torch.randint(0, 32768, (8, 64))
-    with LargestTensor():
+    with LargestTensor() as seen:
         _, loss = model(x, x)
         loss.backward()
     n_logits = x.numel() * 32768
-    assert LargestTensor.largest <= n_logits // 8, f"a tensor of {LargestTensor.largest} elements (logits: {n_logits})"
+    assert seen.largest <= n_logits // 8, f"a tensor of {seen.largest} elements (logits: {n_logits})"
 
 
 def test_moe_eval_is_dropless_without_padding_every_expert_to_all_tokens():
     """In eval each expert gets as many rows as the busiest one needs, not one per token: at 64
     experts, top-2, the old E x N buffer was 32x the routed work (and ran out of memory at scale)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class LargestTensor(TorchDispatchMode):
-        largest = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in (out if isinstance(out, (tuple, list)) else [out]):
-                if isinstance(t, torch.Tensor):
-                    LargestTensor.largest = max(LargestTensor.largest, t.numel())
-            return out
-
     torch.manual_seed(0)
     moe = MoE(tiny_config(n_experts=64, n_experts_active=2)).eval()
     x = torch.randn(2, 32, 32)  # N = 64 tokens, C = 32
-    with torch.no_grad(), LargestTensor():
+    with torch.no_grad(), LargestTensor() as seen:
         moe(x)
-    padded = 64 * 64 * 2 * moe.w_in.size(-1) // 2  # E x N rows of the (gate, up) hidden
-    assert LargestTensor.largest < padded // 4, (LargestTensor.largest, padded)
+    padded = 64 * moe.w_in.size(-1) * 64  # E x N rows of the (gate, up) hidden
+    assert seen.largest < padded // 4, (seen.largest, padded)
