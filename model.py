@@ -171,7 +171,8 @@ class Attention(nn.Module):
     def forward(self, x, rope, attn_mask, kv_cache):
         B, T, _ = x.size()
         qkv = self.c_attn(x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim).transpose(1, 2)
-        qk, v = qkv.split([self.n_head + self.n_kv_head, self.n_kv_head], dim=1)  # (B, nh + nkv, T, hs), (B, nkv, T, hs)
+        # (B, nh + nkv, T, hs) and (B, nkv, T, hs)
+        qk, v = qkv.split([self.n_head + self.n_kv_head, self.n_kv_head], dim=1)
         if self.q_norm is not None:
             q, k = qk.split([self.n_head, self.n_kv_head], dim=1)
             qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=1)
@@ -470,7 +471,8 @@ class GPT(nn.Module):
         kv_cache:  a KVCache; this call's keys/values are appended to it."""
         B, T = idx.size()
         static = kv_cache is not None and kv_cache.slot is not None
-        assert not static or (positions is not None and attn_mask is not None), "a static cache step needs positions and a mask"
+        assert not static or (positions is not None and attn_mask is not None), \
+            "a static cache step needs positions and a mask"
         start = kv_cache.pos if kv_cache is not None and not static else 0
         if positions is None:
             positions = torch.arange(start, start + T, device=idx.device)
