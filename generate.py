@@ -261,10 +261,10 @@ def decode_steps(model, prompts, config, pad_id=0, tokenizer=None, step_fn=None,
     live: the row was still generating (token is real); done: the row has ended (after this token).
     The model should be in eval mode. tokenizer is needed only for stop strings; step_fn, from
     compile_decode_step(model), runs the decode steps (prefill stays eager). rows = (first,
-    total): these prompts are rows first.. of a batch of `total` split over ranks: every step draws `total` random
-    numbers (from config.seed, the same on every rank) and uses this batch's slice. all_done(done)
-    decides when the loop ends (default: when every row here is done; under FSDP, where each
-    forward is a collective, when every rank's rows are)."""
+    total): these prompts are rows first.. of a batch of `total` split over ranks: every step
+    draws `total` random numbers (from config.seed, the same on every rank) and uses this batch's
+    slice. all_done(done) decides when the loop ends (default: when every row here is done; under
+    FSDP, where each forward is a collective, when every rank's rows are)."""
     cfg, step_fn = config, (model if step_fn is None else step_fn)
     device = model.lm_head.weight.device
     idx, pad = pad_prompts(prompts, pad_id, device)  # (B, T)
