@@ -34,7 +34,6 @@ import time
 import numpy as np
 
 import corpus
-
 import data
 from configurator import configure
 from tokenizer import SPECIAL_TOKENS, Tokenizer, char_tokenizer, gpt2_tokenizer, train_bpe

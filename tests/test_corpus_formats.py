@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 
 import corpus
-
 import data
 from test_prepare import documents, load, prepare, sentences
 

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 import corpus
-
 import data
 import tasks
 from tokenizer import char_tokenizer, train_bpe

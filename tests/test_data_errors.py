@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 import corpus
-
 import data
 from conftest import REPO, run_script
 from tokenizer import char_tokenizer, train_bpe

@@ -11,7 +11,6 @@ import sysconfig
 import pytest
 
 import corpus
-
 import data
 import tasks
 from conftest import REPO
