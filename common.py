@@ -51,6 +51,18 @@ def autodetect_device():
     return 'cpu'
 
 
+def cpu_has_native_bf16(cpuinfo='/proc/cpuinfo'):
+    """True on a CPU with bf16 matmul instructions (AVX-512 BF16 or AMX, read from /proc/cpuinfo on
+    Linux), where bf16 autocast is the fast path (here ~6x the fp32 matmul peak); elsewhere bf16 is
+    emulated and slower than fp32."""
+    try:
+        with open(cpuinfo) as f:
+            flags = set(f.read().split())
+    except OSError:
+        return False
+    return bool(flags & {'avx512_bf16', 'amx_bf16'}) and torch.backends.mkldnn.is_available()
+
+
 def inference_precision(device, dtype):
     """(device, torch dtype) to sample or serve in: device 'auto' = the best available; dtype 'auto'
     = bf16 on GPUs that support it, else fp32 (weights are cast, no autocast: nothing is trained)."""

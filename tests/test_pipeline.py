@@ -65,3 +65,15 @@ def test_quick_pipeline_runs_every_stage_and_resumes_after_a_kill(tmp_path):
         assert section in report
     assert 'assistant>' in report and '| grpo | arithmetic |' in report
     assert '![sft](sft_curves.png)' in report and os.path.getsize(f'{run_dir}/sft_curves.png') > 10_000
+
+
+def test_auto_dtype_is_bf16_only_on_a_cpu_with_native_bf16(tmp_path):
+    """pipeline.py's dtype='auto' on a CPU: bf16 where the CPU has bf16 instructions, fp32 where
+    bf16 would be emulated (slower than fp32) or the flags cannot be read."""
+    import common
+    with_bf16, without = tmp_path / 'with', tmp_path / 'without'
+    with_bf16.write_text('flags\t\t: fpu sse avx2 avx512f avx512_bf16 amx_tile\n')
+    without.write_text('flags\t\t: fpu sse avx2 avx512f\n')
+    assert common.cpu_has_native_bf16(str(with_bf16)) is True
+    assert common.cpu_has_native_bf16(str(without)) is False
+    assert common.cpu_has_native_bf16(str(tmp_path / 'missing')) is False
