@@ -655,6 +655,8 @@ def optimizer_state(ctx, optimizer):
 
 def load_optimizer_state(ctx, optimizer, state):
     """The inverse of optimizer_state: under FSDP each rank keeps its shard of the saved state."""
+    if set(state) == {'muon', 'adamw'} and not isinstance(optimizer, MuonAdamW):
+        raise SystemExit("the checkpoint's optimizer state is Muon's (optim='muon'): resume with --optim=muon")
     if not ctx.fsdp:
         return optimizer.load_state_dict(state)
     name_of = {id(p): name for name, p in ctx.sharded.named_parameters()}

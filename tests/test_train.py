@@ -529,6 +529,17 @@ def test_muon_trains_and_resumes_the_same_curve(tiny_data_dir, tmp_path):
         assert b[it]['val/loss'] == pytest.approx(a[it]['val/loss'], rel=1e-6, abs=1e-6)
 
 
+def test_resuming_with_the_other_optimizer_says_which_to_use(tiny_data_dir, tmp_path):
+    out = str(tmp_path / 'out')
+    train(tiny_data_dir, out, '--max_iters=2', '--eval_interval=2', '--optim=muon')
+    proc = train(tiny_data_dir, out, '--max_iters=4', '--init_from=resume', '--optim=adamw', check=False)
+    assert proc.returncode != 0 and 'resume with --optim=muon' in proc.stderr and 'Traceback' not in proc.stderr
+    out = str(tmp_path / 'adamw')
+    train(tiny_data_dir, out, '--max_iters=2', '--eval_interval=2')
+    proc = train(tiny_data_dir, out, '--max_iters=4', '--init_from=resume', '--optim=muon', check=False)
+    assert proc.returncode != 0 and 'resume with --optim=adamw' in proc.stderr and 'Traceback' not in proc.stderr
+
+
 def test_muon_takes_the_block_matrices_and_adamw_the_rest(tmp_path):
     import common
     from model import GPT, GPTConfig
