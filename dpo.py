@@ -31,7 +31,7 @@ import dpo_loss as losses
 import heldout
 import preference
 from configurator import configure
-from lora import add_lora, adapters_off, check_resume, load_adapters, lora_state_dict, merged_state_dict
+from lora import add_lora, adapters_off, check_resume, checkpoint_weights, load_adapters
 
 # ----------------------------------------------------------------------------- config
 # I/O
@@ -288,8 +288,7 @@ def evaluate_kto(batches):
 
 def state():
     state = common.model_state(ctx, raw_model)
-    weights = merged_state_dict(raw_model, state) if lora_rank else state
-    lora = {'lora': lora_state_dict(state)} if lora_rank else {}
+    weights, lora = checkpoint_weights(raw_model, state, lora_rank)
     return common.checkpoint(ctx, 'dpo', weights, model_args, tokenizer, config, parent, pretrain_dataset, optimizer,
                              iter_num, **lora)
 

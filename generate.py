@@ -283,6 +283,8 @@ def decode_steps(model, prompts, config, pad_id=0, tokenizer=None, step_fn=None,
     can_stop = bool(stop_ids or stop_bytes)
 
     logits, cache = prefill(model, idx, positions, prefill_mask, max_len)
+    if step_fn is not model:  # the compiled decode steps write at cache slot `slot` (static mode)
+        cache.slot = torch.zeros(1, dtype=torch.long, device=device)
     if cfg.has_penalties:
         seen, counts = penalty_state(idx, pad, logits.size(-1))
     done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -319,7 +321,6 @@ def decode_steps(model, prompts, config, pad_id=0, tokenizer=None, step_fn=None,
             logits, _ = model(token[:, None], positions=positions[..., i:i + 1],
                               attn_mask=None if key_mask is None else key_mask[..., :i + 1], kv_cache=cache)
         else:  # the compiled step: the same shapes every step
-            cache.slot = cache.slot if cache.slot is not None else torch.zeros(1, dtype=torch.long, device=device)
             cache.slot.fill_(i)
             logits = step_fn(token[:, None], positions, key_mask, cache)
 

@@ -155,6 +155,15 @@ def lora_state_dict(state):
     return {k: v for k, v in state.items() if 'lora_' in k}
 
 
+def checkpoint_weights(model, state, lora_rank):
+    """What a stage saves of a model: (its 'model' weights, the extra checkpoint entries). With LoRA
+    the weights merged (any script loads them as a plain GPT) and {'lora': the adapters} to resume;
+    without, the state as it is and nothing extra."""
+    if not lora_rank:
+        return state, {}
+    return merged_state_dict(model, state), {'lora': lora_state_dict(state)}
+
+
 def merged_state_dict(model, state=None):
     """The state dict the merged model would have, without changing `model` (for checkpoints
     that any script can load as a plain GPT while training goes on). state: model's state dict

@@ -47,7 +47,7 @@ import rl
 import tasks
 from configurator import configure
 from generate import GenerationConfig, generate_ids, pad_prompts, ragged_inputs
-from lora import (add_lora, adapters_off, check_resume, load_adapters, lora_state_dict, merged_state_dict,
+from lora import (add_lora, adapters_off, check_resume, checkpoint_weights, load_adapters,
                   share_frozen_weights)
 
 # ----------------------------------------------------------------------------- config
@@ -325,8 +325,6 @@ model = common.wrap(ctx, actor_critic, compile_model)
 
 def evaluate():
     """Held-out task metrics by greedy generation (val/arith_acc = exact match of the final number)."""
-    if not task_items or not (ctx.master or ctx.fsdp):  # FSDP: every rank joins the forwards
-        return {}
     with common.gathered(ctx):
         return heldout.stage_metrics(ctx, policy, tokenizer, task_items, eval_items_per_task)
 
@@ -335,10 +333,8 @@ def state():
     weights = common.model_state(ctx, actor_critic)  # one gather under FSDP: the policy's weights, then the rest
     policy_state = {k.removeprefix('policy.'): v for k, v in weights.items() if k.startswith('policy.')}
     value_state = {k: v for k, v in weights.items() if not k.startswith('policy.')}
-    lora = {}
-    if lora_rank:  # merged weights in 'model' (any script loads them); what is trained, to resume
-        lora = {'lora': lora_state_dict(policy_state)}
-        policy_state = merged_state_dict(policy, policy_state)
+    policy_state, lora = checkpoint_weights(policy, policy_state, lora_rank)
+    if lora_rank:  # of the critic, what is trained: its adapters and value head
         value_state = {k: v for k, v in value_state.items() if 'lora_' in k or k.startswith('value_head.')}
     return common.checkpoint(ctx, algorithm, policy_state, model_args, tokenizer, config, parent, pretrain_dataset,
                              optimizer, iter_num, data_generator, value=value_state, kl_coef=kl_coef_now, **lora)

@@ -20,7 +20,7 @@ import torch
 import common
 import preference
 from configurator import configure
-from lora import add_lora, check_resume, load_adapters, lora_state_dict, merged_state_dict
+from lora import add_lora, check_resume, checkpoint_weights, load_adapters
 from rewardmodel import RewardModel, bradley_terry_loss, reward_metrics
 
 # ----------------------------------------------------------------------------- config
@@ -167,8 +167,7 @@ def evaluate():
 
 def state():
     backbone = common.model_state(ctx, raw_model.backbone)
-    weights = merged_state_dict(raw_model.backbone, backbone) if lora_rank else backbone
-    lora = {'lora': lora_state_dict(backbone)} if lora_rank else {}
+    weights, lora = checkpoint_weights(raw_model.backbone, backbone, lora_rank)
     return common.checkpoint(ctx, 'reward', weights, model_args, tokenizer, config, parent, pretrain_dataset, optimizer,
                              iter_num, reward_head=common.model_state(ctx, raw_model.head), reward_lm_coef=lm_coef, **lora)
 

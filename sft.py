@@ -18,7 +18,7 @@ import data
 import heldout
 import tasks
 from configurator import configure
-from lora import apply_lora, lora_state_dict, merged_state_dict
+from lora import apply_lora, checkpoint_weights
 
 # ----------------------------------------------------------------------------- config
 # I/O
@@ -205,8 +205,7 @@ def evaluate():
 
 def state():
     state = common.model_state(ctx, raw_model)
-    weights = merged_state_dict(raw_model, state) if lora_rank else state
-    lora = {'lora': lora_state_dict(state)} if lora_rank else {}
+    weights, lora = checkpoint_weights(raw_model, state, lora_rank)
     return common.checkpoint(ctx, 'sft', weights, model_args, tokenizer, config, parent, pretrain_dataset, optimizer,
                              iter_num, data_generator, **lora)
 
