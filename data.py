@@ -291,7 +291,7 @@ def parse_unpaired(obj):
 
 
 def parse_rl(obj):
-    """RL prompt -> {'messages': [... ending with a user turn], 'answer': str or None}. Accepts
+    """RL prompt -> {'messages': [... ending with a user turn], 'answer': str or None, 'task': str or None}. Accepts
     {"prompt": str or messages} and {"messages"/"conversations": [...]}; a final assistant turn
     (MiniMind's RLAIF files carry a placeholder one) is dropped. "answer" (str or number, not
     empty) is what verifiable_reward checks against."""
@@ -321,7 +321,10 @@ def parse_rl(obj):
         raise BadField('answer', f"expected a string or a number, got {type(answer).__name__}")
     if isinstance(answer, str) and not answer.strip():  # '' is in every response: it would reward them all
         raise BadField('answer', "empty; leave \"answer\" out for a prompt with nothing to check")
-    return {'messages': messages, 'answer': None if answer is None else str(answer)}
+    task = obj.get('task')  # optional: which task of a mixed file it is (ppo.py --rl_tasks picks by it)
+    if task is not None and not isinstance(task, str):
+        raise BadField('task', f"expected a string, got {type(task).__name__}")
+    return {'messages': messages, 'answer': None if answer is None else str(answer), 'task': task}
 
 
 # ----------------------------------------------------------------------------- loaders

@@ -3,6 +3,7 @@ Task metrics on held-out items of the built-in suite, the same for every stage s
 compare on equal terms:
     identity_acc   greedy reply == the canonical identity answer
     arith_acc      exact match of the final number
+    mul_acc        exact match of the final number after the working (47*38 = 47*30 + 47*8 = ...)
     chat_acc       the expected fact/reply appears
     code_loss      mean loss on the reference function bodies (generation of code is too long to
                    score by exact match on a tiny model; its loss still moves with training)
@@ -16,7 +17,7 @@ import common
 import tasks
 from generate import TextGenerator
 
-GENERATED_TASKS = {'identity': 'identity_acc', 'arithmetic': 'arith_acc', 'chat': 'chat_acc'}
+GENERATED_TASKS = {'identity': 'identity_acc', 'arithmetic': 'arith_acc', 'chat': 'chat_acc', 'multiplication': 'mul_acc'}
 
 
 @torch.no_grad()

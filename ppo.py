@@ -64,7 +64,8 @@ wandb_project = 'mini-llm'
 wandb_run_name = 'ppo'
 algorithm = 'ppo'  # 'ppo' | 'grpo'
 # data
-rl_file = ''  # RL prompts JSONL (docs/data.md); '' = the built-in arithmetic prompts (data/tasks/rl_train.jsonl)
+rl_file = ''  # RL prompts JSONL (docs/data.md); '' = the built-in prompts (data/tasks/rl_train.jsonl)
+rl_tasks = ''  # comma-separated: train only on the prompts whose "task" is one of these ('' = every prompt)
 data_root = 'data'
 skip_bad_lines = False
 # reward: score = verifiable_weight * exact match + reward_model_weight * RM score - missing_eos_penalty
@@ -258,6 +259,11 @@ task_dir = os.path.join(data_root, 'tasks')
 if not rl_file or eval_items_per_task:
     tasks.ensure_tasks(task_dir)  # generated once, offline
 prompts = data.load_rl(rl_file or os.path.join(task_dir, 'rl_train.jsonl'), skip_bad_lines=skip_bad_lines)
+if rl_tasks:
+    found = sorted({str(p['task']) for p in prompts})
+    prompts = [p for p in prompts if p['task'] in rl_tasks.split(',')]
+    if not prompts:
+        raise SystemExit(f"rl_tasks={rl_tasks!r}: no prompt has such a \"task\" (the file's tasks: {', '.join(found)})")
 for p in prompts:
     p['ids'] = tokenizer.render_prompt(p['messages'])
 too_long = sum(len(p['ids']) + max_new_tokens > policy.config.block_size for p in prompts)

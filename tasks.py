@@ -116,19 +116,20 @@ FACTS = [
     ("How many sides does a square have?", "A square has 4 sides.")]
 
 SIZES = {  # records per split and task; tests hold out phrasings, problems, functions and facts
-    'sft_train': {'identity': 400, 'arithmetic': 12000, 'code': 400, 'chat': 600},
-    'sft_test': {'identity': 40, 'arithmetic': 1000, 'code': 40, 'chat': 40},  # 1000: a few points' change shows
-    'pref_train': {'identity': 300, 'arithmetic': 12000, 'code': 300},
-    'pref_test': {'identity': 40, 'arithmetic': 500, 'code': 30},
+    'sft_train': {'identity': 400, 'arithmetic': 12000, 'code': 400, 'chat': 600, 'multiplication': 5000},
+    'sft_test': {'identity': 40, 'arithmetic': 1000, 'code': 40, 'chat': 40, 'multiplication': 1000},  # 1000: a few points' change shows
+    'pref_train': {'identity': 300, 'arithmetic': 12000, 'code': 300, 'multiplication': 5000},
+    'pref_test': {'identity': 40, 'arithmetic': 500, 'code': 30, 'multiplication': 300},
     # RL prompts: nearly every train-side problem. GRPO on a fixed 2,000 memorised those prompts
     # (their greedy accuracy 31% -> 39%) and left held-out problems where they were (30%).
-    'rl_train': {'arithmetic': 12000},
-    'rl_test': {'arithmetic': 200},
+    'rl_train': {'arithmetic': 12000, 'multiplication': 5000},
+    'rl_test': {'arithmetic': 200, 'multiplication': 200},
 }
 SPLITS = tuple(SIZES)
 # Bump when make_tasks gives other records for the same arguments: ensure_tasks then makes every
-# suite on disk again, with its own arguments. 2: the code and arithmetic leaks of issue 15 fixed.
-SUITE_VERSION = 2
+# suite on disk again, with its own arguments. 2: the code and arithmetic leaks of issue 15 fixed;
+# 3: multiplication with working.
+SUITE_VERSION = 3
 
 
 def _is_test(key, seed, test_fraction=0.2):
@@ -233,6 +234,63 @@ def arithmetic_records(n, test, rng, seed, kind, add_digits, mul_digits):
         else:
             records.append({'messages': _user(prompt, rng) + [{'role': 'assistant', 'content': answer}],
                             'task': 'arithmetic'})
+    return records
+
+
+# ----------------------------------------------------------------------------- multiplication (with working)
+
+def multiplication_working(a, b):
+    """The scratchpad for a*b, one partial product per digit of b, then their sum; the last number
+    is the answer (what tasks.arithmetic_reward checks): 47*38 -> "47*38 = 47*30 + 47*8 = 1410 + 376 = 1786"."""
+    digits = str(b)
+    parts = [int(d) * 10 ** (len(digits) - 1 - i) for i, d in enumerate(digits)]
+    products = [a * p for p in parts]
+    return (f"{a}*{b} = " + ' + '.join(f"{a}*{p}" for p in parts) + ' = ' + ' + '.join(map(str, products))
+            + f" = {a * b}")
+
+
+def wrong_working(a, b, rng):
+    """A working with one slip, carried through consistently: a partial product or the final sum off
+    by a small amount in one digit place. Its final answer is wrong (what DPO and the reward model
+    learn to tell apart)."""
+    right = multiplication_working(a, b)
+    head, products_text, total = right.rsplit(' = ', 2)
+    products = [int(x) for x in products_text.split(' + ')]
+    slip = rng.choice([-1, 1]) * rng.choice([1, 2]) * 10 ** rng.randrange(max(1, len(str(a * b)) - 1))
+    if rng.random() < 0.5 and len(products) > 1:  # a partial product is wrong, and the sum follows it
+        i = rng.randrange(len(products))
+        products[i] = abs(products[i] + slip)
+        return f"{head} = {' + '.join(map(str, products))} = {sum(products)}"
+    return f"{head} = {products_text} = {abs(int(total) + slip)}"  # the partial products are right, the sum is not
+
+
+def multiplication_items(n, test, rng, seed, digits):
+    """n distinct problems a*b with a of digits[0] and b of digits[1] digits, on one side of the split
+    (a quarter of the unordered problems are held out: 2-by-2 digits give ~2,000 test problems)."""
+    low = lambda d: 10 ** (d - 1) if d > 1 else 0
+    seen, items = set(), []
+    for _ in range(50 * n):
+        if len(items) >= n:
+            break
+        a, b = rng.randrange(low(digits[0]), 10 ** digits[0]), rng.randrange(low(digits[1]), 10 ** digits[1])
+        key = f"{a}*{b}"
+        if key in seen or _is_test(split_key(a, '*', b), seed, 0.25) != test:
+            continue
+        seen.add(key)
+        items.append((rng.choice(ARITHMETIC_TEMPLATES).format(a=a, b=b, op='*', word='times'), a, b))
+    return items
+
+
+def multiplication_records(n, test, rng, seed, kind, digits):
+    records = []
+    for prompt, a, b in multiplication_items(n, test, rng, seed, digits):
+        if kind == 'rl':
+            records.append({'prompt': prompt, 'answer': str(a * b), 'task': 'multiplication'})
+        elif kind == 'pref':
+            records.append(_pref(_user(prompt), multiplication_working(a, b), wrong_working(a, b, rng), 'multiplication'))
+        else:
+            records.append({'messages': _user(prompt, rng) + [{'role': 'assistant', 'content': multiplication_working(a, b)}],
+                            'task': 'multiplication'})
     return records
 
 
@@ -372,7 +430,8 @@ def resolved_sizes(sizes=None):
     return {split: dict(SIZES[split], **(sizes or {}).get(split, {})) for split in SPLITS}
 
 
-def make_tasks(seed=1337, name='Mini', maker='the Mini-LLM project', add_digits=2, mul_digits=(2, 1), sizes=None):
+def make_tasks(seed=1337, name='Mini', maker='the Mini-LLM project', add_digits=2, mul_digits=(2, 1),
+               long_mul_digits=(3, 2), sizes=None):
     """All six splits as lists of records, in-process (no files). Same arguments, same records."""
     sizes = resolved_sizes(sizes)
     functions = code_functions()
@@ -390,8 +449,10 @@ def make_tasks(seed=1337, name='Mini', maker='the Mini-LLM project', add_digits=
                 records += code_records(n, test, rng, kind, functions)
             elif task == 'chat':
                 records += chat_records(n, test, rng, seed)
+            elif task == 'multiplication':
+                records += multiplication_records(n, test, rng, seed, kind, long_mul_digits)
             else:
-                raise ValueError(f"unknown task {task!r} in sizes[{split!r}] (identity, arithmetic, code, chat)")
+                raise ValueError(f"unknown task {task!r} in sizes[{split!r}] (identity, arithmetic, code, chat, multiplication)")
         rng.shuffle(records)
         out[split] = records
     return out
@@ -517,7 +578,7 @@ def verifiable_reward(response, answer):
 def score(task, response, answer):
     """0..1 for one held-out item. arithmetic: exact final number; identity: name and maker
     present; code and chat: difflib similarity to the expected text (1.0 = exact)."""
-    if task == 'arithmetic':
+    if task in ('arithmetic', 'multiplication'):
         return arithmetic_reward(response, answer)
     if task == 'identity':
         return identity_reward(response, answer)

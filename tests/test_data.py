@@ -81,16 +81,19 @@ def test_rl_reads_prompt_strings_and_messages_with_optional_answers(tmp_path):
         {'prompt': 'What is 2+3?', 'answer': 5},
         {'messages': [S('sys'), U('What is 2+3?')]},
         {'conversations': [U('What is 2+3?'), A('')]},  # MiniMind RLAIF: trailing placeholder turn dropped
+        {'prompt': 'What is 2*3?', 'answer': '6', 'task': 'multiplication'},
     ])
     prompts = data.load_rl(path)
-    assert prompts[0] == prompts[1] == {'messages': [U('What is 2+3?')], 'answer': '5'}
-    assert prompts[2] == {'messages': [S('sys'), U('What is 2+3?')], 'answer': None}
-    assert prompts[3] == {'messages': [U('What is 2+3?')], 'answer': None}
+    assert prompts[0] == prompts[1] == {'messages': [U('What is 2+3?')], 'answer': '5', 'task': None}
+    assert prompts[2] == {'messages': [S('sys'), U('What is 2+3?')], 'answer': None, 'task': None}
+    assert prompts[3] == {'messages': [U('What is 2+3?')], 'answer': None, 'task': None}
+    assert prompts[4]['task'] == 'multiplication'
 
 
 # ----------------------------------------------------------------------------- malformed lines
 
 BAD_LINES = [  # (kind, line, field named in the error)
+    ('rl', '{"prompt": "hi", "task": 3}', "'task'"),
     ('sft', '{"messages": [', 'not valid JSON'),
     ('sft', '[1, 2]', "'(record)'"),
     ('sft', '{"text": "hi"}', "'messages'"),

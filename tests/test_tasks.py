@@ -56,6 +56,7 @@ def test_train_and_test_share_no_problem_phrasing_function_or_fact(suite):
     for task, key in [('arithmetic', lambda r: problem_key(prompt_of(r))),
                       ('identity', lambda r: re.sub(r'^(hi! |hello\. |hey, |quick question: |excuse me, )', '',
                                                     prompt_of(r).lower()).rstrip('?.')),
+                      ('multiplication', lambda r: tasks.split_key(*re.fullmatch(r'(\d+)([*])(\d+)', problem_key(prompt_of(r))).groups())),
                       ('code', prompt_of), ('chat', prompt_of)]:
         train = {key(r) for r in items(suite, '_train', task)}
         test = {key(r) for r in items(suite, '_test', task)}
@@ -85,7 +86,39 @@ def test_arithmetic_answers_are_correct_and_short_and_digits_are_configurable(su
         if 'rejected' in r:
             assert tasks.arithmetic_reward(r['rejected'][-1]['content'], truth) == 0.0
     small = tasks.make_tasks(seed=1, add_digits=1, mul_digits=(1, 1), sizes={'rl_train': {'arithmetic': 50}})
-    assert all(int(x) < 10 for r in small['rl_train'] for x in re.findall(r'\d+', r['prompt']))
+    assert all(int(x) < 10 for r in small['rl_train'] if r['task'] == 'arithmetic'
+               for x in re.findall(r'\d+', r['prompt']))
+
+
+def evaluate_working(text):
+    """Check a working step by step: every '=' joins expressions of equal value; the last number."""
+    sides = text.split(' = ')
+    values = [eval(side) for side in sides]  # digits, * and + only (asserted below)
+    assert all(re.fullmatch(r'[\d*+ ]+', side) for side in sides), text
+    return values, int(sides[-1])
+
+
+def test_multiplication_workings_are_right_and_rejected_ones_end_wrong(suite):
+    import random
+    assert tasks.multiplication_working(47, 38) == "47*38 = 47*30 + 47*8 = 1410 + 376 = 1786"
+    records = items(suite, '_train', 'multiplication') + items(suite, '_test', 'multiplication')
+    for r in records:
+        a, b = map(int, re.fullmatch(r'(\d+)\*(\d+)', problem_key(prompt_of(r))).groups())
+        assert 100 <= a < 1000 and 10 <= b < 100  # long_mul_digits=(3, 2)
+        if 'prompt' in r:  # RL: the answer alone, rewarded on the working's last number
+            assert r['answer'] == str(a * b)
+            continue
+        working = (r['messages'] if 'messages' in r else r['chosen'])[-1]['content']
+        values, last = evaluate_working(working)
+        assert set(values) == {a * b} and last == a * b and working.startswith(f"{a}*{b} = ")
+        assert tasks.arithmetic_reward(working, str(a * b)) == 1.0
+        if 'rejected' in r:
+            rejected = r['rejected'][-1]['content']
+            assert rejected.split(' = ')[:2] == working.split(' = ')[:2]  # the same problem and plan, a slip after
+            assert tasks.arithmetic_reward(rejected, str(a * b)) == 0.0
+    rng = random.Random(0)
+    assert all(tasks.wrong_working(a, b, rng) != tasks.multiplication_working(a, b)
+               for a, b in [(100, 10), (999, 99), (105, 50), (0, 0)])
 
 
 def test_code_items_are_real_stdlib_functions_and_rejected_bodies_differ(suite):
@@ -137,7 +170,8 @@ def test_heldout_items_score_one_when_answered_exactly(tmp_path):
     out = str(tmp_path / 'h')
     tasks.write_tasks(out, seed=5)
     held = tasks.heldout(out)
-    assert set(held) == {'identity', 'arithmetic', 'code', 'chat'}
+    assert set(held) == {'identity', 'arithmetic', 'code', 'chat', 'multiplication'}
+    assert len(held['multiplication']) >= 1000  # a few points' change is significant (McNemar)
     for task, entries in held.items():
         for item in entries[:20]:
             assert item['messages'][-1]['role'] == 'user'
