@@ -214,7 +214,7 @@ def write_report():
     evals = {s: read_json(f'{R}/{s}/eval.json') for s in MODEL_STAGES}
     evals = {s: e for s, e in evals.items() if e}
     if evals:
-        keys = [k for k in ('val_loss', 'val_bpb', 'identity_acc', 'arith_acc', 'chat_acc', 'code_loss')
+        keys = [k for k in ('val_loss', 'val_bpb', 'identity_acc', 'arith_acc', 'mul_acc', 'chat_acc', 'code_loss')
                 if any(k in e for e in evals.values())]
         lines += ['', '## Every checkpoint on the same held-out data (eval.py)', '',
                   '| stage | ' + ' | '.join(keys) + ' |', '|---' * (len(keys) + 1) + '|']

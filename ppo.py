@@ -1,7 +1,7 @@
 """
 RL fine-tuning from an SFT checkpoint: PPO (Schulman et al. 2017, with the RLHF recipe of Ziegler
 et al. 2019 and TRL's PPOTrainer) or GRPO (Shao et al. 2024).
-    python ppo.py config/ppo_tiny.py                        # from out-sft, on the built-in arithmetic prompts
+    python ppo.py config/ppo_tiny.py                        # from out-sft, on the built-in multiplication prompts
     python ppo.py config/grpo_tiny.py
     torchrun --standalone --nproc_per_node=8 ppo.py config/ppo_small.py
 
@@ -58,7 +58,7 @@ init_checkpoint = 'best'  # of init_from: 'best' (by val loss) | 'latest'
 eval_interval = 20  # iterations (one iteration = one rollout batch and its update)
 log_interval = 1
 eval_items_per_task = 200  # held-out items per task, greedy (0 = skip)
-eval_tasks = 'arithmetic'  # comma-separated tasks of the suite to evaluate; '' = all
+eval_tasks = 'arithmetic,multiplication'  # comma-separated tasks of the suite to evaluate; '' = all
 wandb_log = False
 wandb_project = 'mini-llm'
 wandb_run_name = 'ppo'

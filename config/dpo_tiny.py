@@ -1,4 +1,4 @@
-# DPO of the tiny SFT model on the built-in preference pairs (identity, arithmetic, code), on a
+# DPO of the tiny SFT model on the built-in preference pairs (identity, arithmetic, code, multiplication), on a
 # laptop CPU in about 3 minutes.
 #   python sft.py config/sft_tiny.py && python dpo.py config/dpo_tiny.py
 init_from = 'out-sft'

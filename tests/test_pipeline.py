@@ -63,7 +63,7 @@ def test_quick_pipeline_runs_every_stage_and_resumes_after_a_kill(tmp_path):
     for section in ('## Stages', '## Every checkpoint on the same held-out data', '## A sample chat', '## Curves',
                     '## Alignment: SFT -> each stage on the same held-out items (McNemar)'):
         assert section in report
-    assert 'assistant>' in report and '| grpo | arithmetic |' in report
+    assert 'assistant>' in report and '| grpo | arithmetic |' in report and '| grpo | multiplication |' in report
     assert '![sft](sft_curves.png)' in report and os.path.getsize(f'{run_dir}/sft_curves.png') > 10_000
 
 

@@ -190,6 +190,18 @@ def test_settings_that_would_be_ignored_or_break_rl_are_refused(toy, tmp_path, a
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-500:]
 
 
+def test_rl_tasks_trains_on_the_prompts_of_those_tasks_only(toy, tmp_path):
+    sft, _ = toy
+    prompts = write_jsonl(tmp_path / 'mixed.jsonl', [{'prompt': f'{c}?', 'answer': 'x', 'task': 'keep'} for c in 'abc']
+                          + [{'prompt': 'd?', 'answer': 'y', 'task': 'other'}, {'prompt': 'a?', 'answer': 'x'}])
+    proc = run_script('ppo.py', f'--init_from={sft}', f'--rl_file={prompts}', f'--out_dir={tmp_path / "out"}', *TOY,
+                      '--max_iters=1', '--rl_tasks=keep')
+    assert 'rl data: 3 prompts' in proc.stdout
+    proc = run_script('ppo.py', f'--init_from={sft}', f'--rl_file={prompts}', f'--out_dir={tmp_path / "out2"}', *TOY,
+                      '--max_iters=1', '--rl_tasks=kept', check=False)
+    assert proc.returncode != 0 and "no prompt has such a \"task\" (the file's tasks: None, keep, other)" in proc.stderr
+
+
 def test_grpo_refuses_the_k1_estimator_in_its_loss(toy, tmp_path):
     sft, prompts = toy
     proc = run_script('ppo.py', f'--init_from={sft}', f'--rl_file={prompts}', f'--out_dir={tmp_path}', '--algorithm=grpo',
