@@ -5,6 +5,7 @@ model and no sampling (dpo_loss.py has the losses, their formulas and sources).
     python dpo.py config/dpo_tiny.py                  # from out-sft, on the built-in task suite
     python dpo.py config/dpo_tiny.py --loss_type=simpo --beta=2.0 --learning_rate=1e-5
     torchrun --standalone --nproc_per_node=8 dpo.py --init_from=out-sft --pref_files=prefs.jsonl
+    python dpo.py config/dpo_online_tiny.py           # online: pairs of the policy's own samples
 
 sigmoid (DPO), ipo, hinge compare the policy with a frozen reference, the starting policy (the
 parent checkpoint, on resume too); reference='none' takes log ref = 0 (TRL's reference_free).
@@ -20,17 +21,29 @@ lora_rank > 0 trains low-rank adapters only (lora.py); the reference is then the
 adapters switched off (lora.adapters_off): the frozen base, exactly, with no second copy held.
 The checkpoint holds the merged weights in 'model' (ppo.py and sample.py load it as any policy)
 and the adapters in 'lora' (to resume).
+online=True is online (iterative) DPO (Guo et al. 2024, "Direct Language Model Alignment from
+Online AI Feedback"; TRL's OnlineDPOTrainer): no fixed pairs; each step samples online_samples
+completions of batch_size RL prompts from the current policy, scores them (tasks.verifiable_reward,
++ a reward model, - missing_eos_penalty, as ppo.py does) and pairs each prompt's best against its
+worst (preference.online_pairs; a prompt whose samples tied gives none), then takes the same loss
+against the live reference. The held-out pairs and task metrics still evaluate it.
 """
 
+import dataclasses
+import os
 import time
 
 import torch
 
 import common
+import data
 import dpo_loss as losses
 import heldout
 import preference
+import rewardmodel
+import tasks
 from configurator import configure
+from generate import GenerationConfig, generate_ids
 from lora import add_lora, adapters_off, check_resume, checkpoint_weights, load_adapters
 
 # ----------------------------------------------------------------------------- config
@@ -63,6 +76,16 @@ desirable_weight = 1.0  # kto: lambda_D; keep lambda_D n_D / (lambda_U n_U) in [
 undesirable_weight = 1.0  # kto: lambda_U
 rpo_alpha = 0.0  # DPO family: > 0 adds alpha * NLL of the chosen answers (RPO), so their likelihood does not sink
 precompute_ref_logps = True  # score the reference once, then free it; False keeps it in memory
+# online DPO: each step's pairs are the policy's own samples (the held-out pairs still evaluate it)
+online = False
+rl_file = ''  # online: RL prompts JSONL (docs/data.md); '' = the built-in prompts (data/tasks/rl_train.jsonl)
+rl_tasks = ''  # online: comma-separated: only the prompts whose "task" is one of these ('' = every prompt)
+online_samples = 4  # online: completions per prompt; its best-scored one is chosen, its worst rejected
+max_new_tokens = 16  # online: of each completion
+temperature = 0.7  # online: > 0; near the greedy answer: the contrasts that can flip an argmax
+reward_model = ''  # online: a reward-model out_dir (reward.py) whose score is added; '' = verifiable reward only
+reward_model_weight = 1.0
+missing_eos_penalty = 1.0  # online: off the score of a completion cut off at max_new_tokens
 # LoRA (the keys of sft.py); the reference is then the base with the adapters off
 lora_rank = 0  # 0 = full fine-tuning
 lora_alpha = 16.0
@@ -103,6 +126,17 @@ if label_smoothing and loss_type != 'sigmoid':
 if reference not in ('model', 'none'):
     raise SystemExit(f"reference={reference!r}: use 'model' or 'none'")
 uses_reference = reference == 'model' and (loss_type in losses.LOSS_TYPES or kto)
+if online and loss_type not in losses.LOSS_TYPES:  # kto's unpaired labels and z0 would need their own sampler
+    raise SystemExit(f"online=True trains the DPO family on pairs of its own samples: loss_type={loss_type!r} is not "
+                     f"supported; use one of {', '.join(losses.LOSS_TYPES)}")
+if online and parallel == 'fsdp':
+    raise SystemExit("online=True samples from the policy at every step, which under FSDP would make every decode step "
+                     "a collective of all ranks (not supported here): use parallel='ddp'")
+if online and (online_samples < 2 or temperature <= 0):
+    raise SystemExit(f"online=True pairs different samples of a prompt: set online_samples >= 2 (got {online_samples}) "
+                     f"and temperature > 0 (got {temperature})")
+if not online and (rl_file or rl_tasks or reward_model):
+    raise SystemExit("rl_file, rl_tasks and reward_model are online DPO's: set online=True, or leave them ''")
 length_normalized = loss_type in losses.REFERENCE_FREE_LOSS_TYPES or (loss_type == 'ipo' and ipo_length_normalize)
 ctx = common.setup(device, dtype, seed, out_dir, gradient_accumulation_steps, parallel)
 
@@ -176,14 +210,16 @@ def reference_logps(split, rows, ids, targets):
 raw_model = model
 if uses_reference and precompute_ref_logps:
     t0 = time.time()
-    for split in (train, val):
+    splits = (val,) if online else (train, val)  # online: the training pairs are sampled as it goes
+    for split in splits:
         ref = torch.zeros(len(split['ids']), 2)
         for rows, ids, targets in map(with_targets, preference.eval_batches(split, len(split['ids']), batch_size, ctx.device)):
             ref[rows] = reference_logps(split, rows, ids, targets).view(2, -1).T.cpu()
         split['ref'] = ref  # (N, 2)
-    ref_model = None  # freed: the lookup table replaces it
+    if not online:  # online scores its samples under the reference live: it stays
+        ref_model = None  # freed: the lookup table replaces it
     if ctx.master:
-        print(f"reference log-probs of {len(train['ids']) + len(val['ids']):,} pairs precomputed in {time.time() - t0:.1f} s")
+        print(f"reference log-probs of {sum(len(s['ids']) for s in splits):,} pairs precomputed in {time.time() - t0:.1f} s")
 
 
 def kto_losses(logps, ref_logps, labels):
@@ -212,15 +248,15 @@ def pair_losses(logps, ref_logps, counts):
     return losses.dpo_loss(*scores, beta, loss_type, label_smoothing), scores
 
 
-def loss_fn(batch):
-    """The loss of one micro-batch (+ RPO term, + MoE aux) and TRL's metrics."""
+def loss_fn(batch, split):
+    """The loss of one micro-batch of split's pairs (+ RPO term, + MoE aux) and TRL's metrics."""
     rows, ids, targets = batch
     logps, aux_loss = answer_logps(model, ids, targets)
     counts = losses.sequence_token_counts(targets)
     if kto:
-        per_example, metrics = kto_losses(logps, reference_logps(train, rows, ids, targets), train['label'][rows].to(ctx.device))
+        per_example, metrics = kto_losses(logps, reference_logps(split, rows, ids, targets), split['label'][rows].to(ctx.device))
         return per_example.mean() + aux_term(aux_loss), metrics
-    per_pair, scores = pair_losses(logps, reference_logps(train, rows, ids, targets), counts)
+    per_pair, scores = pair_losses(logps, reference_logps(split, rows, ids, targets), counts)
     loss = per_pair.mean()
     if rpo_alpha:
         loss = loss + rpo_alpha * losses.rpo_nll(logps[:len(rows)], counts[:len(rows)].sum())
@@ -230,6 +266,132 @@ def loss_fn(batch):
 def aux_term(aux_loss):
     """The MoE load-balancing loss, weighted (0 for a dense model)."""
     return model_args['moe_aux_loss_coef'] * aux_loss if model_args['n_experts'] else 0.0
+
+
+def offline_batches(it):
+    """This rank's micro-batches of step it, each (batch, the split it is from, weight 1)."""
+    return [(with_targets(b), train, 1.0) for b in preference.train_batches(ctx, train, it, batch_size)]
+
+
+# online DPO: the RL prompts, rendered once as the chat prefix the policy continues (as ppo.py)
+def load_prompts():
+    task_dir = os.path.join(data_root, 'tasks')
+    if not rl_file:
+        tasks.ensure_tasks(task_dir)  # generated once, offline
+    prompts = data.load_rl(rl_file or os.path.join(task_dir, 'rl_train.jsonl'), skip_bad_lines=skip_bad_lines)
+    if rl_tasks:
+        found = sorted({str(p['task']) for p in prompts})
+        prompts = [p for p in prompts if p['task'] in rl_tasks.split(',')]
+        if not prompts:
+            raise SystemExit(f"rl_tasks={rl_tasks!r}: no prompt has such a \"task\" (the file's tasks: {', '.join(found)})")
+    for p in prompts:
+        p['ids'] = tokenizer.render_prompt(p['messages'])
+    fits = [p for p in prompts if len(p['ids']) + max_new_tokens <= max_seq_len]
+    if not fits:
+        raise SystemExit(f"no RL prompt fits max_seq_len={max_seq_len} with max_new_tokens={max_new_tokens}")
+    if reward_net is None and all(p['answer'] is None for p in fits):
+        raise SystemExit("online=True has nothing to score with: no prompt has an \"answer\"; set reward_model=<out_dir>")
+    if ctx.master:
+        print(f"online: {len(fits):,} prompts ({len(prompts) - len(fits)} too long dropped), {online_samples} samples "
+              f"each; reward: verifiable{f' + {reward_model_weight:g} x {reward_model}' if reward_net else ''}")
+    return fits
+
+
+reward_net = None  # online: the reward model (rewardmodel.py), frozen
+if online and reward_model:
+    reward_net, rm_tokenizer = rewardmodel.load_reward_model(reward_model, ctx.device)
+    reward_net.requires_grad_(False)
+    if rm_tokenizer.identity != tokenizer.identity:
+        raise SystemExit(f"reward model {reward_model} uses another tokenizer ({rm_tokenizer.identity}) than the policy "
+                         f"({tokenizer.identity}): train it from the same pretrain/SFT lineage")
+prompts = load_prompts() if online else []
+gen_config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature,
+                              vocab_size=tokenizer.n_vocab,  # the model's padded ids are never sampled
+                              stop_token_ids=(tokenizer.im_end_id, tokenizer.eot_id))
+special_ids = set(tokenizer.special_tokens.values())
+
+
+def padded(seqs):
+    """Token lists -> (ids (N, T) right-padded with pad_id, lengths (N,)), on the CPU."""
+    ids = torch.full((len(seqs), max(map(len, seqs))), tokenizer.pad_id, dtype=torch.long)
+    for i, seq in enumerate(seqs):
+        ids[i, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+    return ids, torch.tensor([len(seq) for seq in seqs])
+
+
+def score(picked, responses):
+    """(scores, verifiable), (N,) on the CPU, as ppo.py's score: tasks.verifiable_reward of the text,
+    + reward_model_weight x the reward model's score (read at the response's last token, where it
+    was trained to read it), - missing_eos_penalty off a response that never emitted <|im_end|>."""
+    texts = [tokenizer.decode([t for t in r if t not in special_ids]) for r in responses]
+    verifiable = torch.tensor([tasks.verifiable_reward(t, p['answer']) for t, p in zip(texts, picked)])
+    scores = verifiable.clone()
+    if reward_net is not None:
+        ids, length = padded([p['ids'] + r for p, r in zip(picked, responses)])
+        prompt_len = torch.tensor([len(p['ids']) for p in picked])
+        real = torch.arange(ids.size(1))[None, :] < length[:, None]
+        with ctx.autocast:
+            rm = rewardmodel.score_ids(reward_net, ids.to(ctx.device), real.to(ctx.device),
+                                       preference.response_mask(ids, prompt_len, length).to(ctx.device))
+        scores = scores + reward_model_weight * rm.float().cpu()
+    ended = torch.tensor([bool(r) and r[-1] == tokenizer.im_end_id for r in responses])
+    return scores - missing_eos_penalty * (~ended).float(), verifiable
+
+
+def sample_pairs(it, micro_step):
+    """Micro-step micro_step of step it on this rank: batch_size prompts x online_samples completions
+    of the policy (in eval mode, the stage's autocast), scored, and the pairs they give. Prompts and
+    samples come from streams seeded by (seed, it) that every rank shares, each micro-batch of each
+    rank its slice (as ppo.py): N ranks sample what one process accumulating N micro-batches would,
+    and a resumed run what the first would have."""
+    step_seed = seed + 1_000_003 * (it + 1)
+    draw = torch.Generator().manual_seed(step_seed)
+    ix = torch.randint(len(prompts), (ctx.world_size, ctx.accum_per_rank, batch_size), generator=draw)[ctx.rank, micro_step]
+    picked = [prompts[i] for i in ix.tolist() for _ in range(online_samples)]  # a prompt's samples adjacent
+    n, first = len(picked), (ctx.rank * ctx.accum_per_rank + micro_step) * len(picked)
+    raw_model.eval()
+    with ctx.autocast:
+        gen = generate_ids(raw_model, [p['ids'] for p in picked], dataclasses.replace(gen_config, seed=step_seed + 1),
+                           tokenizer.pad_id, rows=(first, n * ctx.world_size * ctx.accum_per_rank))
+    raw_model.train()
+    responses = gen.rows()
+    scores, verifiable = score(picked, responses)
+    chosen, rejected = preference.online_pairs(scores, online_samples)
+    return {'picked': picked, 'responses': responses, 'scores': scores, 'verifiable': verifiable,
+            'chosen': chosen.tolist(), 'rejected': rejected.tolist()}
+
+
+def pair_rows(part, chosen, rejected):
+    """Sampled pairs (indices into part's samples) as the offline path batches pairs
+    (preference.pair_batch): (rows, ids (2n, T), prompt_len (2n,), length (2n,)), the n chosen rows
+    then their n rejected rows, each its prompt + the completion as sampled (with its <|im_end|>
+    when it emitted one), right-padded."""
+    picks = chosen + rejected
+    ids, length = padded([part['picked'][i]['ids'] + part['responses'][i] for i in picks])
+    prompt_len = torch.tensor([len(part['picked'][i]['ids']) for i in picks])
+    return torch.arange(len(chosen)), ids.to(ctx.device), prompt_len.to(ctx.device), length.to(ctx.device)
+
+
+def online_batches(it):
+    """This rank's micro-batches of step it, sampled now, each (batch, {} (no precomputed
+    reference), weight), and the step's sampling metrics. weight = n x world_size x accum_per_rank / P
+    (n: the micro-batch's pairs, P: the step's, over all ranks and micro-steps), so that every pair
+    of the step weighs the same wherever it fell; a micro-batch with none runs one stand-in pair at
+    weight 0, so that every rank makes the same backward passes (DDP). No pair at all: no batch."""
+    parts = [sample_pairs(it, j) for j in range(ctx.accum_per_rank)]
+    local = torch.tensor([[len(p['chosen']), float(p['scores'].sum()), float(p['verifiable'].sum())] for p in parts])
+    n_pairs, score_sum, verifiable_sum = common.sum_over_ranks(ctx, local.sum(0).to(ctx.device)).tolist()
+    n_prompts = ctx.world_size * ctx.accum_per_rank * batch_size
+    metrics = {'train/online_pair_frac': n_pairs / n_prompts, 'train/online_score': score_sum / (n_prompts * online_samples),
+               'train/online_verifiable': verifiable_sum / (n_prompts * online_samples)}
+    if not n_pairs:
+        return [], metrics
+    batches = []
+    for part in parts:
+        n = len(part['chosen'])
+        chosen, rejected = (part['chosen'], part['rejected']) if n else ([0], [0])
+        batches.append((with_targets(pair_rows(part, chosen, rejected)), {}, n * ctx.world_size * ctx.accum_per_rank / n_pairs))
+    return batches, metrics
 
 
 # optimizer (and its state when resuming)
@@ -306,24 +468,30 @@ while True:
     if iter_num >= max_iters:
         break
 
-    # one optimizer step over the micro-batches
+    # one optimizer step over the micro-batches; online: sampled now, and none when no prompt gave a
+    # pair (the step is skipped, and still counted)
+    batches, sampled = online_batches(iter_num) if online else (offline_batches(iter_num), {})
     sums = torch.zeros(4, device=ctx.device)  # loss, rewards/accuracies, rewards/margins, logps/chosen
-    for micro_step, batch in enumerate(preference.train_batches(ctx, train, iter_num, batch_size)):
+    for micro_step, (batch, split, weight) in enumerate(batches):
         common.sync_grads(ctx, model, micro_step == ctx.accum_per_rank - 1)
-        loss, stats = loss_fn(with_targets(batch))
-        ctx.scaler.scale(loss / ctx.accum_per_rank).backward()
+        loss, stats = loss_fn(batch, split)
+        ctx.scaler.scale(loss * weight / ctx.accum_per_rank).backward()
         sums += torch.stack([loss.detach(), stats['rewards/accuracies'], stats['rewards/margins'],
-                             stats['logps/chosen']]) / ctx.accum_per_rank
-    grad_norm = common.optimizer_step(ctx, optimizer, params, grad_clip)
+                             stats['logps/chosen']]) * weight / ctx.accum_per_rank
+    grad_norm = common.optimizer_step(ctx, optimizer, params, grad_clip) if batches else None
     iter_num += 1
 
-    # log (the only host sync of a step, and only every log_interval steps)
+    # log (the only host sync of an offline step, and only every log_interval steps)
     if iter_num % log_interval == 0:
-        train_loss, accuracy, margin, logp_chosen = common.mean_over_ranks(ctx, sums).tolist()
-        metrics = {'train/loss': train_loss, 'train/rewards/accuracies': accuracy, 'train/rewards/margins': margin,
-                   'train/logps/chosen': logp_chosen, 'train/grad_norm': grad_norm.item(), 'lr': lr}
+        metrics = {}
+        if batches:
+            train_loss, accuracy, margin, logp_chosen = common.mean_over_ranks(ctx, sums).tolist()
+            metrics = {'train/loss': train_loss, 'train/rewards/accuracies': accuracy, 'train/rewards/margins': margin,
+                       'train/logps/chosen': logp_chosen, 'train/grad_norm': grad_norm.item()}
+        metrics.update(sampled, lr=lr)
         common.log_step(ctx, log, iter_num, max_iters, metrics, common.step_time(log, iter_num),
-                        (gradient_accumulation_steps * batch_size, 'pairs'))
+                        (gradient_accumulation_steps * batch_size * (online_samples if online else 1),
+                         'samples' if online else 'pairs'))
 
     if stop.requested(ctx):
         common.save(ctx, state, best_val_loss, reason='interrupted')

@@ -10,6 +10,7 @@ rows, length-grouped micro-batches, and accuracy per task.
     train_batches(ctx, split, step, B)   this rank's micro-batches of optimizer step `step`
     eval_batches(split, n, B, device)    the first n held-out pairs, in length order
     response_mask(ids, prompt_len, length), accuracy_by_task(correct, split, rows)
+    online_pairs(scores, k)              online DPO: each prompt's best sample against its worst
 A batch is (rows, ids, prompt_len, length): B chosen rows then their B rejected rows, (2B, T)
 with T the longest of them, so both answers of every pair go through one forward pass.
 """
@@ -185,3 +186,17 @@ def accuracy_by_task(correct, split, rows, name):
     correct, row_tasks = correct.cpu(), [split['task'][i] for i in rows.tolist()]
     return {f'{name}{task}': float(correct[torch.tensor([t == task for t in row_tasks])].float().mean())
             for task in sorted({t for t in row_tasks if t})}
+
+
+def online_pairs(scores, k):
+    """Online DPO's pairs (dpo.py online=True) from scored samples: scores (N * k,), k adjacent
+    samples per prompt -> (chosen, rejected) index tensors into the N * k samples, one pair per
+    prompt whose samples did not all score the same: a best-scored sample (the first of equals)
+    against a worst one. A prompt whose samples all tied has no preferred answer: it gives no pair.
+    (Self-Rewarding Language Models, Yuan et al. 2024, build their pairs so: the highest- and
+    lowest-scored of k samples, a tie discarded; Guo et al. 2024 and TRL's OnlineDPOTrainer let a
+    judge order 2 samples.)"""
+    groups = scores.view(-1, k)
+    offset = torch.arange(len(groups), device=scores.device) * k
+    varied = groups.amax(1) > groups.amin(1)
+    return (offset + groups.argmax(1))[varied], (offset + groups.argmin(1))[varied]

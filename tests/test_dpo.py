@@ -1,7 +1,9 @@
 """dpo.py and dpo_loss.py: log-probs cover the answer tokens only, the loss is log 2 while the
 policy is the reference, each loss type by hand, and dpo.py end to end on a tiny checkpoint: it
 separates a separable toy set, a precomputed reference gives the same run as a live one, it
-resumes exactly, and it names the file and line of bad data."""
+resumes exactly, and it names the file and line of bad data. Online DPO (online=True) on a toy
+verifiable task: it raises the reward of its own samples, pairs a best sample against a worst,
+resumes exactly, skips a step that gave no pair, and refuses the settings it does not support."""
 
 import json
 import math
@@ -14,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import REPO, run_script
+from test_ppo import TOY_TOKENIZER, save_tiny
 from test_reward import history, make_checkpoint, toy_pairs, write_jsonl
 
 import common
@@ -261,3 +264,118 @@ def test_lora_dpo_trains_adapters_only_against_the_base_with_adapters_off_and_re
     model, _, ckpt = lora_model(sft_dir, straight)
     assert ckpt['stage'] == 'dpo' and ckpt['parent'] == os.path.join(sft_dir, 'ckpt.pt')
     assert_lora_checkpoint(sft_dir, ckpt, model, torch.randint(0, 100, (2, 12)))
+
+
+# ----------------------------------------------------------------------------- online DPO
+
+@pytest.fixture(scope='module')
+def online_toy(tmp_path_factory):
+    """test_ppo.py's toy task for online DPO: (a random char-level policy, its RL prompts, held-out
+    pairs). Prompts a?..d? (task 'toy') are answered right by the reply x, z? (task 'never') by
+    zzzz, which one token cannot say; the pairs prefer x over y under the toy prompts."""
+    root = tmp_path_factory.mktemp('online')
+    prompts = write_jsonl(root / 'prompts.jsonl', [{'prompt': f'{c}?', 'answer': 'x', 'task': 'toy'} for c in 'abcd']
+                          + [{'prompt': 'z?', 'answer': 'zzzz', 'task': 'never'}])
+    pairs = write_jsonl(root / 'pairs.jsonl', [{'prompt': f'{c}?', 'chosen': 'x', 'rejected': 'y'} for c in 'abcd'])
+    return save_tiny(root / 'sft', TOY_TOKENIZER), prompts, pairs
+
+
+def online_args(online_toy, task='toy'):
+    """One token per sample, 8 samples of each of 8 prompts per step; scored by exact match alone."""
+    _, prompts, pairs = online_toy
+    return ['--online=True', f'--rl_file={prompts}', f'--rl_tasks={task}', f'--pref_files={pairs}', '--val_fraction=0.5',
+            '--max_new_tokens=1', '--missing_eos_penalty=0', '--online_samples=8', '--temperature=1.0']
+
+
+def train_rows(out_dir):
+    """{iter: the training row of history.jsonl}."""
+    with open(os.path.join(out_dir, 'history.jsonl')) as f:
+        return {row['iter']: row for row in map(json.loads, f) if row['kind'] == 'train'}
+
+
+def test_online_pairs_take_a_best_sample_against_a_worst_and_drop_ties():
+    scores = torch.tensor([0., 1., 1., 0.,  2., 2., 2., 2.,  -1., .5, 3., -1.,  0., 0., 0., 1.])
+    chosen, rejected = preference.online_pairs(scores, 4)
+    assert chosen.tolist() == [1, 10, 15] and rejected.tolist() == [0, 8, 12]  # the group of 2s: no pair
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):  # any scores: one pair per varied group, its best against its worst
+        scores = torch.randint(0, 3, (6 * 5,), generator=g).float()
+        groups = scores.view(6, 5)
+        chosen, rejected = preference.online_pairs(scores, 5)
+        varied = [i for i in range(6) if groups[i].max() > groups[i].min()]
+        assert (chosen // 5).tolist() == varied and (rejected // 5).tolist() == varied
+        assert (scores[chosen] == groups[varied].amax(1)).all() and (scores[rejected] == groups[varied].amin(1)).all()
+
+
+def test_online_dpo_raises_the_reward_of_its_own_samples(online_toy, tmp_path):
+    """From a random policy (x in ~1 of 25 samples) to x in most: each step pairs a sample that
+    said x against one that did not. With chosen and rejected swapped, it falls instead (checked
+    by hand: 0.06 -> 0.00)."""
+    out = str(tmp_path / 'online')
+    proc = run_dpo(online_toy[0], out, *online_args(online_toy), '--max_iters=30', '--eval_interval=30',
+                   '--lr_decay_iters=30')
+    rows = train_rows(out)
+    assert 'online: 4 prompts' in proc.stdout  # rl_tasks kept the toy prompts only
+    assert rows[1]['train/loss'] == pytest.approx(math.log(2), abs=1e-4)  # the policy is the reference at step 1
+    mean = lambda its: sum(rows[i]['train/online_verifiable'] for i in its) / len(its)
+    before, after = mean(range(1, 6)), mean(range(26, 31))
+    assert after > before + 0.4 and after > 0.5, (before, after)
+    assert all(0 < r['train/online_pair_frac'] <= 1 for r in rows.values())
+    h = history(out)
+    assert h[30]['val/rewards/margins'] > 0 and h[30]['val/logps/chosen'] > h[0]['val/logps/chosen'], h[30]  # x over y
+
+
+def test_online_dpo_resume_continues_the_same_run(online_toy, tmp_path):
+    args = [*online_args(online_toy), '--eval_interval=4', '--lr_decay_iters=8']
+    straight, split = str(tmp_path / 'straight'), str(tmp_path / 'split')
+    run_dpo(online_toy[0], straight, '--max_iters=8', *args)
+    run_dpo(online_toy[0], split, '--max_iters=4', *args)
+    run_dpo('resume', split, '--max_iters=8', *args)  # the same prompts and samples: they are seeded by the step
+    a, b = train_rows(straight), train_rows(split)
+    for it in range(5, 9):
+        for key in ('train/online_score', 'train/online_pair_frac', 'train/loss', 'train/rewards/margins'):
+            assert b[it][key] == pytest.approx(a[it][key], rel=1e-5, abs=1e-6), (it, key)
+    for key in ('val/loss', 'val/rewards/margins'):
+        assert history(split)[8][key] == pytest.approx(history(straight)[8][key], rel=1e-5, abs=1e-6), key
+
+
+@pytest.mark.slow
+def test_online_ddp_two_ranks_match_one_process_accumulating_two(online_toy, tmp_path):
+    """Each rank samples its own rows, a slice of the step's one stream: 2 ranks sample and learn
+    what one process with 2 micro-batches does."""
+    args = [f'--init_from={online_toy[0]}', *TINY, *online_args(online_toy), '--max_iters=4', '--eval_interval=4',
+            '--lr_decay_iters=4', '--gradient_accumulation_steps=2']
+    single, ddp = str(tmp_path / 'single'), str(tmp_path / 'ddp')
+    run_script('dpo.py', *args, f'--out_dir={single}')
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                           'dpo.py', *args, f'--out_dir={ddp}'], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    a, b = train_rows(single), train_rows(ddp)
+    for it in range(1, 5):
+        assert b[it]['train/online_score'] == pytest.approx(a[it]['train/online_score'], rel=1e-6), it
+        assert b[it]['train/loss'] == pytest.approx(a[it]['train/loss'], rel=1e-4), it
+    assert history(ddp)[4]['val/loss'] == pytest.approx(history(single)[4]['val/loss'], rel=1e-4)
+
+
+def test_online_step_without_a_pair_is_skipped_and_counted(online_toy, tmp_path):
+    """Every sample of z? scores 0 (its answer takes 4 tokens): no pair, no update, the run goes on."""
+    out = str(tmp_path / 'never')
+    run_dpo(online_toy[0], out, *online_args(online_toy, task='never'), '--max_iters=3', '--eval_interval=3')
+    rows = train_rows(out)
+    assert sorted(rows) == [1, 2, 3] and all(r['train/online_pair_frac'] == 0 and 'train/loss' not in r for r in rows.values())
+    after = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+    before = torch.load(os.path.join(online_toy[0], 'ckpt.pt'), weights_only=True)
+    assert after['iter_num'] == 3 and all(torch.equal(after['model'][k], v) for k, v in before['model'].items())
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--loss_type=simpo'], "loss_type='simpo' is not supported"),
+    (['--loss_type=orpo'], "loss_type='orpo' is not supported"),
+    (['--loss_type=kto'], "loss_type='kto' is not supported"),
+    (['--parallel=fsdp'], "use parallel='ddp'"),
+    (['--online_samples=1'], "online_samples >= 2"),
+    (['--online=False', '--rl_tasks=toy'], "set online=True"),
+], ids=['simpo', 'orpo', 'kto', 'fsdp', 'one-sample', 'rl-keys-offline'])
+def test_online_refuses_what_it_does_not_support(online_toy, tmp_path, args, message):
+    proc = run_dpo(online_toy[0], str(tmp_path / 'out'), *online_args(online_toy), *args, check=False)
+    assert proc.returncode != 0 and message in proc.stderr and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
