@@ -8,6 +8,8 @@ in the pretraining corpus (corpus.stdlib_files).
     arithmetic  a+b, a-b, a*b with small numbers -> the number ("What is 37+48?" -> "85")
     code        a standard-library function's signature and docstring -> its body
     chat        greetings, thanks, capitals and small facts, so the model does not only do tasks
+    multiplication  a*b, 3-digit by 2-digit, answered with a working ("347*58 = 347*50 + 347*8 =
+                17350 + 2776 = 20126"): where RL has room (the tiny SFT model gets ~70% right)
 
     make_tasks(seed, name, maker, ...) -> {'sft_train': [records], 'sft_test', 'pref_train',
                                            'pref_test', 'rl_train', 'rl_test'}
@@ -266,7 +268,7 @@ def wrong_working(a, b, rng):
 
 def multiplication_items(n, test, rng, seed, digits):
     """n distinct problems a*b with a of digits[0] and b of digits[1] digits, on one side of the split
-    (a quarter of the unordered problems are held out: 2-by-2 digits give ~2,000 test problems)."""
+    (a quarter of the unordered problems are held out: 3-by-2 digits give ~20,000 test problems)."""
     low = lambda d: 10 ** (d - 1) if d > 1 else 0
     seen, items = set(), []
     for _ in range(50 * n):
@@ -576,7 +578,7 @@ def verifiable_reward(response, answer):
 
 
 def score(task, response, answer):
-    """0..1 for one held-out item. arithmetic: exact final number; identity: name and maker
+    """0..1 for one held-out item. arithmetic, multiplication: exact final number; identity: name and maker
     present; code and chat: difflib similarity to the expected text (1.0 = exact)."""
     if task in ('arithmetic', 'multiplication'):
         return arithmetic_reward(response, answer)

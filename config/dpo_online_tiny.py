@@ -19,8 +19,8 @@ max_seq_len = 256
 beta = 0.1
 rpo_alpha = 1.0  # as dpo_tiny: keeps the chosen (right) workings likely while the wrong ones fall
 batch_size = 16  # prompts per step, x 4 samples = 64 rollouts
-max_iters = 200
+max_iters = 400  # 200: +4.1 points on held-out multiplication (69 s); 400: +6.1 (119 s)
 learning_rate = 3e-5
 min_lr = 3e-6
 warmup_iters = 10
-lr_decay_iters = 200
+lr_decay_iters = 400

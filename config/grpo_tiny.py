@@ -1,6 +1,6 @@
 # GRPO from the tiny SFT model on the built-in multiplication prompts (3-digit by 2-digit, answered
 # with a working): 8 samples per prompt, each scored against its group (no critic), reward 1 for
-# the exact final number. ~7 CPU minutes
+# the exact final number. ~5 CPU minutes
 # (run with OMP_NUM_THREADS=1 on a shared 2-core machine: 2 threads contending are ~10x slower).
 #   python ppo.py config/grpo_tiny.py
 init_from = 'out-sft'
@@ -32,7 +32,7 @@ num_minibatches = 1  # one optimizer step per rollout batch: the batch is the gr
 learning_rate = 2e-5
 warmup_iters = 10
 lr_schedule = 'constant'
-max_iters = 180
+max_iters = 120  # held-out multiplication 65.1% -> 71.0% at 120, 71.7% at 180 (pipeline run of 2026-12-06)
 # LoRA: --lora_rank=8 (adapters only; the reference is the base with the adapters off). Peak RSS of
 # 3 iterations on one CPU thread: 1,008 -> 986 MB here; 1,135 -> 863 MB at 26M params (batch_size=4).
 # Rollouts decode under dtype's autocast: --dtype=bfloat16 samples 1.2-1.6x faster than fp32 at
