@@ -74,9 +74,9 @@ QUICK = {  # --quick: shorter, still learning something measurable
     'sft': ['--max_iters=200', '--lr_decay_iters=200', '--eval_interval=100', '--batch_size=8', '--eval_items_per_task=30',
             '--eval_iters=5', '--warmup_iters=10'],
     'reward': ['--max_iters=40', '--eval_interval=20', '--learning_rate=1e-4'],
-    'dpo': ['--max_iters=20', '--eval_interval=10'],
-    'ppo': ['--max_iters=5', '--eval_interval=5'],
-    'grpo': ['--max_iters=5', '--eval_interval=5'],
+    'dpo': ['--max_iters=20', '--eval_interval=10', '--batch_size=8', '--eval_items_per_task=50'],
+    'ppo': ['--max_iters=5', '--eval_interval=5', '--batch_size=64', '--eval_items_per_task=50'],
+    'grpo': ['--max_iters=5', '--eval_interval=5', '--batch_size=8', '--eval_items_per_task=50'],
 }
 MODEL_STAGES = ['pretrain', 'sft', 'dpo', 'ppo', 'grpo']  # evaluated by eval.py on equal terms
 CHAT_PROMPTS = ['Who are you?', 'What is 23+45?', 'What is the capital of France?']
