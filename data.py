@@ -373,6 +373,20 @@ def load_rl(path, skip_bad_lines=False):
     return read_jsonl(path, parse_rl, skip_bad_lines, what='prompt')
 
 
+def prompts_of_tasks(prompts, names):
+    """The RL prompts whose "task" is one of names (comma-separated; '' = all of them). A name no
+    prompt carries is an error, so a typo never trains on less than was asked for."""
+    if not names:
+        return prompts
+    wanted = [name.strip() for name in names.split(',') if name.strip()]
+    found = sorted({str(p['task']) for p in prompts})
+    missing = [name for name in wanted if name not in found]
+    if missing:
+        raise SystemExit(f"rl_tasks={names!r}: no prompt has the \"task\" {', '.join(map(repr, missing))} "
+                         f"(the file's tasks: {', '.join(found)})")
+    return [p for p in prompts if p['task'] in wanted]
+
+
 PARSERS = {'sft': parse_sft, 'pref': parse_pref, 'rl': parse_rl}
 
 

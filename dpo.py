@@ -1,7 +1,7 @@
 """
 Direct preference optimisation and its reference-free relatives: the policy (from an SFT
 out_dir) learns to prefer the chosen answer of each pair over the rejected one, with no reward
-model and no sampling (dpo_loss.py has the losses, their formulas and sources).
+model and, offline, no sampling (dpo_loss.py has the losses, their formulas and sources).
     python dpo.py config/dpo_tiny.py                  # from out-sft, on the built-in task suite
     python dpo.py config/dpo_tiny.py --loss_type=simpo --beta=2.0 --learning_rate=1e-5
     torchrun --standalone --nproc_per_node=8 dpo.py --init_from=out-sft --pref_files=prefs.jsonl
@@ -81,7 +81,7 @@ online = False
 rl_file = ''  # online: RL prompts JSONL (docs/data.md); '' = the built-in prompts (data/tasks/rl_train.jsonl)
 rl_tasks = ''  # online: comma-separated: only the prompts whose "task" is one of these ('' = every prompt)
 online_samples = 4  # online: completions per prompt; its best-scored one is chosen, its worst rejected
-max_new_tokens = 16  # online: of each completion
+max_new_tokens = 48  # online: of each completion (a built-in multiplication working is up to 41 tokens + <|im_end|>)
 temperature = 0.7  # online: > 0; near the greedy answer: the contrasts that can flip an argmax
 reward_model = ''  # online: a reward-model out_dir (reward.py) whose score is added; '' = verifiable reward only
 reward_model_weight = 1.0
@@ -279,11 +279,7 @@ def load_prompts():
     if not rl_file:
         tasks.ensure_tasks(task_dir)  # generated once, offline
     prompts = data.load_rl(rl_file or os.path.join(task_dir, 'rl_train.jsonl'), skip_bad_lines=skip_bad_lines)
-    if rl_tasks:
-        found = sorted({str(p['task']) for p in prompts})
-        prompts = [p for p in prompts if p['task'] in rl_tasks.split(',')]
-        if not prompts:
-            raise SystemExit(f"rl_tasks={rl_tasks!r}: no prompt has such a \"task\" (the file's tasks: {', '.join(found)})")
+    prompts = data.prompts_of_tasks(prompts, rl_tasks)
     for p in prompts:
         p['ids'] = tokenizer.render_prompt(p['messages'])
     fits = [p for p in prompts if len(p['ids']) + max_new_tokens <= max_seq_len]
@@ -464,7 +460,13 @@ while True:
 
     # evaluate and checkpoint
     if iter_num % eval_interval == 0 or iter_num >= max_iters:
-        best_val_loss = common.after_eval(ctx, log, iter_num, evaluate(), best_val_loss, iter_num > iter_start, state)
+        metrics = evaluate()
+        if online:  # its val/loss is on the suite's fixed pairs, not what it trains on: the latest is the product (as ppo.py)
+            common.log_eval(ctx, log, iter_num, metrics)
+            if iter_num > iter_start:
+                common.save(ctx, state, None)
+        else:
+            best_val_loss = common.after_eval(ctx, log, iter_num, metrics, best_val_loss, iter_num > iter_start, state)
     if iter_num >= max_iters:
         break
 
@@ -498,4 +500,4 @@ while True:
         interrupted = True
         break
 
-common.finish(ctx, log, interrupted, f"{iter_num} steps, best val loss {best_val_loss:.4f}")
+common.finish(ctx, log, interrupted, f"{iter_num} steps" + ("" if online else f", best val loss {best_val_loss:.4f}"))

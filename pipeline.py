@@ -141,7 +141,7 @@ def read_json(path, default=None):
 
 def history(stage):
     """A stage's history.jsonl rows; stage is a stage of this run, or any stage's directory."""
-    path = stage if os.sep in stage else f'{R}/{stage}'
+    path = stage if '/' in stage else f'{R}/{stage}'
     try:
         with open(f'{path}/history.jsonl') as f:
             return [json.loads(line) for line in f if line.strip()]
@@ -223,9 +223,10 @@ def run_metrics(run_dir):
     """A finished run's headline numbers, by 'stage/metric': every model on the held-out data
     (eval.py), the reward model's held-out pair accuracy, and the final KL of PPO and GRPO."""
     metrics = {}
-    for stage in MODEL_STAGES:
+    for stage in MODEL_STAGES:  # the pretrained model by its loss, the chat models by their task scores
+        wanted = ('val_loss',) if stage == 'pretrain' else ('identity_acc', 'arith_acc', 'mul_acc', 'chat_acc', 'code_loss')
         for k, v in (read_json(f'{run_dir}/{stage}/eval.json') or {}).items():
-            if k in ('val_loss', 'identity_acc', 'arith_acc', 'mul_acc', 'chat_acc', 'code_loss'):
+            if k in wanted:
                 metrics[f'{stage}/{k}'] = v
     rows = history(f'{run_dir}/reward')
     evals = [r for r in rows if r.get('kind') == 'eval' and 'val/accuracy' in r]
@@ -238,10 +239,19 @@ def run_metrics(run_dir):
     return metrics
 
 
+def settings():
+    """What decides which reference applies to a run: written to run_dir/pipeline.json when it runs."""
+    return {'quick': quick, 'dtype': dtype, 'device': 'cuda' if torch.cuda.is_available() else 'cpu'}
+
+
+REFERENCE_SETTINGS = {'quick': False, 'dtype': 'bfloat16', 'device': 'cpu'}
+
+
 def reference_table(metrics):
-    """This run's numbers against REFERENCE: the range of healthy runs of the same configuration."""
+    """This run's numbers against REFERENCE: the range of healthy runs of the same configuration
+    (the run's own settings, as it ran, from run_dir/pipeline.json)."""
     lines = ['', f'## Against {REFERENCE_RUNS} reference runs of this configuration (min-max)', '']
-    if quick or dtype != 'bfloat16' or torch.cuda.is_available() or not REFERENCE:
+    if read_json(f'{R}/pipeline.json', settings()) != REFERENCE_SETTINGS or not REFERENCE:
         return lines + ['No reference ranges for this configuration: they were measured for the default run '
                         '(bf16 on a CPU with native bf16, not quick).']
     lines += ['| metric | this run | reference runs | |', '|---|---|---|---|']
@@ -295,6 +305,9 @@ def write_report():
 # ----------------------------------------------------------------------------- the run
 if reference_from:  # the ranges of finished runs, as REFERENCE holds them
     runs = [run_metrics(d.strip()) for d in reference_from.split(',')]
+    empty = [d for d, r in zip(reference_from.split(','), runs) if not r]
+    if empty:
+        raise SystemExit(f"reference_from: no finished run in {', '.join(empty)} (no eval.json, no history)")
     keys = [k for k in runs[0] if all(k in r for r in runs)]
     print(f'REFERENCE_RUNS = {len(runs)}\nREFERENCE = {{')
     for k in keys:
@@ -307,6 +320,9 @@ for stage in wanted:
     if done(stage):
         print(f"=== {stage}: done already ({R}/{stage}/done.json), skipped")
         continue
+    os.makedirs(R, exist_ok=True)
+    with open(f'{R}/pipeline.json', 'w') as f:  # how this run's stages ran: the report compares like with like
+        json.dump(settings(), f)
     if stage == 'prepare':
         run('prepare-tasks', ['prepare.py', '--write_tasks=True', f'--data_root={data_root}'])
         run(stage, ['prepare.py', f'--data_root={data_root}'])

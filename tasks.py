@@ -130,8 +130,8 @@ SIZES = {  # records per split and task; tests hold out phrasings, problems, fun
 SPLITS = tuple(SIZES)
 # Bump when make_tasks gives other records for the same arguments: ensure_tasks then makes every
 # suite on disk again, with its own arguments. 2: the code and arithmetic leaks of issue 15 fixed;
-# 3: multiplication with working.
-SUITE_VERSION = 3
+# 3: multiplication with working; 4: a rejected working's slip is never undone by abs().
+SUITE_VERSION = 4
 
 
 def _is_test(key, seed, test_fraction=0.2):
@@ -259,11 +259,12 @@ def wrong_working(a, b, rng):
     head, products_text, total = right.rsplit(' = ', 2)
     products = [int(x) for x in products_text.split(' + ')]
     slip = rng.choice([-1, 1]) * rng.choice([1, 2]) * 10 ** rng.randrange(max(1, len(str(a * b)) - 1))
+    off = lambda x: x + slip if x + slip >= 0 else x - slip  # never negative, never x itself
     if rng.random() < 0.5 and len(products) > 1:  # a partial product is wrong, and the sum follows it
         i = rng.randrange(len(products))
-        products[i] = abs(products[i] + slip)
+        products[i] = off(products[i])
         return f"{head} = {' + '.join(map(str, products))} = {sum(products)}"
-    return f"{head} = {products_text} = {abs(int(total) + slip)}"  # the partial products are right, the sum is not
+    return f"{head} = {products_text} = {off(int(total))}"  # the partial products are right, the sum is not
 
 
 def multiplication_items(n, test, rng, seed, digits):

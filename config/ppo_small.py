@@ -1,7 +1,7 @@
 # PPO of the GPT-2-small-class SFT model (config/sft_small.py) on 8 GPUs: the reward model of
 # reward.py plus the verifiable reward where a prompt has an answer, a critic initialised from the
 # reward model, an adaptive KL coefficient. Prompts: an RL JSONL (docs/data.md); '' = the built-in
-# arithmetic prompts.
+# prompts (arithmetic and multiplication).
 #   torchrun --standalone --nproc_per_node=8 ppo.py config/ppo_small.py
 init_from = 'out-sft-small'
 out_dir = 'out-ppo-small'

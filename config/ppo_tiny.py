@@ -1,7 +1,7 @@
 # PPO from the tiny SFT model on the built-in multiplication prompts: reward 1 for the exact final
 # number, a critic of its own (initialised from the SFT model, value head from zero), per-token KL
-# to the SFT model in the reward, GAE. ~3 CPU minutes. (pipeline.py runs it as RLHF instead: the
-# reward model's score as the reward and the reward model as the critic's start.)
+# to the SFT model in the reward, GAE. ~3.5 CPU minutes; pipeline.py runs it as it is. (RLHF proper,
+# the reward model's score alone, lowered held-out multiplication: see pipeline.py's STAGES.)
 #   python ppo.py config/ppo_tiny.py
 init_from = 'out-sft'
 out_dir = 'out-ppo'

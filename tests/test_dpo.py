@@ -324,6 +324,8 @@ def test_online_dpo_raises_the_reward_of_its_own_samples(online_toy, tmp_path):
     assert all(0 <= r['train/online_pair_frac'] <= 1 for r in rows.values()) and rows[1]['train/online_pair_frac'] > 0
     h = history(out)  # the held-out pairs prefer x over y: the implicit reward agrees now
     assert h[30]['val/rewards/margins'] > 0 and h[30]['val/rewards/accuracies'] == 1, h[30]
+    # the fixed held-out pairs' loss is not what online DPO trains on: no best.pt by it, the latest is the model
+    assert os.path.exists(os.path.join(out, 'ckpt.pt')) and not os.path.exists(os.path.join(out, 'best.pt'))
 
 
 def test_online_dpo_resume_continues_the_same_run(online_toy, tmp_path):

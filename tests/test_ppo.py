@@ -198,8 +198,11 @@ def test_rl_tasks_trains_on_the_prompts_of_those_tasks_only(toy, tmp_path):
                       '--max_iters=1', '--rl_tasks=keep')
     assert 'rl data: 3 prompts' in proc.stdout
     proc = run_script('ppo.py', f'--init_from={sft}', f'--rl_file={prompts}', f'--out_dir={tmp_path / "out2"}', *TOY,
-                      '--max_iters=1', '--rl_tasks=kept', check=False)
-    assert proc.returncode != 0 and "no prompt has such a \"task\" (the file's tasks: None, keep, other)" in proc.stderr
+                      '--max_iters=1', '--rl_tasks=keep,kept', check=False)  # a typo is refused, not ignored
+    assert proc.returncode != 0 and "no prompt has the \"task\" 'kept' (the file's tasks: None, keep, other)" in proc.stderr
+    import data  # names are stripped: 'keep, other' is both
+    loaded = data.load_rl(prompts)
+    assert len(data.prompts_of_tasks(loaded, 'keep, other')) == 4 and data.prompts_of_tasks(loaded, '') == loaded
 
 
 def test_grpo_refuses_the_k1_estimator_in_its_loss(toy, tmp_path):

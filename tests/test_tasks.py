@@ -116,9 +116,12 @@ def test_multiplication_workings_are_right_and_rejected_ones_end_wrong(suite):
             rejected = r['rejected'][-1]['content']
             assert rejected.split(' = ')[:2] == working.split(' = ')[:2]  # the same problem and plan, a slip after
             assert tasks.arithmetic_reward(rejected, str(a * b)) == 0.0
-    rng = random.Random(0)
-    assert all(tasks.wrong_working(a, b, rng) != tasks.multiplication_working(a, b)
-               for a, b in [(100, 10), (999, 99), (105, 50), (0, 0)])
+    # a slip below zero was folded back by abs(): 100 - 200 -> 100, the right partial product of 100*11
+    for seed in range(300):
+        rng = random.Random(seed)
+        for a, b in [(100, 11), (100, 21), (101, 10), (999, 99), (105, 50), (0, 0)]:
+            wrong = tasks.wrong_working(a, b, rng)
+            assert tasks.arithmetic_reward(wrong, str(a * b)) == 0.0, (a, b, seed, wrong)
 
 
 def test_code_items_are_real_stdlib_functions_and_rejected_bodies_differ(suite):
