@@ -64,6 +64,7 @@ def test_quick_pipeline_runs_every_stage_and_resumes_after_a_kill(tmp_path):
                     '## Alignment: SFT -> each stage on the same held-out items (McNemar)'):
         assert section in report
     assert 'assistant>' in report and '| grpo | arithmetic |' in report and '| grpo | multiplication |' in report
+    assert '| grpo | chat |' not in report  # a similarity score has no right or wrong to count
     assert '![sft](sft_curves.png)' in report and os.path.getsize(f'{run_dir}/sft_curves.png') > 10_000
 
 
@@ -77,3 +78,45 @@ def test_auto_dtype_is_bf16_only_on_a_cpu_with_native_bf16(tmp_path):
     assert common.cpu_has_native_bf16(str(with_bf16)) is True
     assert common.cpu_has_native_bf16(str(without)) is False
     assert common.cpu_has_native_bf16(str(tmp_path / 'missing')) is False
+
+
+def fake_run(run_dir, mul_acc, kl, quick=False):
+    """A finished run's files as the report reads them: eval.json per model, the reward model's
+    and GRPO's history, and how it ran (pipeline.json); every stage done, so the pipeline only
+    writes the report."""
+    for stage in ('sft', 'grpo'):
+        os.makedirs(run_dir / stage, exist_ok=True)
+        (run_dir / stage / 'eval.json').write_text(json.dumps({'mul_acc': mul_acc, 'code_loss': 99.0, 'eval_seconds': 1}))
+    (run_dir / 'grpo' / 'history.jsonl').write_text(json.dumps({'iter': 1, 'kind': 'train', 'objective/kl': kl}) + '\n')
+    os.makedirs(run_dir / 'reward', exist_ok=True)
+    (run_dir / 'reward' / 'history.jsonl').write_text(json.dumps({'iter': 5, 'kind': 'eval', 'val/accuracy': 0.9}) + '\n')
+    os.makedirs(run_dir / 'eval', exist_ok=True)
+    (run_dir / 'eval' / 'done.json').write_text('{}')
+    (run_dir / 'pipeline.json').write_text(json.dumps({'quick': quick, 'dtype': 'bfloat16', 'device': 'cpu'}))
+    return str(run_dir)
+
+
+def report_of(run):
+    subprocess.run([sys.executable, 'pipeline.py', f'--run_dir={run}', '--stages=eval'], cwd=REPO,
+                   capture_output=True, text=True, check=True)
+    return open(f'{run}/report.md').read()
+
+
+def test_reference_ranges_come_from_finished_runs_and_the_report_flags_a_run_outside_them(tmp_path):
+    a, b = fake_run(tmp_path / 'a', 0.5, 0.2), fake_run(tmp_path / 'b', 0.7, 0.1)
+    proc = subprocess.run([sys.executable, 'pipeline.py', f'--reference_from={a},{b}'], cwd=REPO,
+                          capture_output=True, text=True, check=True)
+    assert "REFERENCE_RUNS = 2" in proc.stdout
+    for line in ("'sft/mul_acc': (0.5000, 0.7000)", "'grpo/kl': (0.1000, 0.2000)", "'reward/accuracy': (0.9000, 0.9000)"):
+        assert line in proc.stdout, proc.stdout
+    proc = subprocess.run([sys.executable, 'pipeline.py', f'--reference_from={a},{tmp_path / "typo"}'], cwd=REPO,
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and 'no finished run in' in proc.stderr
+    # a run far outside the default configuration's ranges (pipeline.REFERENCE): the report says so
+    report = report_of(fake_run(tmp_path / 'broken', 0.0, 0.1))
+    assert '| sft/mul_acc | 0.0000 |' in report and '| sft/code_loss | 99.0000 |' in report
+    rows = {line.split(' | ')[0]: line for line in report.splitlines() if line.startswith('| sft/')}
+    assert rows['| sft/mul_acc'].endswith('| **below** |') and rows['| sft/code_loss'].endswith('| **above** |')
+    assert "Final KL to the SFT model (nats per response, the last iteration's rollouts): grpo 0.100" in report
+    # a quick run is not held to the default run's ranges, however its report is made again
+    assert 'No reference ranges for this configuration' in report_of(fake_run(tmp_path / 'quick', 0.0, 0.1, quick=True))
