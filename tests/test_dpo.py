@@ -170,15 +170,21 @@ def test_resume_reaches_the_same_metrics(sft_dir, toy_file, tmp_path):
         assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
 
 
-@pytest.mark.slow
-def test_ddp_two_ranks_match_one_process(sft_dir, toy_file, tmp_path):
-    args = [f'--init_from={sft_dir}', *TINY, f'--pref_files={toy_file}', '--max_iters=4', '--eval_interval=4',
-            '--lr_decay_iters=4', '--gradient_accumulation_steps=2']
+def run_alone_and_on_two_ranks(args, tmp_path):
+    """dpo.py with args in one process and on 2 ranks under torchrun: their two out_dirs."""
     single, ddp = str(tmp_path / 'single'), str(tmp_path / 'ddp')
     run_script('dpo.py', *args, f'--out_dir={single}')
     proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
                            'dpo.py', *args, f'--out_dir={ddp}'], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return single, ddp
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_match_one_process(sft_dir, toy_file, tmp_path):
+    args = [f'--init_from={sft_dir}', *TINY, f'--pref_files={toy_file}', '--max_iters=4', '--eval_interval=4',
+            '--lr_decay_iters=4', '--gradient_accumulation_steps=2']
+    single, ddp = run_alone_and_on_two_ranks(args, tmp_path)
     a, b = history(single)[4], history(ddp)[4]
     assert b['val/loss'] == pytest.approx(a['val/loss'], rel=1e-4) and a['val/loss'] < math.log(2)
 
@@ -348,11 +354,7 @@ def test_online_ddp_two_ranks_match_one_process_accumulating_two(online_toy, tmp
     what one process with 2 micro-batches does."""
     args = [f'--init_from={online_toy[0]}', *TINY, *online_args(online_toy), '--max_iters=4', '--eval_interval=4',
             '--lr_decay_iters=4', '--gradient_accumulation_steps=2']
-    single, ddp = str(tmp_path / 'single'), str(tmp_path / 'ddp')
-    run_script('dpo.py', *args, f'--out_dir={single}')
-    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                           'dpo.py', *args, f'--out_dir={ddp}'], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    single, ddp = run_alone_and_on_two_ranks(args, tmp_path)
     a, b = train_rows(single), train_rows(ddp)
     for it in range(1, 5):
         assert b[it]['train/online_score'] == pytest.approx(a[it]['train/online_score'], rel=1e-6), it
