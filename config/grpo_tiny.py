@@ -24,6 +24,8 @@ kl_coef = 0.02  # GRPO puts beta * KL (k3) in the loss
 kl_estimator = 'k3'
 scale_rewards = True  # (r - mean) / std over the group
 loss_type = 'dapo'  # every token of the batch weighs the same (rl.aggregate has the others)
+# held-out multiplication at 120 iterations, same SFT model, one run each: dapo 71.0%, grpo 70.9%, dr_grpo 70.7%
+# (bnpo is dapo on one process): no difference this model can show, so TRL's default stays
 ppo_epochs = 1
 num_minibatches = 1  # one optimizer step per rollout batch: the batch is the gradient's only average
 # 1e-4 wrecks this 1.3M-parameter model: with few of a batch's groups carrying signal, Adam turns
