@@ -387,6 +387,17 @@ def prompts_of_tasks(prompts, names):
     return [p for p in prompts if p['task'] in wanted]
 
 
+def rl_prompts(path, names, tokenizer, max_new_tokens, max_len, skip_bad_lines=False):
+    """The RL prompts of path whose task is one of names (prompts_of_tasks), each with 'ids', its
+    chat prefix as the policy continues it, and only those whose prefix + max_new_tokens fit
+    max_len. Returns (prompts, how many were too long)."""
+    prompts = prompts_of_tasks(load_rl(path, skip_bad_lines=skip_bad_lines), names)
+    for p in prompts:
+        p['ids'] = tokenizer.render_prompt(p['messages'])
+    fits = [p for p in prompts if len(p['ids']) + max_new_tokens <= max_len]
+    return fits, len(prompts) - len(fits)
+
+
 PARSERS = {'sft': parse_sft, 'pref': parse_pref, 'rl': parse_rl}
 
 

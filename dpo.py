@@ -278,17 +278,14 @@ def load_prompts():
     task_dir = os.path.join(data_root, 'tasks')
     if not rl_file:
         tasks.ensure_tasks(task_dir)  # generated once, offline
-    prompts = data.load_rl(rl_file or os.path.join(task_dir, 'rl_train.jsonl'), skip_bad_lines=skip_bad_lines)
-    prompts = data.prompts_of_tasks(prompts, rl_tasks)
-    for p in prompts:
-        p['ids'] = tokenizer.render_prompt(p['messages'])
-    fits = [p for p in prompts if len(p['ids']) + max_new_tokens <= max_seq_len]
+    fits, too_long = data.rl_prompts(rl_file or os.path.join(task_dir, 'rl_train.jsonl'), rl_tasks, tokenizer,
+                                     max_new_tokens, max_seq_len, skip_bad_lines)
     if not fits:
         raise SystemExit(f"no RL prompt fits max_seq_len={max_seq_len} with max_new_tokens={max_new_tokens}")
     if reward_net is None and all(p['answer'] is None for p in fits):
         raise SystemExit("online=True has nothing to score with: no prompt has an \"answer\"; set reward_model=<out_dir>")
     if ctx.master:
-        print(f"online: {len(fits):,} prompts ({len(prompts) - len(fits)} too long dropped), {online_samples} samples "
+        print(f"online: {len(fits):,} prompts ({too_long} too long dropped), {online_samples} samples "
               f"each; reward: verifiable{f' + {reward_model_weight:g} x {reward_model}' if reward_net else ''}")
     return fits
 

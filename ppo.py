@@ -258,12 +258,8 @@ if ctx.master:
 task_dir = os.path.join(data_root, 'tasks')
 if not rl_file or eval_items_per_task:
     tasks.ensure_tasks(task_dir)  # generated once, offline
-prompts = data.load_rl(rl_file or os.path.join(task_dir, 'rl_train.jsonl'), skip_bad_lines=skip_bad_lines)
-prompts = data.prompts_of_tasks(prompts, rl_tasks)
-for p in prompts:
-    p['ids'] = tokenizer.render_prompt(p['messages'])
-too_long = sum(len(p['ids']) + max_new_tokens > policy.config.block_size for p in prompts)
-prompts = [p for p in prompts if len(p['ids']) + max_new_tokens <= policy.config.block_size]
+prompts, too_long = data.rl_prompts(rl_file or os.path.join(task_dir, 'rl_train.jsonl'), rl_tasks, tokenizer,
+                                    max_new_tokens, policy.config.block_size, skip_bad_lines)
 if not prompts:
     raise SystemExit(f"no prompt fits block_size {policy.config.block_size} with max_new_tokens={max_new_tokens}")
 task_items = {}  # held-out items of the suite, for evaluate()
