@@ -250,6 +250,35 @@ class LargestTensor(TorchDispatchMode):
         return out
 
 
+class AttentionDtypes(TorchDispatchMode):
+    """Inside `with AttentionDtypes() as seen:`, seen.dtypes is the set of query dtypes the
+    attention kernels (forward and backward) ran with, as the kernel sees them: after autocast."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if 'scaled_dot_product' in func.__name__:
+            self.dtypes.add(args[1].dtype if 'backward' in func.__name__ else args[0].dtype)  # backward: grad_out, query
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize('head_dim,expected', [(8, torch.float32), (64, torch.bfloat16)])
+def test_cpu_bf16_autocast_runs_small_heads_attention_in_fp32(head_dim, expected):
+    """model.attention computes heads of <= 32 dims in fp32 on the CPU (faster there, backward
+    included). Under bf16 autocast, which casts SDPA's inputs to bf16, it did not: the kernels ran
+    in bf16 while the code said fp32."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config(n_embd=4 * head_dim))
+    x = torch.randint(0, 64, (2, 16))
+    with AttentionDtypes() as seen:
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            _, loss = model(x, x)
+        loss.backward()
+    assert seen.dtypes == {expected}
+
+
 # ----------------------------------------------------------------------------- the chunked loss
 
 def reference_loss(h, weight, targets):
