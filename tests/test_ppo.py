@@ -79,6 +79,24 @@ def test_toy_verifiable_task_raises_mean_reward_and_the_kl_term_holds_it_back(to
     assert mean(held, 'objective/kl', whole) < 0.85 * mean(free, 'objective/kl', whole)  # 0.91 against 1.18
 
 
+def test_grpo_with_one_step_per_batch_takes_its_old_logprobs_from_the_update(toy, tmp_path):
+    """The configs' GRPO setting, one optimizer step per rollout batch (ppo_epochs = num_minibatches
+    = 1), skips the separate forward for the old log-probs: the update's own forward is the policy
+    before the step. The ratio is then exactly 1 (no clipping, approx KL 0), it learns the toy task,
+    and the logged KL to the reference is filled in after the update."""
+    sft, prompts = toy
+    out = str(tmp_path / 'grpo')
+    run_script('ppo.py', f'--init_from={sft}', f'--rl_file={prompts}', *TOY, '--max_new_tokens=1', '--algorithm=grpo',
+               '--num_generations=8', '--max_iters=40', '--lr_decay_iters=40', '--ppo_epochs=1', '--num_minibatches=1',
+               '--micro_batch_size=16', '--kl_coef=0.1', f'--out_dir={out}')
+    h = rows(out)
+    assert all(r['policy/approxkl_avg'] == 0 and r['policy/clipfrac_avg'] == 0 and r['val/ratio'] == 1 for r in h)
+    before = sum(r['objective/verifiable'] for r in h[:5]) / 5
+    after = sum(r['objective/verifiable'] for r in h[-5:]) / 5
+    assert after > before + 0.3, (before, after)
+    assert abs(h[0]['objective/kl']) < 1e-6 and 0.01 < h[-1]['objective/kl'] < 5  # the reference is where it starts
+
+
 def test_ppo_critic_and_gae_learn_the_toy_task_with_a_kl_penalty(toy, tmp_path):
     """PPO's whole path (critic, per-token KL in the reward, the score at each response's last
     token, GAE, whitening) on a toy task whose best answer, x then <|im_end|>, is shorter than
