@@ -42,7 +42,8 @@ config = configure(globals())  # overrides from config files and --key=value arg
 # the whole pipeline took 944 s on 2 cores (pretrain 163 s, SFT 263 s) against ~1,400 s (23 min) in
 # fp32, with SFT identity 82.5% and arithmetic 86.6% (fp32 on the same suite: 70% and 87.2%); with
 # it 1,145 s, and 891 s since attention's small heads run in fp32 under autocast (README: Results).
-# An earlier bf16 run's low identity (67.5%) was on the older, leaky task suite. On a CPU without native bf16 it would be slower than fp32, so 'auto' stays fp32 there.
+# An earlier bf16 run's low identity (67.5%) was on the older, leaky task suite. On a CPU without
+# native bf16 it would be slower than fp32, so 'auto' stays fp32 there.
 # compile_model=auto turns it on with bf16 (the ~20 s compile pays off in bf16).
 if compile_model.lower() not in ('auto', 'true', 'false'):
     raise SystemExit(f"compile_model={compile_model!r}: use auto, True or False")

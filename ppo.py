@@ -483,10 +483,11 @@ while True:
     else:
         old_logprobs, values = forward_all(model, ids, positions, attn_mask, Tq)  # (N, R) each
     ref_logprobs = reference_logprobs(ids, positions, attn_mask, Tq)
+    if not single_step:  # (single step: once the update has filled in old_logprobs)
+        kl = rl.kl_penalty(old_logprobs, ref_logprobs, kl_estimator) * mask  # (N, R)
 
     # 4. advantages
     if algorithm == 'ppo':
-        kl = rl.kl_penalty(old_logprobs, ref_logprobs, kl_estimator) * mask  # (N, R)
         rewards = -kl_coef_now * kl
         rewards[torch.arange(len(ids), device=device), rl.last_token_index(mask)] += scores
         if whiten_rewards:
@@ -555,8 +556,8 @@ while True:
         if stopped_early:
             break
     iter_num += 1
-    if algorithm != 'ppo':
-        kl = rl.kl_penalty(old_logprobs, ref_logprobs, kl_estimator) * mask  # (N, R), for the log and the controller
+    if single_step:
+        kl = rl.kl_penalty(old_logprobs, ref_logprobs, kl_estimator) * mask  # (N, R)
 
     # the adaptive KL controller sees this batch's mean per-sequence KL
     kl_per_seq = mean_all(kl.sum(1).mean())
