@@ -32,9 +32,6 @@ from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import GPT, Block, GPTConfig
@@ -528,6 +525,9 @@ def shard(ctx, model):
     DDP it does nothing (wrap() adds DDP)."""
     if not ctx.fsdp:
         return model
+    # FSDP's modules are imported here, where they are used: at the top they add ~0.7 s to the start
+    # of every script (and of every test that runs one), FSDP or not
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     with torch.no_grad():  # rank 0's weights everywhere (each rank initialised with its own seed), as DDP does
         for tensor in model.state_dict().values():
             dist.broadcast(tensor, 0)
@@ -589,7 +589,7 @@ def optimizer_step(ctx, optimizer, params, grad_clip):
     log_step reports them."""
     ctx.scaler.unscale_(optimizer)
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float('inf'))
-    if isinstance(norm, DTensor):  # FSDP: the norm over all shards, the same on every rank
+    if ctx.fsdp:  # the norm is a DTensor: its value over all shards, the same on every rank
         norm = norm.full_tensor()
     found_inf = (~torch.isfinite(norm)).float()
     if ctx.scaler.is_enabled():
@@ -634,6 +634,7 @@ def model_state(ctx, module):
     ranks (a collective: every rank calls it), so any single process can load the checkpoint."""
     state = module.state_dict()
     if ctx.fsdp:
+        from torch.distributed.tensor import DTensor  # imported where used (see shard)
         state = {k: v.full_tensor().cpu() if isinstance(v, DTensor) else v for k, v in state.items()}
     return state
 
@@ -644,6 +645,7 @@ def optimizer_state(ctx, optimizer):
     under FSDP, DDP or alone, whatever wrote it."""
     if not ctx.fsdp:
         return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict  # see shard
     full = get_optimizer_state_dict(ctx.sharded, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not ctx.master:
         return None  # only rank 0 receives the gathered state
@@ -659,6 +661,7 @@ def load_optimizer_state(ctx, optimizer, state):
         raise SystemExit("the checkpoint's optimizer state is Muon's (optim='muon'): resume with --optim=muon")
     if not ctx.fsdp:
         return optimizer.load_state_dict(state)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict  # see shard
     name_of = {id(p): name for name, p in ctx.sharded.named_parameters()}
     names = [name_of[id(p)] for group in optimizer.param_groups for p in group['params']]
     full = {'state': {names[i]: s for i, s in state['state'].items()},
