@@ -278,7 +278,7 @@ def test_a_killed_run_continues_where_it_stopped_and_gives_the_same_bytes(tmp_pa
 
 
 def test_ctrl_c_keeps_the_work_done_and_other_settings_start_again(tmp_path):
-    source = many_files(tmp_path, n_files=200)
+    source = many_files(tmp_path, n_files=400)
     args = [f'--data_root={tmp_path}', '--dataset=ctrl', f'--sources={source}', '--vocab_size=300',
             '--shard_tokens=2000', '--checkpoint_s=0', '--num_proc=2']
     proc = subprocess.Popen([sys.executable, 'prepare.py', *args], cwd=REPO, stdout=subprocess.PIPE,
@@ -286,7 +286,12 @@ def test_ctrl_c_keeps_the_work_done_and_other_settings_start_again(tmp_path):
     progress = tmp_path / 'ctrl.tmp' / 'progress.json'
     while not progress.exists() and proc.poll() is None:
         time.sleep(0.005)
+    # Ctrl-C while the run is frozen mid-way: on a busy machine this loop could wake only after the
+    # whole run had finished (it did once, in the full suite), and the test would prove nothing
+    proc.send_signal(signal.SIGSTOP)
+    assert proc.poll() is None and not (tmp_path / 'ctrl').exists(), "prepare.py finished before the Ctrl-C"
     proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGCONT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode != 0 and 'run the same command again to continue' in err
     assert progress.exists() and not (tmp_path / 'ctrl').exists()
