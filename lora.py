@@ -44,6 +44,13 @@ class LoRALinear(nn.Module):
         # scaled at rank r: r numbers per token to multiply, not out
         return self.base(x) + F.linear(F.linear(self.dropout(x), self.lora_A) * self.scale, self.lora_B)
 
+    def merged_weight(self):
+        """W + scale * B A, differentiable in A and B: the layer as one matrix, for the losses that
+        multiply by a head's weight instead of calling it (model.GPT.head_weight). W alone when off."""
+        if not self.enabled:
+            return self.base.weight
+        return self.base.weight + self.scale * (self.lora_B @ self.lora_A).to(self.base.weight.dtype)
+
     def merged(self):
         """A plain Linear with W + scale * B A."""
         with torch.no_grad():
@@ -61,6 +68,10 @@ def apply_lora(model, rank, alpha, targets, dropout=0.0):
     if 'lm_head' in targets and model.config.tie_embeddings:
         raise SystemExit("lora_targets has lm_head, but it is tied to the token embedding (tie_embeddings=True): "
                          "a merged adapter would change the embedding as well; leave lm_head out")
+    if 'lm_head' in targets and dropout:
+        raise SystemExit("lora_targets has lm_head and lora_dropout > 0: the losses use the head as one matrix, "
+                         "W + B A (GPT.head_weight), where dropout on the adapter's input cannot apply; "
+                         "set lora_dropout=0 or leave lm_head out")
     if 'c_fc' in targets and model.config.n_experts:
         print("note: LoRA adapts attention (and any shared-expert MLP) only: the MoE experts are not Linears")
     for p in model.parameters():

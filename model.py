@@ -521,10 +521,17 @@ class GPT(nn.Module):
         if targets is None:
             logits = self.lm_head(x)
         else:  # the loss without the logits: they would be the largest tensor of the step
-            loss = cross_entropy_from_hidden(x.flatten(0, 1), self.lm_head.weight, targets.reshape(-1))
+            loss = cross_entropy_from_hidden(x.flatten(0, 1), self.head_weight(), targets.reshape(-1))
             if self.config.n_experts and self.training:  # eval losses stay pure cross-entropy
                 loss = loss + self.config.moe_aux_loss_coef * aux_loss
         return (logits, loss, aux_loss) if return_aux else (logits, loss)
+
+    def head_weight(self):
+        """The output head's weight as the losses use it: they never call the head (its logits
+        would be the largest tensor of the step), they multiply by its weight chunk by chunk. A
+        LoRA-adapted head (lora.py) gives its base weight plus its adapter's update."""
+        head = self.lm_head
+        return head.merged_weight() if hasattr(head, 'merged_weight') else head.weight
 
     # --------------------------------------------------------------------- training helpers
 

@@ -109,3 +109,22 @@ def test_a_lora_policy_samples_under_bf16_autocast_as_ppo_rollouts_do():
     with torch.autocast('cpu', dtype=torch.bfloat16):
         gen = generate_ids(model, [[1, 2, 3], [4, 5]], config)
     assert gen.tokens.shape == (2, 6) and torch.isfinite(gen.logprobs).all()
+
+
+def test_an_adapter_on_an_untied_head_is_in_the_loss_and_gets_its_gradient():
+    """The loss multiplies by the head's weight rather than calling the head (it never forms the
+    logits): an adapter on lm_head must be in that weight. It was not: the loss was the base's,
+    and the head's adapter never learned."""
+    torch.manual_seed(0)
+    base = GPT(GPTConfig(**CONFIG, tie_embeddings=False))
+    model = trained_lora(base, targets='c_attn,lm_head')
+    x, y = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
+    _, loss = model(x, y)
+    expected = torch.nn.functional.cross_entropy(model(x)[0].flatten(0, 1), y.flatten())  # from the head's own logits
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+    loss.backward()
+    assert model.lm_head.lora_A.grad.abs().sum() > 0 and model.lm_head.lora_B.grad.abs().sum() > 0
+    with adapters_off(model):  # off: the base alone, in the loss as in the logits
+        torch.testing.assert_close(model(x, y)[1], base(x, y)[1], atol=1e-6, rtol=1e-6)
+    with pytest.raises(SystemExit, match='lora_dropout'):
+        add_lora(copy.deepcopy(base), 4, 8.0, 'lm_head', dropout=0.1)
