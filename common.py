@@ -20,6 +20,7 @@ starts from best.pt by default (init_checkpoint='latest' takes ckpt.pt). Each ch
 its `parent`: the checkpoint file its run started from (DPO's and PPO's reference, LoRA's base).
 """
 
+import ctypes
 import datetime
 import json
 import math
@@ -353,6 +354,22 @@ def format_eta(seconds):
 
 # ----------------------------------------------------------------------------- a stage's life
 
+def keep_freed_memory(limit=1 << 30):
+    """glibc malloc: blocks up to `limit` bytes come from the heap and freed memory stays in the
+    process for the next allocation, instead of a fresh mmap (and its page faults) for every large
+    tensor of an eager step and memory handed back to the OS after it. What jemalloc or tcmalloc
+    give, and torch.backends.xeon.run_cpu sets up. Measured here in bf16: GRPO's iteration
+    (config/grpo_tiny.py) 1.45 -> 1.35 s, pretrain_tiny's eager step 178 -> 170 ms, Shakespeare's
+    unchanged (30 ms); peak memory +2%. The resident size stays near its peak. No-op without glibc."""
+    try:
+        libc = ctypes.CDLL('libc.so.6')
+    except OSError:
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
+    libc.mallopt(M_MMAP_THRESHOLD, limit)
+    libc.mallopt(M_TRIM_THRESHOLD, limit)
+
+
 def setup(device, dtype, seed, out_dir, gradient_accumulation_steps=None, parallel='ddp'):
     """The process group (under torchrun), the device, a per-rank seed (dropout and sampling
     differ per rank; data order comes from seeded generators that every rank shares), TF32 on
@@ -379,6 +396,8 @@ def setup(device, dtype, seed, out_dir, gradient_accumulation_steps=None, parall
         accum_per_rank = gradient_accumulation_steps // world_size
     device_type = 'cuda' if device.startswith('cuda') else device.split(':')[0]
     torch.manual_seed(seed + rank)
+    if device_type == 'cpu':
+        keep_freed_memory()
     if device_type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -386,6 +386,73 @@ def cross_entropy_from_hidden(h, weight, targets):
         return total / (targets != -1).sum().clamp(min=1)
 
 
+class LinearTokenLogProbs(torch.autograd.Function):
+    """Per row of the logits z = h @ weight.T / temperature: log p(target) (0 where the target is
+    -1) and, with_entropy, the entropy of softmax(z), both fp32, `chunk` rows at a time, so the
+    (N, vocab) logits never exist at once: the per-token log-probs of RL and DPO, whose losses
+    weigh each token by a gradient known only in backward. So backward recomputes each chunk's
+    logits (one more matmul of the head) and forms
+        d log p(t) / dz = one_hot(t) - p,    d H / dz = -p * (log p + H),
+    in place on one (chunk, vocab) block: the passes over such blocks are what cost here."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, temperature, chunk, dtype, with_entropy):
+        ctx.set_materialize_grads(False)  # an unused output (the entropy, mostly) gets None, not zeros
+        w = weight.to(dtype)
+        logp = torch.empty(h.size(0), device=h.device, dtype=torch.float32)
+        entropy = torch.empty_like(logp) if with_entropy else None
+        for start in range(0, h.size(0), chunk):
+            rows, t = slice(start, start + chunk), targets[start:start + chunk]
+            log_q = torch.log_softmax(chunk_logits(h[rows].to(dtype), w, temperature), dim=-1)
+            logp[rows] = log_q.gather(1, t.clamp(min=0)[:, None]).squeeze(1).masked_fill_(t == -1, 0.0)
+            if with_entropy:
+                entropy[rows] = -torch.linalg.vecdot(log_q.exp(), log_q)
+        ctx.save_for_backward(h, weight, targets, entropy)
+        ctx.temperature, ctx.chunk, ctx.dtype = temperature, chunk, dtype
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        h, weight, targets, entropy = ctx.saved_tensors
+        T = ctx.temperature
+        w = weight.to(ctx.dtype)
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros_like(weight, dtype=torch.float32)
+        for start in range(0, h.size(0), ctx.chunk):
+            rows, t = slice(start, start + ctx.chunk), targets[start:start + ctx.chunk]
+            h_c = h[rows].to(ctx.dtype)
+            z = chunk_logits(h_c, w, T)
+            # d/dlogits = d/dz / T: the 1/T goes into the per-row weights g
+            g = torch.zeros(len(t), device=h.device) if grad_logp is None else grad_logp[rows].masked_fill(t == -1, 0.0) / T
+            if grad_entropy is None:
+                grad = torch.softmax(z, dim=-1).mul_(-g[:, None])  # -p * g
+            else:
+                log_q = torch.log_softmax(z, dim=-1)
+                grad = log_q.exp() * -(g[:, None] + grad_entropy[rows, None] / T * (log_q + entropy[rows, None]))
+            grad[torch.arange(len(t), device=t.device), t.clamp(min=0)] += g  # + one_hot * g
+            grad = grad.to(ctx.dtype)
+            grad_h[rows] = grad @ w
+            grad_w += grad.t() @ h_c
+        return grad_h, grad_w.to(weight.dtype), None, None, None, None, None
+
+
+def chunk_logits(h, w, temperature):
+    """Logits h @ w.T in fp32, / temperature: fp32 first, in place (log_softmax reading bf16 and
+    writing fp32 itself is ~8x slower on the CPU than the cast and an fp32 pass)."""
+    z = (h @ w.t()).float()
+    return z if temperature == 1.0 else z.div_(temperature)
+
+
+def token_logprobs_from_hidden(h, weight, targets, temperature=1.0, with_entropy=True):
+    """(log p(target), entropy or None), each (N,) in fp32, of the rows of softmax(h @ weight.T /
+    temperature), h (N, C), weight (V, C), targets (N,) (-1: log-prob 0, no gradient); chunked,
+    never the (N, V) logits (LinearTokenLogProbs). Matmuls in autocast's dtype, as the model's."""
+    dtype = compute_dtype(h)
+    with torch.autocast(h.device.type, enabled=False):  # dtypes are handled by hand inside
+        return LinearTokenLogProbs.apply(h, weight, targets, float(temperature),
+                                         loss_chunk_rows(weight.size(0), h.device.type), dtype, with_entropy)
+
+
 # ----------------------------------------------------------------------------- the model
 
 class GPT(nn.Module):

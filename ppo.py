@@ -291,8 +291,9 @@ def forward_all(m, ids, positions, mask, n_query):
     with torch.no_grad():
         for index in torch.arange(len(ids), device=ids.device).split(micro):
             with ctx.autocast:
-                logits, v, _ = m(ids[index], rows(positions, index), rows(mask, index), n_query)
-            logprobs.append(rl.logprobs_from_logits(logits, ids[index, n_query:], temperature))
+                lp, _, v, _ = m(ids[index], rows(positions, index), rows(mask, index), n_query, temperature,
+                                with_entropy=False)
+            logprobs.append(lp)
             values.append(v)
     return torch.cat(logprobs), None if values[0] is None else torch.cat(values)
 
@@ -517,9 +518,9 @@ while True:
             for k, index in enumerate(micro_batches):
                 common.sync_grads(ctx, model, k == len(micro_batches) - 1)
                 m = loss_mask[index]
-                with ctx.autocast:
-                    logits, vpred, aux_loss = model(ids[index], rows(positions, index), rows(attn_mask, index), Tq)
-                logprobs = rl.logprobs_from_logits(logits, response[index], temperature)
+                with ctx.autocast:  # the log-probs and entropies (n, R) of the sampler's distribution
+                    logprobs, entropy, vpred, aux_loss = model(ids[index], rows(positions, index),
+                                                               rows(attn_mask, index), Tq, temperature)
                 if single_step:  # the policy before the update is this forward's
                     old_logprobs[index] = logprobs.detach()
                 pg, clipped = rl.policy_loss(logprobs, old_logprobs[index], advantages[index], clip_low, clip_high)
@@ -532,8 +533,6 @@ while True:
                 if algorithm == 'grpo' and kl_coef_now:
                     loss = loss + kl_coef_now * rl.aggregate(rl.kl_penalty(logprobs, ref_logprobs[index], kl_estimator),
                                                              m, loss_type, norm)
-                with torch.set_grad_enabled(entropy_coef > 0):
-                    entropy = rl.entropy_from_logits(logits, temperature)  # (n, R)
                 if policy.config.n_experts:  # the load-balancing loss, per micro-batch of the minibatch
                     loss = loss + policy.config.moe_aux_loss_coef * aux_loss / len(micro_batches)
                 if entropy_coef:

@@ -310,6 +310,40 @@ def test_chunked_cross_entropy_matches_full_logits(monkeypatch, autocast):
         torch.testing.assert_close(model.cross_entropy_from_hidden(h, weight, targets), want.detach(), **tol)
 
 
+@pytest.mark.parametrize('autocast', [False, True])
+@pytest.mark.parametrize('uses', ['logprobs', 'entropy', 'both'])
+def test_chunked_token_logprobs_match_full_logits(monkeypatch, autocast, uses):
+    """Per-row log p(target) and entropy at a temperature, and the gradients of any weighting of
+    them, equal those of log_softmax on the full logits: several chunks, a last partial one,
+    ignored targets (log-prob 0, no gradient). Exact in fp32, to bf16 rounding under autocast."""
+    import model
+    monkeypatch.setattr(model, 'loss_chunk_rows', lambda vocab, device: 64)  # 1000 rows: 16 chunks
+    torch.manual_seed(0)
+    h = torch.randn(1000, 48, requires_grad=True)
+    weight = torch.randn(300, 48, requires_grad=True)
+    targets = torch.randint(0, 300, (1000,))
+    targets[::7] = -1
+    a, b = torch.randn(1000), torch.randn(1000)  # what the loss weighs each row's terms by (advantages, ...)
+    tol = dict(atol=2e-2, rtol=2e-2) if autocast else dict(atol=1e-4, rtol=1e-4)  # sums over 1000 rows
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+        logq = torch.log_softmax((h @ weight.t()).float() / 0.7, dim=-1)
+        want = (logq.gather(1, targets.clamp(min=0)[:, None]).squeeze(1).masked_fill(targets == -1, 0.0),
+                -(logq.exp() * logq).sum(-1))
+        got = model.token_logprobs_from_hidden(h, weight, targets, temperature=0.7)
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, w, **tol)
+
+    def loss(logprobs, entropy):
+        return ((logprobs * a).sum() if uses != 'entropy' else 0) + ((entropy * b).sum() if uses != 'logprobs' else 0)
+    for g, w in zip(torch.autograd.grad(loss(*got), (h, weight)), torch.autograd.grad(loss(*want), (h, weight))):
+        assert g.dtype == torch.float32
+        if autocast:  # sums of 1000 rows' bf16 products: each element to bf16's ~3 digits, not better
+            assert (g - w).norm() / w.norm() < 1e-2
+        else:
+            torch.testing.assert_close(g, w, **tol)
+
+
 def test_chunked_cross_entropy_all_targets_ignored_is_zero():
     import model
     h, weight = torch.randn(8, 16, requires_grad=True), torch.randn(32, 16, requires_grad=True)

@@ -104,10 +104,16 @@ def test_k3_is_clamped_where_the_reference_finds_a_token_impossible():
     assert torch.isfinite(k3).all() and k3.max() <= 10.0
 
 
-def test_entropy_is_the_sampling_distributions():
-    logits = torch.tensor([[[2.0, 0.5, -1.0]]])
-    p = (logits / 0.7).softmax(-1)
-    torch.testing.assert_close(rl.entropy_from_logits(logits, 0.7), -(p * p.log()).sum(-1))
+def test_log_probs_and_entropy_are_the_sampling_distributions():
+    """ActorCritic's log-probs and entropies, from the hidden states chunk by chunk, are those of
+    softmax(logits / temperature), the distribution the sampler drew from."""
+    model = tiny_model()
+    ids = torch.randint(0, 40, (3, 9))
+    logprobs, entropy, values, _ = rl.ActorCritic(model)(ids, n_query=4, temperature=0.7)
+    logq = torch.log_softmax(model(ids)[0][:, 3:-1] / 0.7, dim=-1)  # (3, 5, V)
+    torch.testing.assert_close(logprobs, logq.gather(-1, ids[:, 4:, None]).squeeze(-1))
+    torch.testing.assert_close(entropy, -(logq.exp() * logq).sum(-1))
+    assert values is None
 
 
 def test_a_turn_ends_with_im_end_only():
@@ -252,8 +258,7 @@ def test_rollout_logprobs_with_the_cache_equal_a_full_forward_without_it():
     prompts = [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10]]  # ragged: left-padded
     cfg = GenerationConfig(max_new_tokens=10, temperature=1.0, stop_token_ids=(39,), seed=0)
     gen, ids, positions, mask, Tq = rollout(model, prompts, cfg)
-    logits, _, _ = rl.ActorCritic(model.train())(ids, positions, mask, Tq)
-    full = rl.logprobs_from_logits(logits, gen.tokens)
+    full = rl.ActorCritic(model.train())(ids, positions, mask, Tq)[0]
     torch.testing.assert_close(full * gen.mask, gen.logprobs, atol=1e-5, rtol=1e-5)
     # greedy tokens equal the no-cache decode of each prompt alone
     greedy = generate_ids(model.eval(), prompts, GenerationConfig(max_new_tokens=8, temperature=0.0))
@@ -270,11 +275,10 @@ def test_first_minibatch_has_ratio_one_and_no_gradient_from_clipping():
     gen, ids, positions, mask, Tq = rollout(model, prompts, GenerationConfig(max_new_tokens=6, seed=1))
     ac.train()
     with torch.no_grad():  # the rollout's log-probs, whole batch at once
-        old = rl.logprobs_from_logits(ac(ids, positions, mask, Tq)[0], gen.tokens)
+        old = ac(ids, positions, mask, Tq)[0]
     advantages = torch.randn(old.shape) * gen.mask
     index = torch.tensor([5, 0, 2])  # a shuffled minibatch
-    logits, _, _ = ac(ids[index], positions[index], mask[index], Tq)
-    new = rl.logprobs_from_logits(logits, gen.tokens[index])
+    new = ac(ids[index], positions[index], mask[index], Tq)[0]
     m = gen.mask[index]
     ratio = torch.exp(new - old[index])[m]
     torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=1e-5, rtol=0)
@@ -291,10 +295,11 @@ def test_shared_backbone_values_come_from_the_policy_hidden_states():
     model = tiny_model()
     head = torch.nn.Linear(32, 1)
     ids = torch.randint(0, 40, (2, 9))
-    logits, values, _ = rl.ActorCritic(model, None, head)(ids, n_query=4)
+    logprobs, _, values, _ = rl.ActorCritic(model, None, head)(ids, n_query=4)
     h, _ = model.hidden_states(ids)
     torch.testing.assert_close(values, head(h[:, 3:-1]).squeeze(-1))
-    torch.testing.assert_close(logits, model(ids)[0][:, 3:-1])
+    logq = torch.log_softmax(model(ids)[0][:, 3:-1], dim=-1)
+    torch.testing.assert_close(logprobs, logq.gather(-1, ids[:, 4:, None]).squeeze(-1))
 
 
 
@@ -304,7 +309,7 @@ def test_the_moe_load_balancing_loss_reaches_ppo():
     config = GPTConfig(vocab_size=40, block_size=32, n_layer=1, n_head=2, n_embd=32, n_experts=4)
     policy, critic = GPT(config), GPT(config)
     ids = torch.randint(0, 40, (2, 9))
-    _, _, aux = rl.ActorCritic(policy, critic, torch.nn.Linear(32, 1))(ids, n_query=4)
+    _, _, _, aux = rl.ActorCritic(policy, critic, torch.nn.Linear(32, 1))(ids, n_query=4)
     expected = policy.hidden_states(ids)[1] + critic.hidden_states(ids)[1]
     torch.testing.assert_close(aux, expected)
     assert aux.item() > 0 and torch.autograd.grad(aux, policy.transformer.h[0].mlp.router.weight)[0].abs().sum() > 0

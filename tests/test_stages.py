@@ -225,3 +225,24 @@ def test_the_skeleton_imports_fsdp_only_when_a_run_uses_it():
              "'torch.distributed.checkpoint') if m in sys.modules]; print(heavy)")
     out = subprocess.run([sys.executable, '-c', probe], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert out.strip() == '[]'
+
+
+def test_on_the_cpu_the_skeleton_keeps_freed_memory_for_the_next_tensor(tmp_path):
+    """After common.setup on the CPU, a large tensor freed and allocated again reuses the process's
+    memory: without it glibc maps fresh pages for each one (page faults on every touch) and hands
+    them back after, which made GRPO's eager iteration 8% slower (1.45 against 1.35 s)."""
+    probe = f"""
+import resource, torch, common
+def faults():
+    for _ in range(20):
+        torch.ones(10 << 20)  # 40 MB, freed at once
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+faults()
+before = faults(); after = faults()
+common.setup('cpu', 'float32', 0, {str(tmp_path)!r})
+faults()
+tuned_before = faults(); tuned_after = faults()
+print(after - before, tuned_after - tuned_before)"""
+    out = subprocess.run([sys.executable, '-c', probe], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    default, tuned = map(int, out.split()[-2:])
+    assert default > 20 * 5000 and tuned < 1000, (default, tuned)  # a 40 MB tensor is ~10,000 pages of 4 KB
