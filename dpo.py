@@ -185,9 +185,9 @@ def with_targets(batch):
 def answer_logps(m, ids, targets):
     """Answer log-probs under m, summed over each row's answer tokens: (2B,) chosen then rejected,
     and the MoE aux loss; one forward pass."""
-    with ctx.autocast:
-        logits, _, aux_loss = m(ids, return_aux=True)
-    return losses.sequence_logps(logits, targets), aux_loss
+    with ctx.autocast:  # per-token cross-entropies, chunk by chunk: never the (2B, T, vocab) logits
+        _, nll, aux_loss = m(ids, targets, return_aux=True, reduction='none')
+    return -nll.sum(-1), aux_loss  # prompt and pad positions are 0
 
 
 @torch.no_grad()

@@ -3,10 +3,11 @@ The DPO family of preference losses as pure functions of sequence log-probabilit
 and its tests. The reference-based losses (LOSS_TYPES) see four numbers per pair: log pi(y_c|x),
 log pi(y_r|x) under the policy and the same under the frozen reference, each summed over the
 response tokens. The reference-free ones (REFERENCE_FREE_LOSS_TYPES) see two: the policy's
-per-token MEAN log-probs of the chosen and the rejected response (sequence_logps / sequence_token_counts).
+per-token MEAN log-probs of the chosen and the rejected response (the sums / sequence_token_counts).
+The sums come from the model: -GPT.forward(ids, targets, reduction='none').sum(-1), chunk by chunk,
+never the (B, T, vocab) logits (dpo.answer_logps).
 
     answer_targets(ids, prompt_len, length) next-token targets on the answer tokens, -1 elsewhere
-    sequence_logps(logits, targets)         (B, T, V), (B, T) -> (B,) sums over the answer tokens
     sequence_token_counts(targets)          (B, T) -> (B,) answer tokens per row, to turn sums into means
     dpo_loss(pc, pr, rc, rr, beta, type)    per-pair losses (B,): sigmoid | ipo | hinge, label smoothing
     simpo_loss(c_avg, r_avg, beta, gamma)   per-pair SimPO losses (B,), reference-free, on mean log-probs
@@ -37,16 +38,9 @@ def answer_targets(ids, prompt_len, length):
     return torch.where(on_answer, ids.roll(-1, dims=-1), -1)
 
 
-def sequence_logps(logits, targets):
-    """Sum of log p(target) over the positions whose target is not -1 (the response tokens).
-    logits (B, T, V), targets (B, T) -> (B,) in float32."""
-    logp = -F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1, reduction='none')
-    return logp.view(targets.shape).sum(-1)  # ignored positions contribute 0
-
-
 def sequence_token_counts(targets):
     """Number of positions whose target is not -1 (the response tokens), targets (B, T) -> (B,) in
-    float32: sequence_logps(logits, targets) / sequence_token_counts(targets) is the per-token mean
+    float32: a row's summed answer log-probs / sequence_token_counts(targets) is the per-token mean
     log-prob that SimPO, ORPO and TRL's IPO use. A row with no answer token counts 0 (its mean is nan)."""
     return (targets != -1).sum(-1).float()
 
@@ -89,7 +83,7 @@ def simpo_loss(chosen_avg, rejected_avg, beta=2.0, gamma=0.5):
         -log sigmoid(beta * avg_logp(y_c) - beta * avg_logp(y_r) - gamma)
 
     chosen_avg, rejected_avg: the policy's per-token MEAN log-probs of each response,
-    (1/|y|) log pi(y|x), i.e. sequence_logps / sequence_token_counts. No reference model: the
+    (1/|y|) log pi(y|x), i.e. the summed log-probs / sequence_token_counts. No reference model: the
     length-normalised log-prob is the implicit reward, and gamma > 0 is a target reward margin.
     TRL's CPOTrainer(loss_type='simpo', cpo_alpha=0.0) computes the same thing: it averages the
     log-probs, subtracts simpo_gamma / beta from their difference and scales by beta, so its

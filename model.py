@@ -576,17 +576,22 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x), aux_loss
 
     def forward(self, idx, targets=None, positions=None, attn_mask=None, kv_cache=None,
-                last_only=False, return_aux=False):
+                last_only=False, return_aux=False, reduction='mean'):
         """Logits (B, T, vocab), or with targets (-1 = ignored) logits=None and the mean
         cross-entropy plus the weighted MoE load-balancing loss (computed in chunks, never the full
-        logits). last_only computes logits for the last position only (generation). return_aux adds
-        the unweighted aux loss as a third value, for logging."""
+        logits); reduction='none': each position's cross-entropy, -log p(target), (B, T), 0 where
+        ignored (DPO sums them per answer), no aux loss. last_only computes logits for the last
+        position only (generation). return_aux adds the unweighted aux loss as a third value."""
         x, aux_loss = self.hidden_states(idx, positions, attn_mask, kv_cache)
         if last_only:
             x = x[:, [-1], :]
         logits = loss = None
         if targets is None:
             logits = self.lm_head(x)
+        elif reduction == 'none':
+            logp, _ = token_logprobs_from_hidden(x.flatten(0, 1), self.head_weight(), targets.reshape(-1),
+                                                 with_entropy=False)
+            loss = -logp.view(targets.shape)
         else:  # the loss without the logits: they would be the largest tensor of the step
             loss = cross_entropy_from_hidden(x.flatten(0, 1), self.head_weight(), targets.reshape(-1))
             if self.config.n_experts and self.training:  # eval losses stay pure cross-entropy

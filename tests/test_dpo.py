@@ -22,7 +22,7 @@ from test_reward import history, make_checkpoint, toy_pairs, write_jsonl
 import common
 import data
 import preference
-from dpo_loss import answer_targets, dpo_loss, preference_metrics, rpo_nll, sequence_logps
+from dpo_loss import answer_targets, dpo_loss, preference_metrics, rpo_nll
 
 
 @pytest.fixture(autouse=True)
@@ -64,12 +64,18 @@ def toy_batch(sft_dir, n=4):
 
 # ----------------------------------------------------------------------------- log-probs and losses
 
+def sequence_logps(model, ids, targets):
+    """What dpo.answer_logps computes: the answer tokens' summed log-probs, (2n,)."""
+    return -model(ids, targets, reduction='none')[1].sum(-1)
+
+
 def test_sequence_logps_sum_the_answer_tokens_only(sft_dir):
+    """The model's per-token cross-entropies (reduction='none', chunked: never the logits), summed,
+    are the answer tokens' log-probs under the full logits' softmax, nothing from prompt or pads."""
     model, ids, targets, prompt_len, length = toy_batch(sft_dir)
     with torch.no_grad():
-        logits = model(ids)[0]
-    got = sequence_logps(logits, targets)
-    logp = F.log_softmax(logits.float(), -1)
+        got = sequence_logps(model, ids, targets)
+        logp = F.log_softmax(model(ids)[0].float(), -1)
     lengths = length.T.reshape(-1)  # (2n,) chosen rows then rejected rows
     for row in range(ids.size(0)):
         start, end = int(prompt_len[row % len(prompt_len)]), int(lengths[row])  # the answer: tokens start..end-1
@@ -81,7 +87,7 @@ def test_sequence_logps_sum_the_answer_tokens_only(sft_dir):
 def test_dpo_loss_at_step_zero_is_log_2_when_policy_equals_reference(sft_dir):
     model, ids, targets, _, _ = toy_batch(sft_dir)
     with torch.no_grad():
-        chosen, rejected = sequence_logps(model(ids)[0], targets).chunk(2)
+        chosen, rejected = sequence_logps(model, ids, targets).chunk(2)
     loss = dpo_loss(chosen, rejected, chosen.clone(), rejected.clone(), beta=0.1).mean()
     assert loss.item() == pytest.approx(math.log(2), abs=1e-7)
     m = preference_metrics(chosen, rejected, chosen, rejected, 0.1)
