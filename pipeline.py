@@ -4,7 +4,7 @@ The whole chain on tiny configs, offline, each stage starting from the previous 
 then a report card, run_dir/report.md, with per-stage times, metrics (before -> after for the
 alignment stages), sample completions and curves.
 
-    python pipeline.py                  # ~15 minutes on 2 CPU cores with native bf16 (AVX-512 bf16, AMX)
+    python pipeline.py                  # ~13 minutes on 2 CPU cores with native bf16 (AVX-512 bf16, AMX)
     python pipeline.py --dtype=float32  # ~23 minutes: what a CPU without native bf16 runs
     python pipeline.py --quick=True     # a few minutes: tiny everything (what CI runs)
 
@@ -41,7 +41,8 @@ config = configure(globals())  # overrides from config files and --key=value arg
 # On a CPU with native bf16 (AVX-512 bf16, AMX) 'auto' is bf16, compiled: before the multiplication task
 # the whole pipeline took 944 s on 2 cores (pretrain 163 s, SFT 263 s) against ~1,400 s (23 min) in
 # fp32, with SFT identity 82.5% and arithmetic 86.6% (fp32 on the same suite: 70% and 87.2%); with
-# it 1,145 s, and 891 s since attention's small heads run in fp32 under autocast (README: Results).
+# it 1,145 s, 891 s since attention's small heads run in fp32 under autocast, and 781 s with RL's and
+# DPO's log-probs computed chunk by chunk and freed memory kept for the next tensor (README: Results).
 # An earlier bf16 run's low identity (67.5%) was on the older, leaky task suite. On a CPU without
 # native bf16 it would be slower than fp32, so 'auto' stays fp32 there.
 # compile_model=auto turns it on with bf16 (the ~20 s compile pays off in bf16).
