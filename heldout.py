@@ -21,9 +21,11 @@ GENERATED_TASKS = {'identity': 'identity_acc', 'arithmetic': 'arith_acc', 'chat'
 
 
 @torch.no_grad()
-def task_metrics(model, tokenizer, items, per_task=100, max_new_tokens=48, batch_size=64, per_item=None):
-    """items: {task: [{'messages', 'answer'}]} (tasks.heldout). Greedy generation, batched.
-    per_item: a dict to receive each task's item scores, in order (for McNemar between checkpoints)."""
+def task_metrics(model, tokenizer, items, per_task=100, max_new_tokens=48, batch_size=128, per_item=None):
+    """items: {task: [{'messages', 'answer'}]} (tasks.heldout). Greedy generation, batched (128 rows:
+    1,000 arithmetic and 1,000 multiplication problems in 2.7 s against 3.3 s in batches of 64, the
+    same answers; the pipeline evaluates ~20 times). per_item: a dict to receive each task's item
+    scores, in order (for McNemar between checkpoints)."""
     was_training = model.training
     model.eval()
     generator = TextGenerator(model, tokenizer)
