@@ -285,17 +285,23 @@ def reference_loss(h, weight, targets):
     return torch.nn.functional.cross_entropy((h @ weight.t()).float(), targets, ignore_index=-1)
 
 
+def chunked_inputs(monkeypatch):
+    """Hidden states (1000, 48), a head (300, 48) and targets with every 7th ignored, in chunks of
+    64 rows: 16 chunks, the last one partial."""
+    import model
+    monkeypatch.setattr(model, 'loss_chunk_rows', lambda vocab, device: 64)
+    torch.manual_seed(0)
+    targets = torch.randint(0, 300, (1000,))
+    targets[::7] = -1
+    return torch.randn(1000, 48, requires_grad=True), torch.randn(300, 48, requires_grad=True), targets
+
+
 @pytest.mark.parametrize('autocast', [False, True])
 def test_chunked_cross_entropy_matches_full_logits(monkeypatch, autocast):
     """Loss and both gradients equal F.cross_entropy on the full logits, over several chunks, a
     last partial chunk and ignored targets (exact in fp32, to bf16 rounding under autocast)."""
     import model
-    monkeypatch.setattr(model, 'loss_chunk_rows', lambda vocab, device: 64)  # 1000 rows: 16 chunks
-    torch.manual_seed(0)
-    h = torch.randn(1000, 48, requires_grad=True)
-    weight = torch.randn(300, 48, requires_grad=True)
-    targets = torch.randint(0, 300, (1000,))
-    targets[::7] = -1
+    h, weight, targets = chunked_inputs(monkeypatch)
     tol = dict(atol=2e-2, rtol=2e-2) if autocast else dict(atol=1e-5, rtol=1e-5)
     with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
         want = reference_loss(h, weight, targets)
@@ -317,12 +323,7 @@ def test_chunked_token_logprobs_match_full_logits(monkeypatch, autocast, uses):
     them, equal those of log_softmax on the full logits: several chunks, a last partial one,
     ignored targets (log-prob 0, no gradient). Exact in fp32, to bf16 rounding under autocast."""
     import model
-    monkeypatch.setattr(model, 'loss_chunk_rows', lambda vocab, device: 64)  # 1000 rows: 16 chunks
-    torch.manual_seed(0)
-    h = torch.randn(1000, 48, requires_grad=True)
-    weight = torch.randn(300, 48, requires_grad=True)
-    targets = torch.randint(0, 300, (1000,))
-    targets[::7] = -1
+    h, weight, targets = chunked_inputs(monkeypatch)
     a, b = torch.randn(1000), torch.randn(1000)  # what the loss weighs each row's terms by (advantages, ...)
     tol = dict(atol=2e-2, rtol=2e-2) if autocast else dict(atol=1e-4, rtol=1e-4)  # sums over 1000 rows
     with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
