@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 import common
 import preference
+from model import token_logprobs_from_hidden
 
 
 class RewardModel(nn.Module):
@@ -56,11 +57,12 @@ class RewardModel(nn.Module):
             if response_mask is None:
                 raise ValueError("this reward model adds the response's log-likelihood (lm_coef > 0): "
                                  "pass response_mask=")
-            # position t predicts token t + 1: the logits only where that token is the response's
-            # (all positions would be a (B, T, vocab) tensor: gigabytes with a 32k vocabulary)
+            # position t predicts token t + 1: the log-probs only where that token is the response's,
+            # chunk by chunk (all positions' logits would be a (B, T, vocab) tensor: gigabytes with a
+            # 32k vocabulary; even the response's alone are (N, vocab))
             row, col = response_mask[:, 1:].nonzero(as_tuple=True)
-            logits = self.backbone.lm_head(h[row, col]).float()  # (N, vocab)
-            logp = logits.log_softmax(-1).gather(-1, idx[row, col + 1, None]).squeeze(-1)  # (N,)
+            logp, _ = token_logprobs_from_hidden(h[row, col], self.backbone.head_weight(), idx[row, col + 1],
+                                                 with_entropy=False)  # (N,)
             total = torch.zeros(B, device=idx.device).index_add_(0, row, logp)
             reward = reward + self.lm_coef * total / response_mask[:, 1:].sum(1).clamp(min=1)
         return reward, aux_loss
