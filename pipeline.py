@@ -4,7 +4,7 @@ The whole chain on tiny configs, offline, each stage starting from the previous 
 then a report card, run_dir/report.md, with per-stage times, metrics (before -> after for the
 alignment stages), sample completions and curves.
 
-    python pipeline.py                  # ~13 minutes on 2 CPU cores with native bf16 (AVX-512 bf16, AMX)
+    python pipeline.py                  # ~14 minutes on 2 CPU cores with native bf16 (AVX-512 bf16, AMX)
     python pipeline.py --dtype=float32  # ~23 minutes: what a CPU without native bf16 runs
     python pipeline.py --quick=True     # a few minutes: tiny everything (what CI runs)
 
@@ -41,11 +41,14 @@ config = configure(globals())  # overrides from config files and --key=value arg
 # On a CPU with native bf16 (AVX-512 bf16, AMX) 'auto' is bf16, compiled: before the multiplication task
 # the whole pipeline took 944 s on 2 cores (pretrain 163 s, SFT 263 s) against ~1,400 s (23 min) in
 # fp32, with SFT identity 82.5% and arithmetic 86.6% (fp32 on the same suite: 70% and 87.2%); with
-# it 1,145 s, 891 s since attention's small heads run in fp32 under autocast, and 781 s with RL's and
-# DPO's log-probs computed chunk by chunk and freed memory kept for the next tensor (README: Results).
+# it 1,145 s, 891 s since attention's small heads run in fp32 under autocast, and 869 s (781 s with
+# inductor's cache warm) with RL's and DPO's log-probs computed chunk by chunk and freed memory kept
+# for the next tensor (README: Results).
 # An earlier bf16 run's low identity (67.5%) was on the older, leaky task suite. On a CPU without
 # native bf16 it would be slower than fp32, so 'auto' stays fp32 there.
-# compile_model=auto turns it on with bf16 (the ~20 s compile pays off in bf16).
+# compile_model=auto turns it on with bf16. SFT gains either way (84 against 125 ms a step, 2,000 steps,
+# ~45 s to compile from a cold cache); pretrain only when inductor's cache is warm (600 steps: 88 s
+# compiled and warm, 139 s compiled and cold, 119 s eager).
 if compile_model.lower() not in ('auto', 'true', 'false'):
     raise SystemExit(f"compile_model={compile_model!r}: use auto, True or False")
 if dtype == 'auto':
