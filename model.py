@@ -330,9 +330,16 @@ def compute_dtype(x):
     return x.dtype
 
 
+def chunk_logits(h, w, temperature):
+    """Logits h @ w.T in fp32, / temperature: fp32 first, in place (log_softmax reading bf16 and
+    writing fp32 itself is ~8x slower on the CPU than the cast and an fp32 pass)."""
+    z = (h @ w.t()).float()
+    return z if temperature == 1.0 else z.div_(temperature)
+
+
 def chunk_log_probs(h, weight, targets):
     """Log-probabilities of one chunk (rows, V) in fp32 and each row's loss (0 where ignored)."""
-    logp = F.log_softmax((h @ weight.t()).float(), dim=-1)
+    logp = F.log_softmax(chunk_logits(h, weight, 1.0), dim=-1)
     losses = -logp.gather(1, targets.clamp(min=0)[:, None]).squeeze(1)
     return logp, losses.masked_fill(targets == -1, 0.0)
 
@@ -434,13 +441,6 @@ class LinearTokenLogProbs(torch.autograd.Function):
             grad_h[rows] = grad @ w
             grad_w += grad.t() @ h_c
         return grad_h, grad_w.to(weight.dtype), None, None, None, None, None
-
-
-def chunk_logits(h, w, temperature):
-    """Logits h @ w.T in fp32, / temperature: fp32 first, in place (log_softmax reading bf16 and
-    writing fp32 itself is ~8x slower on the CPU than the cast and an fp32 pass)."""
-    z = (h @ w.t()).float()
-    return z if temperature == 1.0 else z.div_(temperature)
 
 
 def token_logprobs_from_hidden(h, weight, targets, temperature=1.0, with_entropy=True):
@@ -604,8 +604,6 @@ class GPT(nn.Module):
         LoRA-adapted head (lora.py) gives its base weight plus its adapter's update."""
         head = self.lm_head
         return head.merged_weight() if hasattr(head, 'merged_weight') else head.weight
-
-    # --------------------------------------------------------------------- training helpers
 
     # --------------------------------------------------------------------- generation
 

@@ -484,12 +484,10 @@ while True:
     else:
         old_logprobs, values = forward_all(model, ids, positions, attn_mask, Tq)  # (N, R) each
     ref_logprobs = reference_logprobs(ids, positions, attn_mask, Tq)
-    if not single_step:  # (single step: once the update has filled in old_logprobs)
-        kl = rl.kl_penalty(old_logprobs, ref_logprobs, kl_estimator) * mask  # (N, R)
 
     # 4. advantages
     if algorithm == 'ppo':
-        rewards = -kl_coef_now * kl
+        rewards = -kl_coef_now * rl.kl_penalty(old_logprobs, ref_logprobs, kl_estimator) * mask  # (N, R)
         rewards[torch.arange(len(ids), device=device), rl.last_token_index(mask)] += scores
         if whiten_rewards:
             rewards = rl.masked_whiten(rewards, mask, shift_mean=False, total=global_sum)
@@ -555,8 +553,8 @@ while True:
         if stopped_early:
             break
     iter_num += 1
-    if single_step:
-        kl = rl.kl_penalty(old_logprobs, ref_logprobs, kl_estimator) * mask  # (N, R)
+    # the sampling policy's KL to the reference (single step: its log-probs came from the update)
+    kl = rl.kl_penalty(old_logprobs, ref_logprobs, kl_estimator) * mask  # (N, R)
 
     # the adaptive KL controller sees this batch's mean per-sequence KL
     kl_per_seq = mean_all(kl.sum(1).mean())
