@@ -91,10 +91,9 @@ def rope_cache(seq_len, head_dim, theta):
 
 
 def apply_rope(x, cos, sin):
-    """x: (B, nh, T, hs); cos/sin: (T, hs/2) or (B, T, hs/2), in x's dtype (as Llama does: no fp32
-    copies of q, k). Rotates the two halves of each head."""
-    if cos.dim() == 3:  # per-sequence positions: add the head axis
-        cos, sin = cos[:, None], sin[:, None]
+    """x: (B, T, nh, hs), the heads in the matmul's own layout; cos/sin: (T, hs/2) or (B, T, hs/2), in
+    x's dtype (as Llama does: no fp32 copies of q, k). Rotates the two halves of each head."""
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # the head axis
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
@@ -175,15 +174,23 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, attn_mask, kv_cache):
         B, T, _ = x.size()
-        qkv = self.c_attn(x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim).transpose(1, 2)
-        # (B, nh + nkv, T, hs) and (B, nkv, T, hs)
-        qk, v = qkv.split([self.n_head + self.n_kv_head, self.n_kv_head], dim=1)
-        if self.q_norm is not None:
-            q, k = qk.split([self.n_head, self.n_kv_head], dim=1)
-            qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=1)
-        if rope is not None:
-            qk = apply_rope(qk, *rope)  # q and k rotated together: half the ops of one call each
-        q, k = qk.split([self.n_head, self.n_kv_head], dim=1)  # (B, nh, T, hs), (B, nkv, T, hs)
+        nh, nkv = self.n_head, self.n_kv_head
+        # Split, normed and rotated in the matmul's layout (B, T, heads, hs), then transposed to
+        # (B, heads, T, hs) as views: backward's gradients then land in that layout with no copy (split
+        # after the transpose, each layer's backward copied its (B, T, heads, hs) gradient once more:
+        # ~1% of a step at nanoGPT's Shakespeare shape, bench_nanogpt.py)
+        qkv = self.c_attn(x).view(B, T, nh + 2 * nkv, self.head_dim)
+        if rope is None and self.q_norm is None:
+            q, k, v = qkv.split([nh, nkv, nkv], dim=2)
+        else:
+            qk, v = qkv.split([nh + nkv, nkv], dim=2)
+            if self.q_norm is not None:
+                q, k = qk.split([nh, nkv], dim=2)
+                qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=2)
+            if rope is not None:
+                qk = apply_rope(qk, *rope)  # q and k rotated together: half the ops of one call each
+            q, k = qk.split([nh, nkv], dim=2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hs), (B, nkv, T, hs) x 2
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nkv, S, hs), S = cached + T
         # With no explicit mask, causal attention over a square T x T; the cache/packing paths pass one.
@@ -319,8 +326,11 @@ class Block(nn.Module):
 
 def loss_chunk_rows(vocab_size, device_type):
     """Rows of logits per chunk: ~1M fp32 logits (4 MB, cache-sized) on the CPU, where the win is
-    staying in cache; ~64M on a GPU, where the win is memory and fewer, larger launches."""
-    return max(16, (2 ** 20 if device_type == 'cpu' else 2 ** 26) // vocab_size)
+    staying in cache, but at least 128 rows: each chunk adds its (vocab, C) product into the head's
+    fp32 gradient, and at 32 rows that memory traffic, not the matmuls, took the time (a 32k-vocab
+    batch of 2,048 x 256, bf16: 1.62 -> 0.82 s with 128 rows; 16 MB more memory). ~64M logits on a
+    GPU, where the win is memory and fewer, larger launches."""
+    return max(128, (2 ** 20 if device_type == 'cpu' else 2 ** 26) // vocab_size)
 
 
 def compute_dtype(x):
@@ -385,6 +395,10 @@ def cross_entropy_from_hidden(h, weight, targets):
     dtype = compute_dtype(h)
     chunk = loss_chunk_rows(weight.size(0), h.device.type)
     with torch.autocast(h.device.type, enabled=False):  # dtypes are handled by hand inside
+        if h.size(0) <= chunk:  # one chunk: plain autograd has fewer ops (nanoGPT's Shakespeare loss: 0.65 -> 0.33 ms)
+            losses = F.cross_entropy(chunk_logits(h.to(dtype), weight.to(dtype), 1.0), targets, ignore_index=-1,
+                                     reduction='sum')
+            return losses / (targets != -1).sum().clamp(min=1)
         if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
             return LinearCrossEntropy.apply(h, weight, targets, chunk, dtype)
         w = weight.to(dtype)

@@ -136,7 +136,7 @@ def test_permuted_q_k_under_interleaved_rope_give_our_attention_scores(n_head, n
     cos, sin = (t.double() for t in rope_cache(T, hs, 10000.0))
 
     def ours(w, n):
-        return apply_rope((x @ w.t()).view(T, n, hs).transpose(0, 1), cos, sin)  # (n, T, hs)
+        return apply_rope((x @ w.t()).view(T, n, hs), cos, sin).transpose(0, 1)  # (n, T, hs)
 
     def llama_cpp(w, n):
         y = (x @ gguf_export.permute_for_llama_rope(w, n).t()).view(T, n, hs).transpose(0, 1)

@@ -285,11 +285,11 @@ def reference_loss(h, weight, targets):
     return torch.nn.functional.cross_entropy((h @ weight.t()).float(), targets, ignore_index=-1)
 
 
-def chunked_inputs(monkeypatch):
+def chunked_inputs(monkeypatch, rows=64):
     """Hidden states (1000, 48), a head (300, 48) and targets with every 7th ignored, in chunks of
-    64 rows: 16 chunks, the last one partial."""
+    64 rows: 16 chunks, the last one partial (rows >= 1000: one chunk, plain autograd)."""
     import model
-    monkeypatch.setattr(model, 'loss_chunk_rows', lambda vocab, device: 64)
+    monkeypatch.setattr(model, 'loss_chunk_rows', lambda vocab, device: rows)
     torch.manual_seed(0)
     targets = torch.randint(0, 300, (1000,))
     targets[::7] = -1
@@ -297,11 +297,13 @@ def chunked_inputs(monkeypatch):
 
 
 @pytest.mark.parametrize('autocast', [False, True])
-def test_chunked_cross_entropy_matches_full_logits(monkeypatch, autocast):
+@pytest.mark.parametrize('rows', [64, 1000])
+def test_chunked_cross_entropy_matches_full_logits(monkeypatch, autocast, rows):
     """Loss and both gradients equal F.cross_entropy on the full logits, over several chunks, a
-    last partial chunk and ignored targets (exact in fp32, to bf16 rounding under autocast)."""
+    last partial chunk and ignored targets, or in one chunk (exact in fp32, to bf16 rounding under
+    autocast)."""
     import model
-    h, weight, targets = chunked_inputs(monkeypatch)
+    h, weight, targets = chunked_inputs(monkeypatch, rows)
     tol = dict(atol=2e-2, rtol=2e-2) if autocast else dict(atol=1e-5, rtol=1e-5)
     with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
         want = reference_loss(h, weight, targets)
@@ -358,7 +360,7 @@ def test_training_step_never_holds_the_full_logits():
     costs chunk-sized memory for its loss, not GBs."""
     torch.manual_seed(0)
     model = GPT(tiny_config(vocab_size=32768, block_size=64))
-    x = torch.randint(0, 32768, (8, 64))
+    x = torch.randint(0, 32768, (32, 64))
     with LargestTensor() as seen:
         _, loss = model(x, x)
         loss.backward()
