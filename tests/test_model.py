@@ -378,3 +378,18 @@ def test_moe_eval_is_dropless_without_padding_every_expert_to_all_tokens():
         moe(x)
     padded = 64 * moe.w_in.size(-1) * 64  # E x N rows of the (gate, up) hidden
     assert seen.largest < padded // 4, (seen.largest, padded)
+
+
+@pytest.mark.parametrize('n_kv_head', [4, 2, 1])
+def test_single_query_attention_matches_sdpa(n_kv_head):
+    """The fp32 decode kernel (one query per row against the cache) equals SDPA's, with GQA and a
+    key mask that hides each row's own slots."""
+    import torch.nn.functional as F
+    from model import single_query_attention
+    torch.manual_seed(0)
+    q, k, v = torch.randn(8, 4, 1, 16), torch.randn(8, n_kv_head, 37, 16), torch.randn(8, n_kv_head, 37, 16)
+    mask = torch.rand(8, 1, 1, 37) > 0.3
+    mask[..., -1] = True  # the step's own slot is always visible
+    for m in (None, mask):
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=n_kv_head != 4)
+        torch.testing.assert_close(single_query_attention(q, k, v, m), want, atol=1e-5, rtol=1e-5)
