@@ -382,8 +382,8 @@ def test_moe_eval_is_dropless_without_padding_every_expert_to_all_tokens():
 
 @pytest.mark.parametrize('n_kv_head', [4, 2, 1])
 def test_single_query_attention_matches_sdpa(n_kv_head):
-    """The fp32 decode kernel (one query per row against the cache) equals SDPA's, with GQA and a
-    key mask that hides each row's own slots."""
+    """The fp32 decode kernel (one query per row against the cache) equals SDPA's, with GQA, with
+    no mask and with a key mask that hides some slots of each row (padding)."""
     import torch.nn.functional as F
     from model import single_query_attention
     torch.manual_seed(0)
