@@ -92,6 +92,8 @@ def main():
         pattern = r'^step (\d+): val/loss ([\d.]+)'
         ours, ours_total = timed_evals([*ours_cmd, f'--eval_interval={eval_interval}', f'--out_dir={work}/ours'],
                                        ROOT, pattern)
+        if not ours:
+            raise SystemExit("no evaluations parsed from our train.py output")
         crossing = first_at_or_below(ours, target)
         if crossing is None:
             print(f"ours: never reaches it (best {min(l for _, _, l in ours):.4f}; whole run {ours_total:.1f} s)")
