@@ -500,7 +500,10 @@ while True:
     else:  # reinforce_pp: over the tokens the loss sees, on every rank
         advantages = rl.reinforce_pp_advantages(scores, loss_mask, total=global_sum)
 
-    # 5. the update: ppo_epochs passes over shuffled minibatches
+    # 5. the update: ppo_epochs passes over shuffled minibatches. The entropy (a pass over each
+    # chunk's probabilities, and its gradient) only where the loss or this iteration's log needs it
+    log_now = (iter_num + 1) % log_interval == 0 or iter_num + 1 >= max_iters
+    with_entropy = bool(entropy_coef) or log_now
     shuffle = torch.Generator().manual_seed(iteration_seed)
     stats = {k: torch.zeros((), device=device) for k in ('approxkl', 'clipfrac', 'pg', 'vf', 'vf_clipfrac', 'entropy', 'ratio', 'tokens')}
     n_steps, stopped_early = 0, False
@@ -518,7 +521,7 @@ while True:
                 m = loss_mask[index]
                 with ctx.autocast:  # the log-probs and entropies (n, R) of the sampler's distribution
                     logprobs, entropy, vpred, aux_loss = model(ids[index], rows(positions, index),
-                                                               rows(attn_mask, index), Tq, temperature)
+                                                               rows(attn_mask, index), Tq, temperature, with_entropy)
                 if single_step:  # the policy before the update is this forward's
                     old_logprobs[index] = logprobs.detach()
                 pg, clipped = rl.policy_loss(logprobs, old_logprobs[index], advantages[index], clip_low, clip_high)
@@ -540,9 +543,10 @@ while True:
                 approxkl = (0.5 * log_ratio ** 2 * m).sum()  # 0.5 (log r)^2, as TRL
                 mb_kl += approxkl
                 for name, x in (('approxkl', approxkl), ('clipfrac', (clipped * m).sum()), ('pg', (pg.detach() * m).sum()),
-                                ('entropy', (entropy.detach() * m).sum()), ('ratio', (log_ratio.exp() * m).sum()),
-                                ('tokens', m.sum())):
+                                ('ratio', (log_ratio.exp() * m).sum()), ('tokens', m.sum())):
                     stats[name] += x
+                if with_entropy:
+                    stats['entropy'] += (entropy.detach() * m).sum()
             grad_norm = common.optimizer_step(ctx, optimizer, params, grad_clip)
             n_steps += 1
             if target_kl and mean_all(mb_kl / mb_tokens.clamp(min=1)) > target_kl:  # a host sync, only when asked for
@@ -563,7 +567,7 @@ while True:
         kl_coef_now = rl.adaptive_kl_coef(kl_coef_now, kl_per_seq, kl_target, n_rollouts * ctx.world_size, kl_horizon)
 
     # log
-    if iter_num % log_interval == 0 or iter_num >= max_iters:
+    if log_now:
         n_tok = stats.pop('tokens').clamp(min=1)
         score_mean = mean_all(scores.mean())
         metrics = {
