@@ -19,6 +19,11 @@ def pipeline(run_dir, data_root, *args):
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
+def command_of(stage, output):
+    """The command line the pipeline printed for a stage."""
+    return next(line for line in output.splitlines() if line.startswith(f'=== {stage}: '))
+
+
 def read(path):
     with open(path) as f:
         return json.load(f)
@@ -38,11 +43,31 @@ def test_quick_pipeline_runs_every_stage_and_resumes_after_a_kill(tmp_path):
     assert proc.wait(timeout=120) != 0 and 'stage sft was interrupted' in output, output[-2000:]
     assert os.path.exists(f'{run_dir}/sft/ckpt.pt') and not os.path.exists(f'{run_dir}/sft/done.json')
 
-    # 2) run again: finished stages are skipped, SFT resumes from its checkpoint, the rest runs
+    # 2) run again: finished stages are skipped, SFT resumes from its checkpoint; the stages after
+    # SFT start two at a time (one thread each on this 2-core machine): Ctrl-C once DPO is training
+    proc, seen, current = pipeline(run_dir, data_root), [], None
+    for line in proc.stdout:
+        seen.append(line)
+        current = line.split(':')[0][4:] if line.startswith('=== ') else current
+        # a stage's lines start with '[dpo] ' when it runs beside another (on one core: after its '=== dpo:')
+        if line.startswith('[dpo] iter 10:') or (line.startswith('iter 10:') and current == 'dpo'):
+            os.killpg(proc.pid, signal.SIGINT)
+            break
+    output = ''.join(seen) + proc.stdout.read()
+    assert proc.wait(timeout=120) != 0 and 'stage dpo was interrupted' in output, output[-2000:]
+    assert 'pretrain: done already' in output and '--init_from=resume' in command_of('sft', output)
+    assert os.path.exists(f'{run_dir}/dpo/ckpt.pt') and not os.path.exists(f'{run_dir}/dpo/done.json')
+    cores = len(os.sched_getaffinity(0))
+    if cores >= 2:  # GRPO and PPO, the longest, started together and had half the cores each
+        grpo, ppo = read(f'{run_dir}/grpo/done.json'), read(f'{run_dir}/ppo/done.json')
+        assert grpo['threads'] == ppo['threads'] == cores // 2
+        assert ppo['start'] < grpo['start'] + grpo['seconds'] and grpo['start'] < ppo['start'] + ppo['seconds']
+
+    # 3) and again: what finished is skipped, DPO resumes, the rest runs
     proc = pipeline(run_dir, data_root)
     output = proc.stdout.read()
     assert proc.wait() == 0, output[-3000:]
-    assert 'pretrain: done already' in output and '--init_from=resume' in output
+    assert 'grpo: done already' in output and '--init_from=resume' in command_of('dpo', output)
 
     pre, sft = read(f'{run_dir}/pretrain/eval.json'), read(f'{run_dir}/sft/eval.json')
     history = [r for r in map(json.loads, open(f'{run_dir}/pretrain/history.jsonl')) if r['kind'] == 'eval']
