@@ -1,8 +1,9 @@
 """
 The whole chain on tiny configs, offline, each stage starting from the previous stage's out_dir:
     prepare -> pretrain -> sft -> reward, dpo, ppo, grpo (each from sft) -> eval -> a sample chat
-(the stages after SFT two at a time on a CPU: concurrent_stages), then a report card, run_dir/report.md, with per-stage times, metrics (before -> after for the
-alignment stages), sample completions and curves.
+(on a CPU, the stages after SFT two at a time: concurrent_stages), then a report card,
+run_dir/report.md, with per-stage times, metrics (before -> after for the alignment stages),
+sample completions and curves.
 
     python pipeline.py                  # ~14 minutes on 2 CPU cores with native bf16 (AVX-512 bf16, AMX)
     python pipeline.py --dtype=float32  # ~23 minutes: what a CPU without native bf16 runs
@@ -35,7 +36,7 @@ data_root = 'data'
 stages = 'prepare,pretrain,sft,reward,dpo,ppo,grpo,eval,chat'  # a subset runs only those
 dtype = 'auto'  # every training stage; 'auto' = bf16 on GPUs and CPUs that have it natively, else fp32 (see below)
 compile_model = 'auto'  # torch.compile pretrain and SFT; 'auto' = when in bf16 and not quick (its ~20 s pays off in bf16)
-concurrent_stages = 'auto'  # how many of the stages after SFT run at once; 'auto' = 2 on a CPU with 2+ cores, else 1 (see below)
+concurrent_stages = 'auto'  # how many of the stages after SFT run at once; 'auto' = 2 on a CPU with 2+ threads to share, else 1 (see below)
 seed = 1337  # every training stage's seed (the task suite and the held-out items stay the same)
 reference_from = ''  # comma-separated run_dirs of finished runs: print their metrics' ranges (for REFERENCE) and exit
 config = configure(globals())  # overrides from config files and --key=value arguments
@@ -66,8 +67,10 @@ compile_model = {'auto': in_bf16 and not quick, 'true': True, 'false': False}[co
 # thread each, took 61-63 s against 72 s one after the other on two threads.
 if concurrent_stages != 'auto' and not (concurrent_stages.isdigit() and int(concurrent_stages) >= 1):
     raise SystemExit(f"concurrent_stages={concurrent_stages!r}: use auto or a number >= 1")
+# The threads to share out: OMP_NUM_THREADS when it is set (a limit you gave the run), else every core
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
-lanes = (2 if CORES >= 2 and not torch.cuda.is_available() else 1) if concurrent_stages == 'auto' else int(concurrent_stages)
+THREADS = int(os.environ['OMP_NUM_THREADS']) if os.environ.get('OMP_NUM_THREADS', '').isdigit() else CORES
+lanes = (2 if THREADS >= 2 and not torch.cuda.is_available() else 1) if concurrent_stages == 'auto' else int(concurrent_stages)
 COMPILED = ('pretrain', 'sft')  # fixed-shape batches; the other stages' shapes vary (recompiles)
 
 R = run_dir
@@ -153,7 +156,7 @@ def run_stages(jobs, lanes=1):
     checkpoint and exits, and we wait for that; a SIGTERM to the pipeline alone is passed on.
     After a failure no new stage starts; those running finish."""
     pending, running, errors = list(jobs), [], []
-    threads = max(1, CORES // lanes) if lanes > 1 else None
+    threads = max(1, THREADS // lanes) if lanes > 1 else None
     signal.signal(signal.SIGINT, lambda signum, frame: None)
     signal.signal(signal.SIGTERM, lambda signum, frame: [job.proc.send_signal(signal.SIGTERM) for job in running])
     try:
