@@ -184,22 +184,23 @@ if resume:
 ckpt = base = None
 raw_model = model
 model = common.wrap(ctx, model, compile_model)
+eval_model = common.eval_module(ctx, model, raw_model)
 
 
 @torch.no_grad()
 def evaluate():
     """Held-out loss on assistant tokens, then task metrics by greedy generation."""
-    model.eval()
+    eval_model.eval()
     # eval_iters fixed batches, the same whatever the number of ranks, shared out between them
     ix = torch.randint(len(val_ids), (eval_iters, batch_size), generator=torch.Generator().manual_seed(seed + 1))
     total = torch.zeros(2, device=ctx.device)  # (sum of batch losses, batches)
     for r, weight in common.rank_share(ctx, ix):
-        loss = forward(model, val_ids[r].to(ctx.device), val_tgt[r].to(ctx.device), val_doc[r].to(ctx.device))
+        loss = forward(eval_model, val_ids[r].to(ctx.device), val_tgt[r].to(ctx.device), val_doc[r].to(ctx.device))
         total += weight * torch.stack([loss.float(), torch.ones((), device=ctx.device)])
     total = common.sum_over_ranks(ctx, total)
     metrics = {'val/loss': (total[0] / total[1]).item()}
     metrics.update(heldout.stage_metrics(ctx, raw_model, tokenizer, task_items, eval_items_per_task))
-    model.train()
+    eval_model.train()
     return metrics
 
 

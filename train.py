@@ -281,6 +281,7 @@ if init_from == 'resume':
 ckpt = None  # free the memory
 raw_model = model
 model = common.wrap(ctx, model, compile_model)
+eval_model = common.eval_module(ctx, model, raw_model)
 
 
 @torch.no_grad()
@@ -290,7 +291,7 @@ def estimate_loss():
     summed back. With another layout than the default, val is measured in the default one too
     (rows anywhere, attention across documents): val/plain_loss, which compares across layouts."""
     out = {}
-    model.eval()
+    eval_model.eval()
     layouts = {'train': ('train', align_to_docs, doc_mask), 'val': ('val', align_to_docs, doc_mask)}
     if align_to_docs or doc_mask:
         layouts['plain'] = ('val', False, False)
@@ -300,11 +301,11 @@ def estimate_loss():
         for rows, weight in common.rank_share(ctx, ix):
             x, y, kwargs = windows(split, rows, masked)
             with ctx.autocast:
-                _, loss = model(x, y, **kwargs)
+                _, loss = eval_model(x, y, **kwargs)
             total += weight * torch.stack([loss.float(), torch.ones((), device=ctx.device)])
         total = common.sum_over_ranks(ctx, total)
         out[name] = (total[0] / total[1]).item()  # .item() is a host sync (once per layout per eval)
-    model.train()
+    eval_model.train()
     bpb = {k: v / math.log(2) / bytes_per_token if bytes_per_token else float('nan') for k, v in out.items()}
     metrics = {'val/loss': out['val'], 'val/bpb': bpb['val'], 'val/train_split_loss': out['train']}
     if 'plain' in out:
