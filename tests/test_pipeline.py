@@ -86,6 +86,7 @@ def test_quick_pipeline_runs_every_stage_and_resumes_after_a_kill(tmp_path):
     for section in ('## Stages', '## Every checkpoint on the same held-out data', '## A sample chat', '## Curves',
                     '## Alignment: SFT -> each stage on the same held-out items (McNemar)'):
         assert section in report
+    assert "From the first stage's start to the last one's end:" in report  # stages side by side: not their sum
     assert 'assistant>' in report and '| grpo | arithmetic |' in report and '| grpo | multiplication |' in report
     assert '| grpo | chat |' not in report  # a similarity score has no right or wrong to count
     assert '![sft](sft_curves.png)' in report and os.path.getsize(f'{run_dir}/sft_curves.png') > 10_000
