@@ -112,7 +112,8 @@ def launch(stage, cmd, threads=None, prefix=''):
     after `prefix`), to the console. threads: the stage's torch threads (OMP_NUM_THREADS); None
     leaves torch's default (every core)."""
     os.makedirs(f'{R}/{stage}', exist_ok=True)
-    print(f"\n=== {stage}: {' '.join(cmd)}" + (f"  ({threads} thread{'s' * (threads > 1)})" if threads else ''), flush=True)
+    with CONSOLE:
+        print(f"\n=== {stage}: {' '.join(cmd)}" + (f"  ({threads} thread{'s' * (threads > 1)})" if threads else ''), flush=True)
     env = {**os.environ, 'OMP_NUM_THREADS': str(threads)} if threads else None
     log = open(f'{R}/{stage}/log.txt', 'a')
     proc = subprocess.Popen([sys.executable, *cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -185,7 +186,7 @@ def run_stages(jobs, lanes=1):
 
 
 def run(stage, cmd):
-    """Run one stage's command alone, with every core."""
+    """Run one stage's command alone, with all the threads."""
     run_stages([(stage, cmd, ())])
 
 
@@ -204,6 +205,38 @@ def stage_command(stage):
 
 def done(stage):
     return os.path.exists(f'{R}/{stage}/done.json')
+
+
+def eval_command(stage):
+    return ['eval.py', f'--out_dir={R}/{stage}', f'--data_root={data_root}', f'--json_out={R}/{stage}/eval.json',
+            f'--items_per_task={50 if quick else 1000}']
+
+
+def after_sft_jobs(group):
+    """The jobs of the stages in `group` (of AFTER_SFT) for run_stages: the training stages longest
+    first (so that the short ones fill the gaps), every model's evaluation once that model is
+    trained, then the sample chat with the last model."""
+    trained = [s for s in LONGEST_FIRST if s in group]
+    jobs = [(s, stage_command(s), ()) for s in trained]
+    if 'eval' in group:  # every model on the same held-out data
+        jobs += [(f'eval-{s}', eval_command(s), (s,)) for s in MODEL_STAGES
+                 if s in trained or os.path.exists(f'{R}/{s}/ckpt.pt')]
+    if 'chat' in group:
+        last = next(s for s in reversed(MODEL_STAGES) if s in trained or os.path.exists(f'{R}/{s}/ckpt.pt'))
+        jobs.append(('chat', ['sample.py', f'--out_dir={R}/{last}', '--chat=True', '--temperature=0',
+                              '--max_new_tokens=40'], tuple(j[0] for j in jobs)))
+    return jobs
+
+
+def run_after_sft(group):
+    """The stages of `group` (of AFTER_SFT), `lanes` at a time; 'eval' is done once all its evaluations are."""
+    if not group:
+        return
+    run_stages(after_sft_jobs(group), lanes)
+    if 'eval' in group:
+        os.makedirs(f'{R}/eval', exist_ok=True)
+        with open(f'{R}/eval/done.json', 'w') as f:
+            json.dump({'stage': 'eval'}, f)
 
 
 # ----------------------------------------------------------------------------- the report card
@@ -431,37 +464,6 @@ if reference_from:  # the ranges of finished runs, as REFERENCE holds them
         print(f"    '{k}': ({min(r[k] for r in runs):.4f}, {max(r[k] for r in runs):.4f}),")
     print('}')
     sys.exit(0)
-def eval_command(stage):
-    return ['eval.py', f'--out_dir={R}/{stage}', f'--data_root={data_root}', f'--json_out={R}/{stage}/eval.json',
-            f'--items_per_task={50 if quick else 1000}']
-
-
-def after_sft_jobs(group):
-    """The jobs of the stages in `group` (of AFTER_SFT) for run_stages: the training stages longest
-    first (so that the short ones fill the gaps), every model's evaluation once that model is
-    trained, then the sample chat with the last model."""
-    trained = [s for s in LONGEST_FIRST if s in group]
-    jobs = [(s, stage_command(s), ()) for s in trained]
-    if 'eval' in group:  # every model on the same held-out data
-        jobs += [(f'eval-{s}', eval_command(s), (s,)) for s in MODEL_STAGES
-                 if s in trained or os.path.exists(f'{R}/{s}/ckpt.pt')]
-    if 'chat' in group:
-        last = next(s for s in reversed(MODEL_STAGES) if s in trained or os.path.exists(f'{R}/{s}/ckpt.pt'))
-        jobs.append(('chat', ['sample.py', f'--out_dir={R}/{last}', '--chat=True', '--temperature=0',
-                              '--max_new_tokens=40'], tuple(j[0] for j in jobs)))
-    return jobs
-
-
-def run_after_sft(group):
-    if not group:
-        return
-    run_stages(after_sft_jobs(group), lanes)
-    if 'eval' in group:
-        os.makedirs(f'{R}/eval', exist_ok=True)
-        with open(f'{R}/eval/done.json', 'w') as f:
-            json.dump({'stage': 'eval'}, f)
-
-
 wanted = stages.split(',')
 unknown = [s for s in wanted if s not in ('prepare', *STAGES, 'eval', 'chat')]
 if unknown:
