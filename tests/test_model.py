@@ -2,6 +2,7 @@
 
 import itertools
 import math
+import operator
 
 import pytest
 import torch
@@ -345,6 +346,38 @@ def test_chunked_token_logprobs_match_full_logits(monkeypatch, autocast, uses):
             assert (g - w).norm() / w.norm() < 1e-2
         else:
             torch.testing.assert_close(g, w, **tol)
+
+
+@pytest.mark.slow
+def test_compiled_model_runs_its_loss_chunks_through_one_small_graph(monkeypatch):
+    """Under torch.compile the chunk loop stays out of the model's graph (inlined, it unrolled one
+    copy of the chunk's kernels per chunk: 16 in pretrain_tiny, ~14 s of its first compile); each
+    chunk runs one compiled graph of its own, and the loss and gradients equal the eager ones,
+    the last partial chunk and ignored targets included."""
+    import model
+    monkeypatch.setattr(model, 'loss_chunk_rows', lambda vocab, device: 24)  # 64 rows: 24 + 24 + 16
+    torch.manual_seed(0)
+    gpt = GPT(tiny_config())
+    x, y = torch.randint(0, 64, (4, 16)), torch.randint(0, 64, (4, 16))
+    y[:, ::5] = -1
+    _, eager_loss = gpt(x, y)
+    eager_grads = torch.autograd.grad(eager_loss, list(gpt.parameters()))
+
+    graphs = []  # what the model's own compile captures: with the loss inlined, its chunk matmuls
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    _, loss = torch.compile(gpt, backend=backend)(x, y)
+    grads = torch.autograd.grad(loss, list(gpt.parameters()))
+    matmuls = [n for gm in graphs for sub in gm.modules() if isinstance(sub, torch.fx.GraphModule)
+               for n in sub.graph.nodes if n.target in (torch.matmul, operator.matmul)]  # subgraphs too
+    assert graphs and not matmuls, matmuls
+    torch.testing.assert_close(loss, eager_loss, atol=1e-5, rtol=1e-5)
+    for g, want in zip(grads, eager_grads):
+        torch.testing.assert_close(g, want, atol=1e-5, rtol=1e-5)
+    # the chunks ran the inductor-compiled chunk function (full chunks and the partial last one)
+    assert model.compiled_chunk_loss_and_grads.cache_info().currsize == 1
 
 
 def test_chunked_cross_entropy_all_targets_ignored_is_zero():
