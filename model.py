@@ -392,7 +392,8 @@ class LinearCrossEntropy(torch.autograd.Function):
     Liger-Kernel (Hsu et al. 2024). The gradients are computed in the forward pass, chunk by chunk,
     while the chunk's logits are at hand (d loss / d logits = softmax - one_hot, rows of ignored
     targets zero); backward only scales them by 1/count. Matmuls run in `dtype` (bf16 under
-    autocast), the softmax in fp32, and weight's gradient accumulates in fp32."""
+    autocast), the softmax in fp32, and weight's gradient accumulates in fp32. chunk_fn is
+    chunk_loss_and_grads, or its compiled graph (chunked_cross_entropy)."""
 
     @staticmethod
     def forward(ctx, h, weight, targets, chunk, dtype, chunk_fn):
@@ -401,9 +402,9 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros_like(weight, dtype=torch.float32)
         total = torch.zeros((), device=h.device, dtype=torch.float32)
         for start in range(0, h.size(0), chunk):
-            loss, grad_h[start:start + chunk], grad_w_c = chunk_fn(h[start:start + chunk].to(dtype), w,
-                                                                   targets[start:start + chunk])
+            loss, grad_h_c, grad_w_c = chunk_fn(h[start:start + chunk].to(dtype), w, targets[start:start + chunk])
             total += loss
+            grad_h[start:start + chunk] = grad_h_c
             grad_w += grad_w_c
         n = (targets != -1).sum().clamp(min=1)
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype), n)
@@ -420,7 +421,7 @@ class LinearCrossEntropy(torch.autograd.Function):
 def chunked_cross_entropy(h, weight, targets, chunk, dtype, compiled):
     """LinearCrossEntropy, outside any compiled graph. A model compiled whole inlined its chunk loop
     into its graph, one copy of the chunk's kernels per chunk; here (compiled=True) every chunk runs
-    one small compiled graph instead: pretrain_tiny's first step from a cold inductor cache 43 -> 29 s
+    one small compiled graph instead: pretrain_tiny's first step from a cold inductor cache 43 -> 28 s
     (16 chunks; 6.8 -> 5.6 s from a warm one), (6, 256, 8, 4, 256, 8) 37 -> 31 s; the steps as fast
     (bench/bench_compile.py)."""
     return LinearCrossEntropy.apply(h, weight, targets, chunk, dtype,
