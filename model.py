@@ -417,11 +417,10 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grad_h * scale.to(grad_h.dtype), grad_w * scale, None, None, None, None
 
 
-@torch.compiler.disable
 def chunked_cross_entropy(h, weight, targets, chunk, dtype, compiled):
-    """LinearCrossEntropy, outside any compiled graph. A model compiled whole inlined its chunk loop
-    into its graph, one copy of the chunk's kernels per chunk; here (compiled=True) every chunk runs
-    one small compiled graph instead: pretrain_tiny's first step from a cold inductor cache 43 -> 28 s
+    """LinearCrossEntropy; compiled=True: called from a compiled graph, which it stays outside of
+    (cross_entropy_from_hidden). A model compiled whole inlined its chunk loop into its graph, one
+    copy of the chunk's kernels per chunk; here every chunk runs one small compiled graph instead: pretrain_tiny's first step from a cold inductor cache 43 -> 28 s
     (16 chunks; 6.8 -> 5.6 s from a warm one), (6, 256, 8, 4, 256, 8) 37 -> 31 s; the steps as fast
     (bench/bench_compile.py)."""
     return LinearCrossEntropy.apply(h, weight, targets, chunk, dtype,
@@ -442,7 +441,10 @@ def cross_entropy_from_hidden(h, weight, targets):
                                      reduction='sum')
             return losses / (targets != -1).sum().clamp(min=1)
         if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-            return chunked_cross_entropy(h, weight, targets, chunk, dtype, torch.compiler.is_compiling())
+            if torch.compiler.is_compiling():  # a graph break: the loss runs outside the model's graph
+                # (torch.compiler.disable here, not on the def: at import it would load dynamo, ~1 s)
+                return torch.compiler.disable(chunked_cross_entropy)(h, weight, targets, chunk, dtype, True)
+            return chunked_cross_entropy(h, weight, targets, chunk, dtype, False)
         w = weight.to(dtype)
         total = sum(chunk_log_probs(h[i:i + chunk].to(dtype), w, targets[i:i + chunk])[1].sum()
                     for i in range(0, h.size(0), chunk))

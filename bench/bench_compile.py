@@ -40,8 +40,12 @@ def child():
     import torch
     import model as M
     if variant == 'inlined':  # the loss traced into the model's graph, its loop unrolled per chunk
-        M.chunked_cross_entropy = lambda h, weight, targets, chunk, dtype, compiled: M.LinearCrossEntropy.apply(
-            h, weight, targets, chunk, dtype, M.chunk_loss_and_grads)
+        def inlined_loss(h, weight, targets):
+            dtype = M.compute_dtype(h)
+            with torch.autocast('cpu', enabled=False):
+                return M.LinearCrossEntropy.apply(h, weight, targets, M.loss_chunk_rows(weight.size(0), 'cpu'), dtype,
+                                                  M.chunk_loss_and_grads)
+        M.cross_entropy_from_hidden = inlined_loss
     L, C, H, KV, T, B = map(int, shape.split(','))
     torch.manual_seed(0)
     gpt = M.GPT(M.GPTConfig(vocab_size=vocab_size, block_size=T, n_layer=L, n_head=H, n_kv_head=KV, n_embd=C))
