@@ -420,9 +420,9 @@ class LinearCrossEntropy(torch.autograd.Function):
 def chunked_cross_entropy(h, weight, targets, chunk, dtype, compiled):
     """LinearCrossEntropy; compiled=True: called from a compiled graph, which it stays outside of
     (cross_entropy_from_hidden). A model compiled whole inlined its chunk loop into its graph, one
-    copy of the chunk's kernels per chunk; here every chunk runs one small compiled graph instead: pretrain_tiny's first step from a cold inductor cache 43 -> 28 s
-    (16 chunks; 6.8 -> 5.6 s from a warm one), (6, 256, 8, 4, 256, 8) 37 -> 31 s; the steps as fast
-    (bench/bench_compile.py)."""
+    copy of the chunk's kernels per chunk; here every chunk runs one small compiled graph instead:
+    pretrain_tiny's first step from a cold inductor cache 43 -> 28 s (16 chunks; 6.8 -> 5.6 s from
+    a warm one), (6, 256, 8, 4, 256, 8) 37 -> 31 s; the steps as fast (bench/bench_compile.py)."""
     return LinearCrossEntropy.apply(h, weight, targets, chunk, dtype,
                                     compiled_chunk_loss_and_grads() if compiled else chunk_loss_and_grads)
 
