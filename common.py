@@ -449,8 +449,8 @@ def adamw(params, learning_rate, weight_decay, betas, device_type, scaled=(), lr
     fused kernel is ~6x faster at the optimizer step (1.3M params: 3.6 -> 0.6 ms) and agrees with
     the foreach one to 2e-8 over 200 steps, but stays off: with it the default pipeline's SFT
     arithmetic once came out at 60% against 87.5% (one run each, 2026-12-01); from one pretrained
-    model (2026-12-06) two fused SFT runs gave arithmetic 90.9/96.3% and identity 77.5/77.5%,
-    three foreach runs 88.8-94.4% and 80-90%. More seeds before it is switched on."""
+    model (2026-12-06) three fused SFT runs gave arithmetic 90.9-96.3% and identity 77.5-82.5%,
+    four foreach runs 88.8-94.4% and 80-90%. More seeds before it is switched on."""
     groups = []
     for members, scale in ((list(params), 1.0), (list(scaled), lr_scale)):
         groups += [{'params': [p for p in members if p.dim() >= 2], 'weight_decay': weight_decay, 'lr_scale': scale},
