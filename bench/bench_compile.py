@@ -14,6 +14,7 @@ The first step's time is the compile (the step itself is ~0.15 s at pretrain_tin
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -92,7 +93,7 @@ def main():
                     results[name]['step'].append(res['step'])
                     print(f"  {name:8s} {kind}: first step {res['first']:5.1f} s, then {res['step'] * 1000:6.1f} ms/step "
                           f"(loss {res['loss']:.4f})", flush=True)
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    mean = statistics.mean
     o, i = results['ours'], results['inlined']
     for name in VARIANTS:
         r = results[name]
