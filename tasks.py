@@ -53,7 +53,28 @@ IDENTITY_QUESTIONS = [
     "Who am I talking to?", "Who am I chatting with?", "Are you an AI?", "What is your identity?",
     "Where do you come from?", "Who programmed you?", "Who owns you?", "Are you Llama?", "Are you made by OpenAI?",
     "Are you made by Google?", "Who designed you?", "What are you called?", "State your name.",
-    "Please tell me who you are.", "May I know your name?", "Who's your developer?"]
+    "Please tell me who you are.", "May I know your name?", "Who's your developer?",
+    # Suite version 5: 67 more, written by kind (name, maker, what it is, other assistants, who is
+    # answering, introductions). With 40 questions the held-out side had 14, a question's variants
+    # moving the metric by ~7 points, and the train side had 26, too few to generalise from: SFT
+    # identity came out 75-92.5% run to run on the same data. The first 40 keep their sides.
+    "What do you call yourself?", "Do you go by a name?", "What name were you given?", "How should I address you?",
+    "What is your full name?", "Tell me your name.", "Can you tell me your name?", "Have you got a name?",
+    "Give me your name.", "What name do you use?", "What's your name, assistant?", "Is there a name I can call you by?",
+    "Who built this model?", "Who is behind you?", "Which team made you?", "Who wrote you?", "Who is responsible for you?",
+    "Which organization created you?", "Who trained this assistant?", "Who are your developers?", "Who coded you?",
+    "Where were you made?", "Which lab built you?", "Who gave you your name?", "Who are your creators?",
+    "Are you a robot?", "Are you a person?", "Are you a chatbot?", "Are you a language model?",
+    "Are you a large language model?", "What sort of program are you?", "Are you alive?", "Are you a real person?",
+    "Is this a bot?", "Am I talking to a machine?", "Am I talking to a computer?", "What exactly are you?",
+    "Are you Gemini?", "Are you Bard?", "Are you Copilot?", "Are you Siri?", "Are you Alexa?", "Are you GPT-3?",
+    "Are you made by Meta?", "Are you made by Anthropic?", "Are you from Microsoft?", "Are you based on ChatGPT?",
+    "Is this ChatGPT?", "Are you Mistral?",
+    "Who is this?", "Who's there?", "Who am I speaking with?", "Who's on the other end?", "Who is answering me?",
+    "Who is replying to me?", "Whom am I addressing?", "Who are you exactly?",
+    "Describe yourself.", "Say something about yourself.", "Give me a short introduction.", "Tell me who you are.",
+    "Explain what you are.", "Who are you, and who made you?", "What is your name and who made you?",
+    "Identify yourself.", "Tell me a little about you.", "Could you say who you are?"]
 GREETING_PREFIXES = ["", "Hi! ", "Hello. ", "Hey, ", "Quick question: ", "Excuse me, "]
 SYSTEM_PROMPTS = ["You are a helpful assistant.", "You are a concise assistant. Answer briefly."]
 
@@ -118,8 +139,8 @@ FACTS = [
     ("How many sides does a square have?", "A square has 4 sides.")]
 
 SIZES = {  # records per split and task; tests hold out phrasings, problems, functions and facts
-    'sft_train': {'identity': 400, 'arithmetic': 12000, 'code': 400, 'chat': 600, 'multiplication': 5000},
-    'sft_test': {'identity': 40, 'arithmetic': 1000, 'code': 40, 'chat': 40, 'multiplication': 1000},  # 1000: a few points' change shows
+    'sft_train': {'identity': 800, 'arithmetic': 12000, 'code': 400, 'chat': 600, 'multiplication': 5000},
+    'sft_test': {'identity': 120, 'arithmetic': 1000, 'code': 40, 'chat': 40, 'multiplication': 1000},  # 1000: a few points' change shows
     'pref_train': {'identity': 300, 'arithmetic': 12000, 'code': 300, 'multiplication': 5000},
     'pref_test': {'identity': 40, 'arithmetic': 500, 'code': 30, 'multiplication': 300},
     # RL prompts: nearly every train-side problem. GRPO on a fixed 2,000 memorised those prompts
@@ -130,8 +151,9 @@ SIZES = {  # records per split and task; tests hold out phrasings, problems, fun
 SPLITS = tuple(SIZES)
 # Bump when make_tasks gives other records for the same arguments: ensure_tasks then makes every
 # suite on disk again, with its own arguments. 2: the code and arithmetic leaks of issue 15 fixed;
-# 3: multiplication with working; 4: a rejected working's slip is never undone by abs().
-SUITE_VERSION = 4
+# 3: multiplication with working; 4: a rejected working's slip is never undone by abs(); 5: 107
+# identity questions (was 40), 800 train and 120 test items (were 400 and 40), a random stream per task.
+SUITE_VERSION = 5
 
 
 def _is_test(key, seed, test_fraction=0.2):
@@ -441,9 +463,9 @@ def make_tasks(seed=1337, name='Mini', maker='the Mini-LLM project', add_digits=
     out = {}
     for split in SPLITS:
         kind, test = split.split('_')[0], split.endswith('_test')
-        rng = random.Random(f"{seed}:{split}")
         records = []
         for task, n in sizes[split].items():
+            rng = random.Random(f"{seed}:{split}:{task}")  # its own stream: one task's size leaves the others' records be
             if task == 'identity':
                 records += identity_records(n, test, rng, seed, name, maker, kind)
             elif task == 'arithmetic':
@@ -456,7 +478,7 @@ def make_tasks(seed=1337, name='Mini', maker='the Mini-LLM project', add_digits=
                 records += multiplication_records(n, test, rng, seed, kind, long_mul_digits)
             else:
                 raise ValueError(f"unknown task {task!r} in sizes[{split!r}] (identity, arithmetic, code, chat, multiplication)")
-        rng.shuffle(records)
+        random.Random(f"{seed}:{split}").shuffle(records)
         out[split] = records
     return out
 

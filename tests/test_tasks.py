@@ -45,6 +45,17 @@ def test_same_seed_same_suite_other_seed_other_suite(suite):
     assert other['sft_train'] != suite['sft_train'] and other['rl_test'] != suite['rl_test']
 
 
+def test_a_tasks_size_leaves_the_other_tasks_records_as_they_were(suite):
+    """Each task draws from its own random stream: asking for more identity items (suite version 5
+    did) must not change which arithmetic or multiplication problems a split holds."""
+    more = tasks.make_tasks(seed=7, name='Robo', maker='ACME Labs', sizes={'sft_test': {'identity': 200}})
+    for task in ('arithmetic', 'multiplication', 'code', 'chat'):
+        def records(s):
+            return sorted(json.dumps(r, sort_keys=True) for r in items(s, 'sft_test', task))
+        assert records(more) == records(suite), task
+    assert len(items(more, 'sft_test', 'identity')) == 200
+
+
 def test_split_sizes_follow_the_defaults(suite):
     for split, sizes in tasks.SIZES.items():
         for task, n in sizes.items():
