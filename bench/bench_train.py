@@ -28,6 +28,7 @@ dtypes = ('float32', 'bfloat16')
 compile_model = False
 steps = 8  # timed steps per measurement (after warmup)
 repeats = 3  # ours/theirs measured alternately this many times; the best of each is kept
+fused_adamw = True  # both models' AdamW fused, as our scripts run it (transformers' Trainer: optim='adamw_torch_fused')
 config = configure(globals())  # overrides from --key=value arguments
 # -----------------------------------------------------------------------------
 
@@ -52,7 +53,7 @@ def build_pair(n_layer, n_embd, n_head, n_kv_head, block_size):
 
 def make_step(model, is_ours, dtype, use_compile):
     """A closure running one training step on a fixed batch."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused_adamw)
     fwd = torch.compile(model) if use_compile else model
     autocast = torch.autocast('cpu', dtype=torch.bfloat16, enabled=dtype == 'bfloat16')
 
@@ -78,7 +79,8 @@ def main():
     torch.manual_seed(0)
     peaks = {d: measure_peak_flops('cpu', d, seconds=1.0) for d in dtypes}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; matmul peak: "
-          + ", ".join(f"{d} {p / 1e9:,.0f} GFLOP/s" for d, p in peaks.items()))
+          + ", ".join(f"{d} {p / 1e9:,.0f} GFLOP/s" for d, p in peaks.items())
+          + f"; AdamW {'fused' if fused_adamw else 'foreach'} for both")
     print(f"{'shape (L,C,H,KV,T,B)':<26}{'mode':<18}{'ours tok/s':>12}{'hf tok/s':>12}{'ratio':>8}{'MFU ours':>10}{'MFU hf':>8}")
     modes = [(d, False) for d in dtypes] + ([(d, True) for d in dtypes] if compile_model else [])
     for shape in shapes:
