@@ -198,7 +198,7 @@ def test_tasks_mode_writes_the_six_task_files(tmp_path):
     files = sorted(os.listdir(tmp_path / 'tasks'))
     assert files == sorted([f'{s}.jsonl' for s in ('sft_train', 'sft_test', 'pref_train', 'pref_test', 'rl_train',
                                                    'rl_test')] + ['tasks.json'])
-    assert 'Robo' in (tmp_path / 'tasks' / 'sft_train.jsonl').read_text() and 'sft_train 18,400' in proc.stdout
+    assert 'Robo' in (tmp_path / 'tasks' / 'sft_train.jsonl').read_text() and 'sft_train 18,800' in proc.stdout
 
 
 # ----------------------------------------------------------------------------- at scale (issue 15)
