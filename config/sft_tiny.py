@@ -4,7 +4,7 @@
 init_from = 'out-tiny'
 out_dir = 'out-sft'
 eval_interval = 500  # an eval generates ~2,100 answers (~4.5 s here): every 200 iterations was 45 s of the run
-eval_items_per_task = 1000  # all 1,000 held-out arithmetic problems (the other tasks have 40)
+eval_items_per_task = 1000  # all 1,000 held-out arithmetic problems (identity has 120, code and chat 40)
 log_interval = 20
 wandb_run_name = 'sft-tiny'
 
