@@ -56,6 +56,21 @@ def test_a_tasks_size_leaves_the_other_tasks_records_as_they_were(suite):
     assert len(items(more, 'sft_test', 'identity')) == 200
 
 
+def test_held_out_identity_spans_enough_questions_for_a_metric_that_moves_in_small_steps():
+    """The identity metric's resolution is the number of held-out questions, not items: a model gets a
+    question's variants mostly all right or all wrong. With 14 held-out questions one question moved
+    SFT identity by ~7 points (suite version 4). The default suite (seed 1337, what the pipeline and
+    its reference ranges use) holds out 37 of suite 5's 107 and trains on 70 (another seed's hash
+    split holds out ~20%: 23 and 84 at seed 7)."""
+    default = tasks.make_tasks()
+
+    def question(r):
+        return re.sub(r'^(hi! |hello\. |hey, |quick question: |excuse me, )', '', prompt_of(r).lower()).rstrip('?.')
+    held_out = {question(r) for r in items(default, 'sft_test', 'identity')}
+    trained = {question(r) for r in items(default, 'sft_train', 'identity')}
+    assert len(held_out) >= 30 and len(trained) >= 60, (len(held_out), len(trained))
+
+
 def test_split_sizes_follow_the_defaults(suite):
     for split, sizes in tasks.SIZES.items():
         for task, n in sizes.items():
