@@ -35,6 +35,11 @@ def problem_key(prompt):
     return f"{int(m.group(1))}{op}{int(m.group(3))}"
 
 
+def identity_question(record):
+    """An identity record's question without its greeting, case and end punctuation: the unit the split holds out."""
+    return re.sub(r'^(hi! |hello\. |hey, |quick question: |excuse me, )', '', prompt_of(record).lower()).rstrip('?.')
+
+
 def items(suite, side, task):
     return [r for split in tasks.SPLITS if split.endswith(side) for r in suite[split] if r['task'] == task]
 
@@ -49,10 +54,10 @@ def test_a_tasks_size_leaves_the_other_tasks_records_as_they_were(suite):
     """Each task draws from its own random stream: asking for more identity items (suite version 5
     did) must not change which arithmetic or multiplication problems a split holds."""
     more = tasks.make_tasks(seed=7, name='Robo', maker='ACME Labs', sizes={'sft_test': {'identity': 200}})
+    def records(s, task):
+        return sorted(json.dumps(r, sort_keys=True) for r in items(s, 'sft_test', task))
     for task in ('arithmetic', 'multiplication', 'code', 'chat'):
-        def records(s):
-            return sorted(json.dumps(r, sort_keys=True) for r in items(s, 'sft_test', task))
-        assert records(more) == records(suite), task
+        assert records(more, task) == records(suite, task), task
     assert len(items(more, 'sft_test', 'identity')) == 200
 
 
@@ -63,11 +68,8 @@ def test_held_out_identity_spans_enough_questions_for_a_metric_that_moves_in_sma
     its reference ranges use) holds out 37 of suite 5's 107 and trains on 70 (another seed's hash
     split holds out ~20%: 23 and 84 at seed 7)."""
     default = tasks.make_tasks()
-
-    def question(r):
-        return re.sub(r'^(hi! |hello\. |hey, |quick question: |excuse me, )', '', prompt_of(r).lower()).rstrip('?.')
-    held_out = {question(r) for r in items(default, 'sft_test', 'identity')}
-    trained = {question(r) for r in items(default, 'sft_train', 'identity')}
+    held_out = {identity_question(r) for r in items(default, 'sft_test', 'identity')}
+    trained = {identity_question(r) for r in items(default, 'sft_train', 'identity')}
     assert len(held_out) >= 30 and len(trained) >= 60, (len(held_out), len(trained))
 
 
@@ -80,8 +82,7 @@ def test_split_sizes_follow_the_defaults(suite):
 
 def test_train_and_test_share_no_problem_phrasing_function_or_fact(suite):
     for task, key in [('arithmetic', lambda r: problem_key(prompt_of(r))),
-                      ('identity', lambda r: re.sub(r'^(hi! |hello\. |hey, |quick question: |excuse me, )', '',
-                                                    prompt_of(r).lower()).rstrip('?.')),
+                      ('identity', identity_question),
                       ('multiplication', lambda r: tasks.split_key(*re.fullmatch(r'(\d+)([*])(\d+)', problem_key(prompt_of(r))).groups())),
                       ('code', prompt_of), ('chat', prompt_of)]:
         train = {key(r) for r in items(suite, '_train', task)}
