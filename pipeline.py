@@ -5,7 +5,7 @@ The whole chain on tiny configs, offline, each stage starting from the previous 
 run_dir/report.md, with per-stage times, metrics (before -> after for the alignment stages),
 sample completions and curves.
 
-    python pipeline.py                  # 12-14 minutes on 2 CPU cores with native bf16 (AVX-512 bf16, AMX)
+    python pipeline.py                  # ~11-12 minutes on 2 CPU cores with native bf16 (AVX-512 bf16, AMX)
     python pipeline.py --dtype=float32  # ~23 minutes: what a CPU without native bf16 runs
     python pipeline.py --quick=True     # a few minutes: tiny everything (what CI runs)
 
@@ -74,6 +74,13 @@ lanes = (2 if THREADS >= 2 and not torch.cuda.is_available() else 1) if concurre
 COMPILED = ('pretrain', 'sft')  # fixed-shape batches; the other stages' shapes vary (recompiles)
 
 R = run_dir
+# The alignment stages run half their configs' iterations here: that half brought most of the gain on
+# held-out multiplication in the two suite-5 pipeline runs of 2026-12-07 (the stages' own evals at
+# the half-way point, points over SFT, half -> full: GRPO +6.6 -> +6.0 and +4.9 -> +6.5, PPO +5.8 ->
+# +6.5 and +5.1 -> +6.1, DPO +6.4 -> +6.8 and +5.1 -> +7.1) for half their ~870 s of the 2-lane work:
+# the run fits in 12 minutes on 2 cores. Run a stage's config alone for its full length.
+HALF = {'grpo': ['--max_iters=60'], 'ppo': ['--max_iters=30'],  # constant lr: the first half of the full run
+        'dpo': ['--max_iters=200', '--lr_decay_iters=200']}  # its cosine decay ends with the run
 STAGES = {  # stage: (script, config file, extra args); each writes R/<stage>
     'pretrain': ('train.py', 'config/pretrain_tiny.py', []),
     'sft': ('sft.py', 'config/sft_tiny.py', [f'--init_from={R}/pretrain']),
@@ -81,13 +88,13 @@ STAGES = {  # stage: (script, config file, extra args); each writes R/<stage>
     # online DPO (pairs of the policy's own samples, judged by the exact match) on the multiplication
     # prompts: +4.1 points there in 69 s (+6.1 in 119 s), where offline DPO on the suite's pairs
     # (config/dpo_tiny.py) took the same 68 s and lost 2.4 (its pairs' slips are not the model's own)
-    'dpo': ('dpo.py', 'config/dpo_online_tiny.py', [f'--init_from={R}/sft']),
+    'dpo': ('dpo.py', 'config/dpo_online_tiny.py', [f'--init_from={R}/sft', *HALF['dpo']]),
     # PPO and GRPO learn multiplication from the exact-match reward. With the reward model's score
     # alone (RLHF proper, docs/alignment.md; 98% right on held-out multiplication pairs) PPO lowered
     # held-out multiplication from 65.1% to 61.3% (McNemar z -2.9): the policy climbs the score's
     # likelihood term (3 x the mean log-likelihood), not the answer. The exact match took it to 70.4%.
-    'ppo': ('ppo.py', 'config/ppo_tiny.py', [f'--init_from={R}/sft']),
-    'grpo': ('ppo.py', 'config/grpo_tiny.py', [f'--init_from={R}/sft']),
+    'ppo': ('ppo.py', 'config/ppo_tiny.py', [f'--init_from={R}/sft', *HALF['ppo']]),
+    'grpo': ('ppo.py', 'config/grpo_tiny.py', [f'--init_from={R}/sft', *HALF['grpo']]),
 }
 QUICK = {  # --quick: shorter, still learning something measurable
     'pretrain': ['--max_iters=200', '--lr_decay_iters=200', '--eval_interval=100', '--eval_iters=5', '--warmup_iters=20'],
@@ -100,7 +107,7 @@ QUICK = {  # --quick: shorter, still learning something measurable
 }
 MODEL_STAGES = ['pretrain', 'sft', 'dpo', 'ppo', 'grpo']  # evaluated by eval.py on equal terms
 AFTER_SFT = ('reward', 'dpo', 'ppo', 'grpo', 'eval', 'chat')  # run together (run_after_sft), concurrent_stages at a time
-LONGEST_FIRST = ('grpo', 'ppo', 'dpo', 'reward')  # 151, 135, 103 and 44 s on 2 threads (bf16 on 2 cores)
+LONGEST_FIRST = ('grpo', 'ppo', 'dpo', 'reward')  # 167, 149, 113 and 79 s on 1 thread each, two at a time (HALF)
 CHAT_PROMPTS = ['Who are you?', 'What is 23+45?', 'What is the capital of France?']
 
 
