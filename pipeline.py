@@ -77,8 +77,9 @@ R = run_dir
 # The alignment stages run half their configs' iterations here: that half brought most of the gain on
 # held-out multiplication in the two suite-5 pipeline runs of 2026-12-07 (the stages' own evals at
 # the half-way point, points over SFT, half -> full: GRPO +6.6 -> +6.0 and +4.9 -> +6.5, PPO +5.8 ->
-# +6.5 and +5.1 -> +6.1, DPO +6.4 -> +6.8 and +5.1 -> +7.1) for half their ~870 s of the 2-lane work:
-# the run fits in 12 minutes on 2 cores. Run a stage's config alone for its full length.
+# +6.5 and +5.1 -> +6.1, DPO +6.4 -> +6.8 and +5.1 -> +7.1) for half their ~870 s of 2-lane work:
+# the whole run took 657-744 s on 2 cores in the machine's slowest hour seen (833 s at full length
+# in a faster one). Run a stage's config alone for its full length.
 HALF = {'grpo': ['--max_iters=60'], 'ppo': ['--max_iters=30'],  # constant lr: the first half of the full run
         'dpo': ['--max_iters=200', '--lr_decay_iters=200']}  # its cosine decay ends with the run
 STAGES = {  # stage: (script, config file, extra args); each writes R/<stage>
