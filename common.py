@@ -61,6 +61,18 @@ def cpu_has_native_bf16(cpuinfo='/proc/cpuinfo'):
     return bool(flags & {'avx512_bf16', 'amx_bf16'}) and torch.backends.mkldnn.is_available()
 
 
+def emulated_dtype_warning(device_type, dtype):
+    """A warning when dtype is bf16 or fp16 on a CPU without bf16 matmul instructions (AVX2-only
+    x86, e.g. AMD Zen 3), else None. There torch emulates the half-precision matmuls: on a Zen 3
+    core pair, 2026-12-07, bf16 matmuls ran at 0.3-15 GFLOP/s against fp32's 65-145 and a
+    pretrain_tiny step took 8.6 s in bf16 against 0.5 s in fp32. It is the user's choice, so warn."""
+    if device_type != 'cpu' or dtype not in ('bfloat16', 'float16') or cpu_has_native_bf16():
+        return None
+    return (f"warning: dtype={dtype} on this CPU, which has no bf16 matmul instructions (AVX-512 BF16 or AMX): "
+            f"torch emulates it, and a training step runs many times slower than in float32 (17x on a Zen 3 "
+            f"CPU). Use --dtype=float32 (or auto).")
+
+
 def inference_precision(device, dtype):
     """(device, torch dtype) to sample or serve in: device 'auto' = the best available; dtype 'auto'
     = bf16 on GPUs that support it, else fp32 (weights are cast, no autocast: nothing is trained)."""
@@ -71,6 +83,9 @@ def inference_precision(device, dtype):
     ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}.get(dtype)
     if ptdtype is None:
         raise SystemExit(f"dtype={dtype!r}: expected float32, bfloat16, float16 or auto")
+    warning = emulated_dtype_warning(device.split(':')[0], dtype)
+    if warning:
+        print(warning, file=sys.stderr)
     return device, ptdtype
 
 
@@ -124,14 +139,22 @@ GPU_PEAK_FLOPS = {
 }
 
 
+def cpu_peak_dtype(dtype):
+    """The dtype whose matmul peak bounds a CPU step in `dtype`: bf16 where the CPU has bf16
+    instructions, else fp32 (emulated bf16 runs on the fp32 units)."""
+    return 'bfloat16' if dtype == 'bfloat16' and cpu_has_native_bf16() else 'float32'
+
+
 def measure_peak_flops(device_type, dtype, n=2048, seconds=0.3):
     """Matmul FLOP/s this machine reaches in `dtype`: the denominator of MFU. On GPUs we take the
     datasheet's dense figure for the dtype (bf16/fp16, else tf32) when the device's exact name is
-    in GPU_PEAK_FLOPS, else 0 (MFU unknown): measuring would need a warm, idle GPU."""
+    in GPU_PEAK_FLOPS, else 0 (MFU unknown): measuring would need a warm, idle GPU. On a CPU without
+    bf16 instructions bf16 is emulated in fp32 units: the fp32 peak is the hardware's (and one
+    emulated 2048^3 bf16 matmul took ~60 s there)."""
     if device_type == 'cuda':
         half, tf32 = GPU_PEAK_FLOPS.get(torch.cuda.get_device_name().strip(), (0.0, 0.0))
         return half if dtype in ('bfloat16', 'float16') else tf32
-    ptdtype = torch.bfloat16 if dtype == 'bfloat16' else torch.float32
+    ptdtype = torch.bfloat16 if cpu_peak_dtype(dtype) == 'bfloat16' else torch.float32
     g = torch.Generator().manual_seed(0)  # not the global stream: a resumed run's dropout must not shift
     a, b = torch.randn(n, n, dtype=ptdtype, generator=g), torch.randn(n, n, dtype=ptdtype, generator=g)
     a @ b  # warm up
@@ -402,6 +425,9 @@ def setup(device, dtype, seed, out_dir, gradient_accumulation_steps=None, parall
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     autocast, scaler, dtype = autocast_context(device_type, dtype)
+    warning = emulated_dtype_warning(device_type, dtype)
+    if rank == 0 and warning:
+        print(warning, file=sys.stderr)
     if rank == 0:
         os.makedirs(out_dir, exist_ok=True)
     return SimpleNamespace(ddp=ddp, rank=rank, local_rank=local_rank, world_size=world_size, master=rank == 0,

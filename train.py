@@ -323,7 +323,8 @@ def state():
 log, stop = common.start_logging(ctx, config, init_from == 'resume', iter_num, wandb_log, wandb_project, wandb_run_name)
 if ctx.master and peak_flops == 0.0:
     peak_flops = common.measure_peak_flops(ctx.device_type, ctx.dtype)
-    print(f"matmul peak for MFU: {peak_flops / 1e9:,.0f} GFLOP/s ({ctx.dtype})" if peak_flops else "MFU: unknown GPU peak")
+    measured = ctx.dtype if ctx.device_type == 'cuda' else common.cpu_peak_dtype(ctx.dtype)
+    print(f"matmul peak for MFU: {peak_flops / 1e9:,.0f} GFLOP/s ({measured})" if peak_flops else "MFU: unknown GPU peak")
 
 # the training loop
 iter_start, running_mfu, interrupted = iter_num, -1.0, False
