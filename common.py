@@ -69,8 +69,8 @@ def emulated_dtype_warning(device_type, dtype):
     if device_type != 'cpu' or dtype not in ('bfloat16', 'float16') or cpu_has_native_bf16():
         return None
     return (f"warning: dtype={dtype} on this CPU, which has no bf16 matmul instructions (AVX-512 BF16 or AMX): "
-            f"torch emulates it, and a training step runs many times slower than in float32 (17x on a Zen 3 "
-            f"CPU). Use --dtype=float32 (or auto).")
+            "torch emulates it, and a training step runs many times slower than in float32 (17x on a Zen 3 "
+            "CPU). Use --dtype=float32 (or auto).")
 
 
 def inference_precision(device, dtype):
@@ -154,7 +154,7 @@ def measure_peak_flops(device_type, dtype, n=2048, seconds=0.3):
     if device_type == 'cuda':
         half, tf32 = GPU_PEAK_FLOPS.get(torch.cuda.get_device_name().strip(), (0.0, 0.0))
         return half if dtype in ('bfloat16', 'float16') else tf32
-    ptdtype = torch.bfloat16 if cpu_peak_dtype(dtype) == 'bfloat16' else torch.float32
+    ptdtype = getattr(torch, cpu_peak_dtype(dtype))
     g = torch.Generator().manual_seed(0)  # not the global stream: a resumed run's dropout must not shift
     a, b = torch.randn(n, n, dtype=ptdtype, generator=g), torch.randn(n, n, dtype=ptdtype, generator=g)
     a @ b  # warm up
@@ -425,10 +425,10 @@ def setup(device, dtype, seed, out_dir, gradient_accumulation_steps=None, parall
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     autocast, scaler, dtype = autocast_context(device_type, dtype)
-    warning = emulated_dtype_warning(device_type, dtype)
-    if rank == 0 and warning:
-        print(warning, file=sys.stderr)
     if rank == 0:
+        warning = emulated_dtype_warning(device_type, dtype)
+        if warning:
+            print(warning, file=sys.stderr)
         os.makedirs(out_dir, exist_ok=True)
     return SimpleNamespace(ddp=ddp, rank=rank, local_rank=local_rank, world_size=world_size, master=rank == 0,
                            device=device, device_type=device_type, autocast=autocast, scaler=scaler, dtype=dtype,
