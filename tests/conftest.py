@@ -1,10 +1,12 @@
 """Shared test helpers: run a stage script as a user would, and a tiny prepared dataset."""
 
+import atexit
 import json
 import os
 import subprocess
 import sys
 import sysconfig
+import tempfile
 
 import numpy as np
 import pytest
@@ -16,13 +18,50 @@ if os.environ.get('PYTEST_XDIST_WORKER'):  # pytest -n N: N workers share the co
 
 
 def run_script(script, *args, env=None, check=True, timeout=600):
-    """Run `python script args...` from the repo root (scripts exec configurator.py from there)."""
-    full_env = {**os.environ, 'OMP_NUM_THREADS': os.environ.get('OMP_NUM_THREADS', '2'), **(env or {})}
-    proc = subprocess.run([sys.executable, script, *args], cwd=REPO, env=full_env, capture_output=True,
-                          text=True, timeout=timeout)
+    """Run `python script args...` from the repo root (scripts exec configurator.py from there).
+    It runs in a fork of a process that has imported torch already (tests/forks.py), unless it
+    needs another environment than that process started with, or is in OWN_PROCESS: then in a
+    process of its own."""
+    full_env = script_env(env)
+    if script not in OWN_PROCESS and without_per_test(full_env) == fork_server().env:
+        proc = run_forked([script, *args], {k: full_env[k] for k in PER_TEST if k in full_env}, timeout)
+    else:
+        proc = subprocess.run([sys.executable, script, *args], cwd=REPO, env=full_env, capture_output=True,
+                              text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def script_env(env=None):
+    return {**os.environ, 'OMP_NUM_THREADS': os.environ.get('OMP_NUM_THREADS', '2'), **(env or {})}
+
+
+# prepare.py imports no torch (it starts in 0.2 s) and forks workers whose memory a test bounds
+OWN_PROCESS = {'prepare.py'}
+PER_TEST = ['PYTEST_CURRENT_TEST']  # set by pytest for each test; no import reads it, the child gets it
+FORKS = []  # this pytest process's fork server, started at its first run_script
+
+
+def without_per_test(env):
+    return {k: v for k, v in env.items() if k not in PER_TEST}
+
+
+def fork_server():
+    if not FORKS:
+        from forks import ForkServer
+        FORKS.append(ForkServer(REPO, without_per_test(script_env())))
+        atexit.register(FORKS[0].close)
+    return FORKS[0]
+
+
+def run_forked(argv, env, timeout):
+    """argv run by the fork server: a CompletedProcess, as subprocess.run(capture_output=True, text=True) gives."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out, err = os.path.join(tmp, 'stdout'), os.path.join(tmp, 'stderr')
+        answer = fork_server().run(argv, out, err, env=env, timeout=timeout)
+        with open(out, errors='replace') as f_out, open(err, errors='replace') as f_err:
+            return subprocess.CompletedProcess([sys.executable, *argv], answer['rc'], f_out.read(), f_err.read())
 
 
 def write_token_dataset(path, tokenizer, train_docs, val_docs):

@@ -7,7 +7,7 @@ How a command runs (resolve()):
 - `python SCRIPT.py ...` as written plus QUICK[SCRIPT] appended: tiny sizes (2 steps, a few eval
   items), which win over the guide's values of those keys. A fork server runs it: one process
   imports torch and the repo's modules once, then forks, and the child runs the script as __main__
-  with the guide's argv (~0.05 s to start instead of ~2 s; see fork_server). Its stdin is two chat
+  with the guide's argv (~0.1 s to start instead of ~2 s; see tests/forks.py). Its stdin is two chat
   lines, what a reader types into `sample.py --chat=True`. Python blocks run the same way.
 - a command that cannot run here as written (GPUs, the network, pip) is in REDUCED, with what runs
   instead and why. A command that is neither a repo script nor in REDUCED fails the fast test
@@ -21,13 +21,9 @@ Run with -s to see each command's wall and CPU time.
 """
 
 import ast
-import atexit
-import importlib
 import json
 import os
 import re
-import runpy
-import select
 import shlex
 import shutil
 import signal
@@ -35,11 +31,11 @@ import subprocess
 import sys
 import sysconfig
 import time
-import traceback
 
 import pytest
 
 from conftest import REPO
+from forks import ForkServer
 
 DOCS = os.path.join(REPO, 'docs')
 GUIDES = ['getting-started.md', 'data.md', 'model.md', 'training.md', 'inference.md', 'alignment.md', 'export.md']
@@ -94,9 +90,6 @@ REDUCED = {
 SHELL = {'|', '||', '&&', ';', '&', '>', '>>', '<'}
 # what the scripts import, some of it lazily: torch._dynamo (1.4 s) on the first torch.optim use,
 # transformers' model classes on the first export or import
-PRELOAD = ['torch', 'torch._dynamo', 'numpy', 'tiktoken', 'configurator', 'common', 'model', 'tokenizer', 'data', 'tasks',
-           'generate', 'heldout', 'preference', 'rewardmodel', 'dpo_loss', 'rl', 'lora', 'hf', 'gguf_export',
-           'transformers', 'transformers.models.llama.modeling_llama', 'safetensors.torch']
 CHAT_INPUT = 'Who are you?\nWhat is 2+3?\n'  # what a reader types into sample.py --chat=True
 
 
@@ -283,60 +276,6 @@ def working_copy(root):
 
 # ----------------------------------------------------------------------------- running commands
 
-def fork_server(work):
-    """Run the jobs sent as JSON lines on stdin, each in a fork of this process, which has imported
-    torch and the repo's modules once; answer each with a JSON line {"rc": exit code, "cpu": seconds}.
-    ~55 commands x ~2 s of imports each would be most of the test's time. Forking is safe here: the
-    imports start no threads (torch's pools start at its first op, in the child)."""
-    os.chdir(work)
-    sys.path.insert(0, work)
-    for name in PRELOAD:
-        try:
-            importlib.import_module(name)
-        except Exception:  # the command that imports it fails the same way, with its own traceback
-            pass
-    for line in sys.stdin:
-        job = json.loads(line)
-        sys.stdout.flush()
-        pid = os.fork()
-        if pid == 0:
-            run_job(job)
-        _, status, usage = os.wait4(pid, 0)
-        print(json.dumps({'rc': os.waitstatus_to_exitcode(status), 'cpu': usage.ru_utime + usage.ru_stime}), flush=True)
-
-
-def run_job(job):
-    """In the forked child: the script (or code) as __main__ with the job's argv, output to its log."""
-    log = os.open(job['log'], os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-    os.dup2(log, 1)
-    os.dup2(log, 2)
-    os.dup2(os.open(job['stdin'], os.O_RDONLY), 0)  # not the server's pipe, for the child's own children too
-    sys.stdin = open(job['stdin'])
-    sys.argv = job['argv']
-    code = 1
-    try:
-        if sys.argv[0] == '-c':
-            exec(compile(sys.argv[1], job['where'], 'exec'), {'__name__': '__main__'})
-        elif sys.argv[0] == '-m':
-            sys.argv = sys.argv[1:]
-            runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)
-        else:
-            runpy.run_path(sys.argv[0], run_name='__main__')
-        code = 0
-    except SystemExit as e:  # sys.exit(n), or a script's error message
-        if e.code is None or isinstance(e.code, int):
-            code = e.code or 0
-        else:
-            print(e.code, file=sys.stderr)
-    except BaseException:
-        traceback.print_exc()
-    finally:
-        atexit._run_exitfuncs()  # prepare.py removes its temp folder there
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-
-
 ENV = dict(os.environ, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1', WANDB_MODE='disabled',
            TOKENIZERS_PARALLELISM='false')
 
@@ -346,10 +285,7 @@ class Guides:
 
     def __init__(self, work):
         self.work, self.done, self.server, self.port, self.times, self.cpu = work, set(), None, None, [], 0.0
-        code = f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import test_docs; test_docs.fork_server({work!r})"
-        self.forks = subprocess.Popen([sys.executable, '-c', code], cwd=work, env=ENV, stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, stderr=open(f'{work}/fork-server.log', 'w'), text=True,
-                                      start_new_session=True)
+        self.forks = ForkServer(work, ENV, stderr_path=f'{work}/fork-server.log')
         write(f'{work}/chat-input.txt', CHAT_INPUT)
 
     def run(self, guide, line, argv, code):
@@ -384,13 +320,10 @@ class Guides:
         return text.replace('127.0.0.1:8000', f'127.0.0.1:{self.port}') if self.port else text
 
     def fork(self, args, log, where, timeout=300):
-        self.forks.stdin.write(json.dumps({'argv': args, 'log': log, 'where': where,
-                                           'stdin': f'{self.work}/chat-input.txt'}) + '\n')
-        self.forks.stdin.flush()
-        if not select.select([self.forks.stdout], [], [], timeout)[0]:
-            os.killpg(self.forks.pid, signal.SIGKILL)
+        try:
+            answer = self.forks.run(args, log, log, stdin=f'{self.work}/chat-input.txt', timeout=timeout, where=where)
+        except subprocess.TimeoutExpired:
             raise AssertionError(f"{where}: no answer within {timeout} s:\n{open(log).read()[-3000:]}")
-        answer = json.loads(self.forks.stdout.readline())
         self.cpu += answer['cpu']
         return answer['rc']
 
@@ -418,11 +351,7 @@ class Guides:
 
     def close(self):
         self.stop_server()
-        self.forks.stdin.close()
-        try:
-            self.forks.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.forks.pid, signal.SIGKILL)
+        self.forks.close()
 
 
 @pytest.mark.slow
