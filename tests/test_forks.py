@@ -1,0 +1,67 @@
+"""tests/forks.py, the fork server run_script uses: a script run in a fork gives what its own
+process gives (output, exit code, files, the trained weights), and a run past its timeout is
+killed with its children."""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import REPO, fork_server, run_script
+
+
+def own_process(script, *args):
+    return subprocess.run([sys.executable, script, *args], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, 'OMP_NUM_THREADS': os.environ.get('OMP_NUM_THREADS', '2')})
+
+
+def test_a_forked_training_run_is_the_run_its_own_process_makes(tiny_data_dir, tmp_path):
+    data_root, dataset = tiny_data_dir
+    args = [f'--data_root={data_root}', f'--dataset={dataset}', '--n_layer=1', '--n_head=2', '--n_embd=32',
+            '--block_size=32', '--batch_size=2', '--max_iters=3', '--eval_interval=3', '--eval_iters=1',
+            '--dropout=0.1', '--compile_model=False']
+    forked = run_script('train.py', *args, f'--out_dir={tmp_path / "forked"}')
+    alone = own_process('train.py', *args, f'--out_dir={tmp_path / "alone"}')
+    assert alone.returncode == forked.returncode == 0, alone.stderr
+    a, b = (torch.load(tmp_path / name / 'ckpt.pt', weights_only=True)['model'] for name in ('forked', 'alone'))
+    assert all(torch.equal(a[k], b[k]) for k in b)  # same seeds, same data order, same dropout draws
+    assert forked.stdout.splitlines()[0] == alone.stdout.splitlines()[0]
+    # a script's error: the same message and exit code
+    forked, alone = run_script('sft.py', '--no_such_key=1', check=False), own_process('sft.py', '--no_such_key=1')
+    assert forked.returncode == alone.returncode == 1 and forked.stderr == alone.stderr != ''
+
+
+def test_exit_codes_open_files_and_atexit_as_in_a_process_of_its_own(tmp_path):
+    # the file sits in a reference cycle: only the collector closes (and so flushes) it on the way out
+    code = ("import atexit, sys; box = [open(sys.argv[1], 'w')]; box.append(box); box[0].write('left open'); "
+            "atexit.register(lambda: print('atexit ran')); sys.exit(3)")
+    alone = subprocess.run([sys.executable, '-c', code, str(tmp_path / 'own')], capture_output=True, text=True)
+    out, err = tmp_path / 'out', tmp_path / 'err'
+    answer = fork_server().run(['-c', code, str(tmp_path / 'forked')], str(out), str(err))
+    assert answer['rc'] == alone.returncode == 3
+    assert out.read_text() == alone.stdout == 'atexit ran\n'
+    assert (tmp_path / 'forked').read_text() == (tmp_path / 'own').read_text() == 'left open'
+    # an uncaught exception: exit code 1 and its traceback
+    answer = fork_server().run(['-c', 'raise ValueError("boom")'], str(out), str(err))
+    assert answer['rc'] == 1 and 'ValueError: boom' in err.read_text()
+
+
+def test_a_run_past_its_timeout_is_killed_with_its_children(tmp_path):
+    code = ("import subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
+            "print(child.pid, flush=True); time.sleep(600)")
+    out = tmp_path / 'out'
+    t0 = time.time()
+    with pytest.raises(subprocess.TimeoutExpired):
+        fork_server().run(['-c', code], str(out), str(tmp_path / 'err'), timeout=3)
+    assert time.time() - t0 < 30
+    grandchild = int(out.read_text())
+    for _ in range(50):  # killed with the group; gone once init has reaped it
+        if not os.path.exists(f'/proc/{grandchild}') or open(f'/proc/{grandchild}/stat').read().split()[2] == 'Z':
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"the run's child {grandchild} outlived the timeout")
+    assert run_script('sample.py', '--no_such_key=1', check=False).returncode == 1  # the server goes on
