@@ -23,8 +23,8 @@ def run_script(script, *args, env=None, check=True, timeout=600):
     needs another environment than that process started with, or is in OWN_PROCESS: then in a
     process of its own."""
     full_env = script_env(env)
-    if script not in OWN_PROCESS and without_per_test(full_env) == fork_server().env:
-        proc = run_forked([script, *args], {k: full_env[k] for k in PER_TEST if k in full_env}, timeout)
+    if script not in OWN_PROCESS and without_fork_env(full_env) == fork_server().env:
+        proc = run_forked([script, *args], {k: full_env[k] for k in FORK_ENV if k in full_env}, timeout)
     else:
         proc = subprocess.run([sys.executable, script, *args], cwd=REPO, env=full_env, capture_output=True,
                               text=True, timeout=timeout)
@@ -33,24 +33,33 @@ def run_script(script, *args, env=None, check=True, timeout=600):
     return proc
 
 
+def run_torchrun(nproc, script, *args, env=None, timeout=300):
+    """`torchrun --standalone --nproc_per_node=nproc script args...`, as run_script runs a script
+    (the launcher in a fork; the ranks are processes of their own, which torchrun starts)."""
+    return run_script('-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}', script, *args,
+                      env=env, timeout=timeout)
+
+
 def script_env(env=None):
     return {**os.environ, 'OMP_NUM_THREADS': os.environ.get('OMP_NUM_THREADS', '2'), **(env or {})}
 
 
 # prepare.py imports no torch (it starts in 0.2 s) and forks workers whose memory a test bounds
 OWN_PROCESS = {'prepare.py'}
-PER_TEST = ['PYTEST_CURRENT_TEST']  # set by pytest for each test; no import reads it, the child gets it
+# Set by pytest for each test, and the probes' output paths: no preloaded module reads them, so a
+# run that differs only in these still forks, and the fork sets them before the script starts
+FORK_ENV = ['PYTEST_CURRENT_TEST', 'PROBE_DIR', 'FEED_FILE']
 FORKS = []  # this pytest process's fork server, started at its first run_script
 
 
-def without_per_test(env):
-    return {k: v for k, v in env.items() if k not in PER_TEST}
+def without_fork_env(env):
+    return {k: v for k, v in env.items() if k not in FORK_ENV}
 
 
 def fork_server():
     if not FORKS:
         from forks import ForkServer
-        FORKS.append(ForkServer(REPO, without_per_test(script_env())))
+        FORKS.append(ForkServer(REPO, without_fork_env(script_env())))
         atexit.register(FORKS[0].close)
     return FORKS[0]
 

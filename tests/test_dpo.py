@@ -8,14 +8,12 @@ resumes exactly, skips a step that gave no pair, and refuses the settings it doe
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, run_script
+from conftest import run_script, run_torchrun
 from test_ppo import TOY_TOKENIZER, save_tiny
 from test_reward import history, make_checkpoint, toy_pairs, write_jsonl
 
@@ -180,9 +178,7 @@ def run_alone_and_on_two_ranks(args, tmp_path):
     """dpo.py with args in one process and on 2 ranks under torchrun: their two out_dirs."""
     single, ddp = str(tmp_path / 'single'), str(tmp_path / 'ddp')
     run_script('dpo.py', *args, f'--out_dir={single}')
-    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                           'dpo.py', *args, f'--out_dir={ddp}'], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    run_torchrun(2, 'dpo.py', *args, f'--out_dir={ddp}')
     return single, ddp
 
 

@@ -8,13 +8,11 @@ import json
 import math
 import os
 import random
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import REPO, run_script
+from conftest import run_script, run_torchrun
 
 import common
 import preference
@@ -234,11 +232,8 @@ def test_ddp_two_ranks_match_one_process_with_the_lm_term(sft_dir, toy_file, tmp
             '--gradient_accumulation_steps=2', '--lm_coef=0.5']
     single, ddp = str(tmp_path / 'single'), str(tmp_path / 'ddp')
     run_reward(sft_dir, single, *args)
-    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                           'reward.py', f'--init_from={sft_dir}', f'--out_dir={ddp}', '--batch_size=8', '--max_seq_len=64',
-                           '--warmup_iters=5', '--learning_rate=3e-3', *args],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    run_torchrun(2, 'reward.py', f'--init_from={sft_dir}', f'--out_dir={ddp}', '--batch_size=8', '--max_seq_len=64',
+                 '--warmup_iters=5', '--learning_rate=3e-3', *args)
     a, b = history(single), history(ddp)
     assert a[4]['val/loss'] < a[0]['val/loss']
     for key in ('val/loss', 'val/accuracy', 'val/margin'):

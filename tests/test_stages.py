@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import common
-from conftest import REPO, run_script, write_jsonl
+from conftest import REPO, run_script, run_torchrun, write_jsonl
 from test_reward import toy_pairs
 
 STAGES = ['pretrain', 'sft', 'reward', 'dpo', 'ppo']
@@ -59,10 +59,7 @@ def run_stage(stage, stage_args, out_dir, *args, ranks=1, probe_dir=None):
     if ranks == 1:
         return run_script(SCRIPTS[stage], *args)
     os.makedirs(probe_dir, exist_ok=True)
-    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={ranks}',
-                           'tests/ddp_probe.py', SCRIPTS[stage], *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, 'PROBE_DIR': str(probe_dir)})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_torchrun(ranks, 'tests/ddp_probe.py', SCRIPTS[stage], *args, env={'PROBE_DIR': str(probe_dir)})
     return [json.load(open(os.path.join(probe_dir, f'rank{r}.json'))) for r in range(ranks)]
 
 

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, run_script
+from conftest import REPO, run_script, run_torchrun
 
 TINY = ['--n_layer=2', '--n_head=2', '--n_embd=64', '--block_size=64', '--batch_size=4', '--eval_iters=4',
         '--log_interval=5', '--warmup_iters=5', '--learning_rate=3e-3', '--peak_flops=1e12']
@@ -62,9 +62,7 @@ def test_ddp_two_ranks_matches_one_process(tiny_data_dir, tmp_path, arch):
             '--lr_decay_iters=20', '--gradient_accumulation_steps=2', *arch]
     single, ddp = str(tmp_path / 'single'), str(tmp_path / 'ddp')
     run_script('train.py', *args, f'--out_dir={single}')
-    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                           'train.py', *args, f'--out_dir={ddp}'], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    run_torchrun(2, 'train.py', *args, f'--out_dir={ddp}')
     a, b = history(single), history(ddp)
     assert b[20]['val/loss'] == pytest.approx(a[20]['val/loss'], rel=1e-4)
     assert b[20]['val/train_split_loss'] == pytest.approx(a[20]['val/train_split_loss'], rel=1e-4)
@@ -323,12 +321,11 @@ def fed_to_model(tmp_path, data, out_dir, *args, ranks=1):
     probe.write_text(FEED_PROBE)
     data_root, dataset = data
     args = [f'--data_root={data_root}', f'--dataset={dataset}', f'--out_dir={out_dir}', *TINY, *args]
-    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'FEED_FILE': str(tmp_path / f'{os.path.basename(out_dir)}-fed')}
-    launcher = [sys.executable] if ranks == 1 else [sys.executable, '-m', 'torch.distributed.run', '--standalone',
-                                                    f'--nproc_per_node={ranks}']
-    proc = subprocess.run([*launcher, str(probe), 'train.py', *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    env = {'OMP_NUM_THREADS': '1', 'FEED_FILE': str(tmp_path / f'{os.path.basename(out_dir)}-fed')}
+    if ranks == 1:
+        run_script(str(probe), 'train.py', *args, env=env, timeout=300)
+    else:
+        run_torchrun(ranks, str(probe), 'train.py', *args, env=env)
     return [torch.load(env['FEED_FILE'] + str(r), weights_only=True) for r in range(ranks)]
 
 
