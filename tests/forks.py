@@ -25,7 +25,8 @@ import sys
 import threading
 import traceback
 
-# What the scripts import: torch's own import is most of a script's start-up
+# What the scripts import, some of it lazily: torch (~2 s), torch._dynamo (1.4 s) on the first
+# torch.optim use, transformers' model classes on the first export or import
 PRELOAD = ['torch', 'torch._dynamo', 'numpy', 'tiktoken', 'common', 'model', 'tokenizer', 'data', 'tasks',
            'generate', 'heldout', 'preference', 'rewardmodel', 'dpo_loss', 'rl', 'lora', 'hf', 'gguf_export',
            'transformers', 'transformers.models.llama.modeling_llama', 'safetensors.torch']

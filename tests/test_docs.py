@@ -88,8 +88,6 @@ REDUCED = {
          "arguments scores a continuation"),
 }
 SHELL = {'|', '||', '&&', ';', '&', '>', '>>', '<'}
-# what the scripts import, some of it lazily: torch._dynamo (1.4 s) on the first torch.optim use,
-# transformers' model classes on the first export or import
 CHAT_INPUT = 'Who are you?\nWhat is 2+3?\n'  # what a reader types into sample.py --chat=True
 
 
