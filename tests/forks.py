@@ -9,8 +9,9 @@ in the child), and the server does nothing else. The environment is fixed when t
 starts: torch and OpenMP read some variables at import, so a run that needs another environment
 is not sent here (conftest.run_script starts a process of its own for it).
 
-Protocol: one JSON job per line on the server's stdin, {"argv", "stdout", "stderr", "stdin"
-(paths), "env" (variables no import reads, set in the child)}; the server answers {"pid"} once it has forked and {"rc", "cpu"} when the child is done."""
+Protocol: one JSON job per line on the server's stdin: {"argv", "stdout", "stderr", "stdin"
+(paths), "env" (variables no import reads, set in the child)}. The server answers {"pid"} once
+it has forked and {"rc", "cpu"} when the child is done."""
 
 import atexit
 import gc
