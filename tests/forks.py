@@ -94,32 +94,42 @@ def run_child(job):
 
 
 class ForkServer:
-    """The client: start() the server in `cwd` with `env`, run() jobs one at a time, close()."""
+    """The client: start the server in `cwd` with `env`, run() jobs one at a time, close()."""
 
     def __init__(self, cwd, env, stderr_path=os.devnull):
         here = os.path.dirname(os.path.abspath(__file__))
         code = f"import sys; sys.path.insert(0, {here!r}); import forks; sys.path.pop(0); forks.serve({cwd!r})"
         self.env, self.lock = env, threading.Lock()
+        # Unbuffered pipes, read a byte at a time: a buffered reader could take the exit status in
+        # with the pid, and select() would then wait on an empty pipe for an answer already read.
         self.proc = subprocess.Popen([sys.executable, '-c', code], cwd=cwd, env=env, stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=open(stderr_path, 'w'), text=True,
+                                     stdout=subprocess.PIPE, stderr=open(stderr_path, 'w'), bufsize=0,
                                      start_new_session=True)
 
     def run(self, argv, stdout, stderr, stdin=os.devnull, env=None, timeout=600, where='<string>'):
         """Run argv (as after `python`) to completion: {"rc", "cpu"}. On a timeout the job's process
         group is killed and subprocess.TimeoutExpired raised, as subprocess.run would."""
         with self.lock:
-            job = {'argv': argv, 'stdout': stdout, 'stderr': stderr, 'stdin': stdin, 'env': env, 'where': where}
-            self.proc.stdin.write(json.dumps(job) + '\n')
-            self.proc.stdin.flush()
-            answer = self.proc.stdout.readline()
-            if not answer:
-                raise RuntimeError(f"the fork server is gone (exit code {self.proc.poll()})")
-            pid = json.loads(answer)['pid']
-            if not select.select([self.proc.stdout], [], [], timeout)[0]:
-                os.killpg(pid, signal.SIGKILL)
-                self.proc.stdout.readline()  # its exit status
-                raise subprocess.TimeoutExpired(argv, timeout)
-            return json.loads(self.proc.stdout.readline())
+            self.submit({'argv': argv, 'stdout': stdout, 'stderr': stderr, 'stdin': stdin, 'env': env, 'where': where})
+            return self.wait(argv, timeout)
+
+    def submit(self, job):
+        self.proc.stdin.write(json.dumps(job).encode() + b'\n')
+
+    def wait(self, argv, timeout):
+        """The submitted job's {"rc", "cpu"}, or kill it and raise after `timeout` seconds."""
+        pid = self.answer()['pid']
+        if not select.select([self.proc.stdout], [], [], timeout)[0]:
+            os.killpg(pid, signal.SIGKILL)
+            self.answer()  # its exit status
+            raise subprocess.TimeoutExpired(argv, timeout)
+        return self.answer()
+
+    def answer(self):
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the fork server is gone (exit code {self.proc.poll()})")
+        return json.loads(line)
 
     def close(self):
         self.proc.stdin.close()

@@ -65,3 +65,13 @@ def test_a_run_past_its_timeout_is_killed_with_its_children(tmp_path):
     else:
         raise AssertionError(f"the run's child {grandchild} outlived the timeout")
     assert run_script('sample.py', '--no_such_key=1', check=False).returncode == 1  # the server goes on
+
+
+def test_an_answer_that_arrives_with_the_pid_is_not_waited_for(tmp_path):
+    """A job that ends before the client reads its pid: both answers are in the pipe at once, and
+    the client must not have read the second into a buffer that select() cannot see."""
+    server, files = fork_server(), (str(tmp_path / 'out'), str(tmp_path / 'err'))
+    server.run(['-c', 'pass'], *files)  # the server is up (its imports take seconds)
+    server.submit({'argv': ['-c', 'pass'], 'stdout': files[0], 'stderr': files[1], 'stdin': os.devnull})
+    time.sleep(1)  # the server has written the pid and, the child done, its exit status
+    assert server.wait(['-c', 'pass'], timeout=5)['rc'] == 0
