@@ -36,7 +36,7 @@ PRELOAD = ['torch', 'torch._dynamo', 'numpy', 'tiktoken', 'common', 'model', 'to
 def serve(cwd):
     """The server's loop (run in a process of its own, see ForkServer): preload, then fork per job."""
     os.chdir(cwd)
-    sys.path.insert(0, cwd)
+    sys.path.insert(0, cwd)  # before the '' of `python -c`: sys.path[:2] in the child
     for name in PRELOAD:
         try:
             importlib.import_module(name)
@@ -64,6 +64,9 @@ def run_child(job):
     sys.stdin = open(job['stdin'])
     os.environ.update(job.get('env') or {})
     sys.argv = job['argv']
+    # sys.path[0] as python sets it (the server's is the cwd, for its imports): the script's folder
+    # for a script, '' for -c, the cwd for -m
+    sys.path[:2] = [{'-c': '', '-m': os.getcwd()}.get(sys.argv[0], os.path.dirname(os.path.abspath(sys.argv[0])))]
     code = 1
     try:
         if sys.argv[0] == '-c':

@@ -75,3 +75,13 @@ def test_an_answer_that_arrives_with_the_pid_is_not_waited_for(tmp_path):
     server.submit({'argv': ['-c', 'pass'], 'stdout': files[0], 'stderr': files[1], 'stdin': os.devnull})
     time.sleep(1)  # the server has written the pid and, the child done, its exit status
     assert server.wait(['-c', 'pass'], timeout=5)['rc'] == 0
+
+
+def test_the_script_s_folder_is_first_on_its_path_as_python_sets_it(tmp_path):
+    """A script outside the repo does not find the repo's modules unless it adds them, in a fork
+    too (configurator: one the server does not preload; one it does is in sys.modules already)."""
+    script = tmp_path / 'outside.py'
+    script.write_text("import sys; print(sys.path[0]); import configurator\n")
+    forked, alone = run_script(str(script), check=False), own_process(str(script))
+    assert forked.stdout == alone.stdout == f'{tmp_path}\n'
+    assert forked.returncode == alone.returncode == 1 and "No module named 'configurator'" in forked.stderr
