@@ -70,8 +70,8 @@ def run_child(job):
     code = 1
     try:
         if sys.argv[0] == '-c':
-            code, sys.argv = sys.argv[1], ['-c', *sys.argv[2:]]  # as `python -c CODE args` sets it
-            exec(compile(code, job.get('where', '<string>'), 'exec'), {'__name__': '__main__'})
+            source, sys.argv = sys.argv[1], ['-c', *sys.argv[2:]]  # as `python -c CODE args` sets it
+            exec(compile(source, job.get('where', '<string>'), 'exec'), {'__name__': '__main__'})
         elif sys.argv[0] == '-m':
             sys.argv = sys.argv[1:]
             runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)
