@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, fork_server, run_script
+from conftest import REPO, fork_server, run_script, script_env, without_fork_env
 
 
 def own_process(script, *args):
@@ -19,6 +19,7 @@ def own_process(script, *args):
 
 
 def test_a_forked_training_run_is_the_run_its_own_process_makes(tiny_data_dir, tmp_path):
+    assert without_fork_env(script_env()) == fork_server().env  # so run_script below forks
     data_root, dataset = tiny_data_dir
     args = [f'--data_root={data_root}', f'--dataset={dataset}', '--n_layer=1', '--n_head=2', '--n_embd=32',
             '--block_size=32', '--batch_size=2', '--max_iters=3', '--eval_interval=3', '--eval_iters=1',
