@@ -14,8 +14,7 @@ from conftest import REPO, fork_server, run_script, script_env, without_fork_env
 
 
 def own_process(script, *args):
-    return subprocess.run([sys.executable, script, *args], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, 'OMP_NUM_THREADS': os.environ.get('OMP_NUM_THREADS', '2')})
+    return subprocess.run([sys.executable, script, *args], cwd=REPO, capture_output=True, text=True, env=script_env())
 
 
 def test_a_forked_training_run_is_the_run_its_own_process_makes(tiny_data_dir, tmp_path):
