@@ -70,33 +70,55 @@ class GPTConfig:
         return asdict(self)
 
 
-def Dropout(p):
-    """nn.Dropout(p), or nothing at all when p == 0 (a Dropout(0) still costs a dispatched op per call)."""
-    return nn.Dropout(p) if p > 0 else nn.Identity()
+def dropout(x, p, training):
+    """F.dropout, or x itself when it would do nothing: a no-op call (or an nn.Identity module in its
+    place) still costs a dispatch or a module call, which is most of a decode step's time on a CPU."""
+    return F.dropout(x, p, training) if training and p > 0 else x
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight, statistics in fp32 (as Llama's), the result in x's dtype.
+    Written out rather than F.rms_norm: on the CPU that is a composite of ~15 small ops, two of them
+    copies of Python numbers into tensors, and costs 1.4x these five when decoding one token (each
+    op's dispatch is most of a step there) and 1.25x fwd+bwd at (8, 256, 256); the same values
+    (bitwise when the width is a power of two: 1/dim is exact). Shaped as nn.RMSNorm's: `weight`."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        xf = x.float()  # no copy when x is fp32 already (the residual stream)
+        sum_sq = (xf * xf).sum(-1, keepdim=True)
+        inv_rms = torch.rsqrt(torch.add(self.eps, sum_sq, alpha=1 / x.size(-1)))  # alpha: no scalar tensor
+        return (xf * inv_rms * self.weight).to(x.dtype)
 
 
 def Norm(config, dim=None):
     dim = dim or config.n_embd
     if config.norm == 'rmsnorm':
-        return nn.RMSNorm(dim, eps=config.norm_eps)
+        return RMSNorm(dim, eps=config.norm_eps)
     return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.bias)
 
 
 # ----------------------------------------------------------------------------- rotary embeddings
 
 def rope_cache(seq_len, head_dim, theta):
-    """cos/sin tables, (seq_len, head_dim/2) each: position p rotates pair i by p * theta^(-2i/d)."""
+    """cos/sin tables, (seq_len, head_dim) each, in apply_rope's layout: position p rotates the pair
+    (i, i + head_dim/2) by p * theta^(-2i/d); cos repeats over both halves, sin is negated on the first."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
 
 
 def apply_rope(x, cos, sin):
-    """x: (B, T, nh, hs), the heads in the matmul's own layout; cos/sin: (T, hs/2) or (B, T, hs/2), in
-    x's dtype (as Llama does: no fp32 copies of q, k). Rotates the two halves of each head."""
-    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # the head axis
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    """x: (B, T, nh, hs), the heads in the matmul's own layout; cos/sin from rope_cache, broadcast
+    over the heads: (T, 1, hs) or (B, T, 1, hs), in x's dtype (as Llama does: no fp32 copies of q, k).
+    Rotates the two halves of each head: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), with `roll`
+    swapping the halves: four ops, not the ten of chunk, four products and cat, and the same values."""
+    return x * cos + x.roll(x.size(-1) // 2, dims=-1) * sin
 
 
 # ----------------------------------------------------------------------------- KV cache
@@ -126,10 +148,10 @@ class KVCache:
             keys.index_copy_(2, self.slot, k)
             values.index_copy_(2, self.slot, v)
             return keys, values
-        T = k.size(2)
-        keys[:, :, self.pos:self.pos + T] = k
-        values[:, :, self.pos:self.pos + T] = v
-        return keys[:, :, :self.pos + T], values[:, :, :self.pos + T]
+        start, end = self.pos, self.pos + k.size(2)  # narrow, not [:, :, a:b]: one call, no index parsing
+        keys.narrow(2, start, end - start).copy_(k)
+        values.narrow(2, start, end - start).copy_(v)
+        return keys.narrow(2, 0, end), values.narrow(2, 0, end)
 
     def reorder(self, index):
         """Keep/duplicate batch rows (beam search)."""
@@ -145,9 +167,11 @@ def attention(q, k, v, attn_mask, is_causal, dropout, cached):
     included (measured on AVX-512 bf16 at T=256: 13.5 vs 18.1 ms for B=8, 8 heads, 4 kv heads; at
     64 dims bf16 wins, 27 vs 37 ms). Decoding against a cache stays in the cache's dtype, and one
     fp32 query per row against it, for 8 rows or more, is two matmuls and a softmax (below)."""
-    if cached and q.size(2) == 1 and q.dtype == torch.float32 and q.device.type == 'cpu' and q.size(0) >= 8:
+    # the checks cheapest first: a decode step pays for each (q.device.type alone builds an object)
+    if cached and q.dtype == torch.float32 and q.is_cpu and q.size(2) == 1 and q.size(0) >= 8:
         return single_query_attention(q, k, v, attn_mask)
-    out_dtype, upcast = q.dtype, q.device.type == 'cpu' and q.dtype == torch.bfloat16 and q.size(-1) <= 32 and not cached
+    out_dtype = q.dtype
+    upcast = out_dtype == torch.bfloat16 and not cached and q.is_cpu and q.size(-1) <= 32
     if upcast:
         q, k, v = q.float(), k.float(), v.float()
     # autocast would cast the fp32 q, k, v straight back to bf16 (SDPA is on its lower-precision
@@ -186,8 +210,7 @@ class Attention(nn.Module):
         self.c_proj.residual_proj = True
         self.q_norm = Norm(config, self.head_dim) if config.qk_norm else None
         self.k_norm = Norm(config, self.head_dim) if config.qk_norm else None
-        self.dropout = config.dropout
-        self.resid_dropout = Dropout(config.dropout)
+        self.dropout = config.dropout  # on the attention weights and on the output
 
     def forward(self, x, rope, attn_mask, kv_cache):
         B, T, _ = x.size()
@@ -214,7 +237,7 @@ class Attention(nn.Module):
         y = attention(q, k, v, attn_mask, is_causal=attn_mask is None and T > 1,
                       dropout=self.dropout if self.training else 0.0, cached=kv_cache is not None)
         y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)
-        return self.resid_dropout(self.c_proj(y))
+        return dropout(self.c_proj(y), self.dropout, self.training)
 
 
 # ----------------------------------------------------------------------------- feed-forward
@@ -229,7 +252,7 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, (2 if self.swiglu else 1) * hidden, bias=config.bias)
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.c_proj.residual_proj = True
-        self.dropout = Dropout(config.dropout)
+        self.dropout = config.dropout
 
     def forward(self, x):
         h = self.c_fc(x)
@@ -238,7 +261,7 @@ class MLP(nn.Module):
             h = F.silu(gate) * up
         else:
             h = F.gelu(h, approximate=self.gelu_approximate)
-        return self.dropout(self.c_proj(h))
+        return dropout(self.c_proj(h), self.dropout, self.training)
 
 
 class MoE(nn.Module):
@@ -272,7 +295,7 @@ class MoE(nn.Module):
         self.w_out = nn.Parameter(torch.randn(E, H, C) * 0.02)  # GPT re-initialises both
         self.w_out.residual_proj = True
         self.shared = MLP(config, config.n_shared_experts * H) if config.n_shared_experts else None
-        self.dropout = Dropout(config.dropout)
+        self.dropout = config.dropout
 
     def gates(self, probs):
         """Router probabilities (N, E) -> the top-k gate weights and expert ids, (N, k) each."""
@@ -314,7 +337,7 @@ class MoE(nn.Module):
 
         weight = (gate.view(-1) * keep).to(y.dtype)  # (N*k,)
         out = (y[slot] * weight[:, None]).view(N, k, C).sum(1)  # (N, C)
-        out = self.dropout(out.view(B, T, C))
+        out = dropout(out.view(B, T, C), self.dropout, self.training)
         if self.shared is not None:
             out = out + self.shared(x)
         return out, aux_loss
@@ -521,7 +544,6 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd) if config.pos == 'learned' else None,
-            drop=Dropout(config.dropout),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
             ln_f=Norm(config),
         ))
@@ -619,11 +641,12 @@ class GPT(nn.Module):
             x = x + self.transformer.wpe(positions)
         else:
             dtype = compute_dtype(x)  # cast once here, not in every layer
-            rope = (self.rope_cos[positions].to(dtype), self.rope_sin[positions].to(dtype))  # (T, hs/2) or (B, T, hs/2)
-        x = self.transformer.drop(x)
+            rope = (self.rope_cos[positions, None].to(dtype), self.rope_sin[positions, None].to(dtype))  # (T, 1, hs) or (B, T, 1, hs)
+        x = dropout(x, self.config.dropout, self.training)
         aux_loss = x.new_zeros((), dtype=torch.float32)
+        recompute = self.config.grad_checkpoint and self.training and torch.is_grad_enabled()
         for block in self.transformer.h:
-            if self.config.grad_checkpoint and self.training and torch.is_grad_enabled():
+            if recompute:
                 x, aux = checkpoint(block, x, rope, attn_mask, kv_cache, use_reentrant=False)
             else:
                 x, aux = block(x, rope, attn_mask, kv_cache)
@@ -642,7 +665,7 @@ class GPT(nn.Module):
         position only (generation). return_aux adds the unweighted aux loss as a third value."""
         x, aux_loss = self.hidden_states(idx, positions, attn_mask, kv_cache)
         if last_only:
-            x = x[:, [-1], :]
+            x = x[:, -1:, :]  # a view: indexing with [-1] built a tensor and copied
         logits = loss = None
         if targets is None:
             logits = self.lm_head(x)

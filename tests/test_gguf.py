@@ -133,10 +133,11 @@ def test_permuted_q_k_under_interleaved_rope_give_our_attention_scores(n_head, n
     T, C, hs = 7, 32, 16
     x = torch.randn(T, C, dtype=torch.float64)
     wq, wk = torch.randn(n_head * hs, C, dtype=torch.float64), torch.randn(n_kv_head * hs, C, dtype=torch.float64)
-    cos, sin = (t.double() for t in rope_cache(T, hs, 10000.0))
+    cos_table, sin_table = (t.double() for t in rope_cache(T, hs, 10000.0))  # (T, hs): apply_rope's layout
+    cos, sin = cos_table[:, :hs // 2], sin_table[:, hs // 2:]  # (T, hs/2): each pair's angle
 
     def ours(w, n):
-        return apply_rope((x @ w.t()).view(T, n, hs), cos, sin).transpose(0, 1)  # (n, T, hs)
+        return apply_rope((x @ w.t()).view(T, n, hs), cos_table[:, None], sin_table[:, None]).transpose(0, 1)  # (n, T, hs)
 
     def llama_cpp(w, n):
         y = (x @ gguf_export.permute_for_llama_rope(w, n).t()).view(T, n, hs).transpose(0, 1)

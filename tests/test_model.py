@@ -426,3 +426,50 @@ def test_single_query_attention_matches_sdpa(n_kv_head):
     for m in (None, mask):
         want = F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=n_kv_head != 4)
         torch.testing.assert_close(single_query_attention(q, k, v, m), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('width', [128, 96])
+def test_rmsnorm_matches_torch_rms_norm(width):
+    """model.RMSNorm (written out for speed) gives F.rms_norm's values and gradients: bitwise at a
+    power-of-two width (1/width is exact), within an ulp otherwise; a bf16 input comes back bf16."""
+    import torch.nn.functional as F
+    from model import RMSNorm
+    torch.manual_seed(0)
+    norm = RMSNorm(width, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(3, 5, width, requires_grad=True)
+    grad_out = torch.randn(3, 5, width)
+    ours = norm(x)
+    ours.backward(grad_out)
+    ours_grads = x.grad, norm.weight.grad
+    x.grad, norm.weight.grad = None, None
+    want = F.rms_norm(x, (width,), norm.weight, 1e-6)
+    want.backward(grad_out)
+    tol = dict(rtol=0, atol=0) if width == 128 else dict(rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ours, want, **tol)
+    torch.testing.assert_close(ours_grads[0], x.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours_grads[1], norm.weight.grad, rtol=1e-5, atol=1e-6)
+    x_bf16 = x.detach().bfloat16()
+    assert norm(x_bf16).dtype == torch.bfloat16
+    torch.testing.assert_close(norm(x_bf16), F.rms_norm(x_bf16, (width,), norm.weight, 1e-6), rtol=0, atol=0)
+
+
+def test_rope_rotates_each_pair_of_halves_by_its_angle():
+    """apply_rope with rope_cache's tables rotates the pair (i, i + hs/2) of each head by
+    p * theta^(-2i/hs) (Su et al. 2021 in Llama's halves layout), so q(m).k(n) depends on m - n only."""
+    from model import apply_rope, rope_cache
+    torch.manual_seed(0)
+    T, H, hs, theta = 11, 3, 8, 10000.0
+    cos, sin = rope_cache(T, hs, theta)  # (T, hs) each
+    x = torch.randn(T, H, hs, dtype=torch.float64)
+    ours = apply_rope(x, cos[:, None].double(), sin[:, None].double())
+    angle = torch.arange(T, dtype=torch.float64)[:, None] * theta ** (-torch.arange(0, hs, 2, dtype=torch.float64) / hs)
+    c, s = angle.cos()[:, None], angle.sin()[:, None]  # (T, 1, hs/2)
+    x1, x2 = x[..., :hs // 2], x[..., hs // 2:]
+    torch.testing.assert_close(ours, torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1), rtol=1e-6, atol=1e-6)
+    q, k = torch.randn(hs, dtype=torch.float64), torch.randn(hs, dtype=torch.float64)
+    rq = apply_rope(q.expand(T, 1, hs), cos[:, None].double(), sin[:, None].double())[:, 0]  # q at every position
+    rk = apply_rope(k.expand(T, 1, hs), cos[:, None].double(), sin[:, None].double())[:, 0]
+    torch.testing.assert_close(rq[5] @ rk[2], rq[9] @ rk[6])  # both 3 apart
+    torch.testing.assert_close(rq[0] @ rk[0], q @ k)
