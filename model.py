@@ -128,10 +128,11 @@ class KVCache:
     `pos` is how many positions are filled; GPT.forward writes at [pos, pos+T) and advances it.
 
     Static mode (`slot` set, a (1,) tensor): one token is written at cache slot `slot` and attention
-    reads all max_len slots, the caller's mask hiding the unfilled ones. Every step then has the
-    same shapes, so one compiled graph serves them all; the caller moves `slot`. (A tensor per
-    layer, not one for all: a compiled graph that writes into a slice of an input copies the whole
-    input, 1.6 ms a step here, where writing into a whole input is done in place.)"""
+    reads the first `length` slots (max_len unless the caller says fewer), its mask hiding the
+    unfilled ones. Steps of one length have the same shapes, so one compiled graph serves them all;
+    the caller moves `slot` and, now and then, `length`. (A tensor per layer, not one for all: a
+    compiled graph that writes into a slice of an input copies the whole input, 1.6 ms a step
+    here, where writing into a whole input is done in place.)"""
 
     def __init__(self, config, batch_size, max_len, device, dtype):
         shape = (batch_size, config.n_kv_head, max_len, config.head_dim)
@@ -140,6 +141,7 @@ class KVCache:
         self.max_len = max_len
         self.pos = 0
         self.slot = None
+        self.length = max_len
 
     def update(self, layer, k, v):
         """Store this step's k, v (B, nkv, T, hs) for `layer`; return all keys/values so far."""
@@ -147,7 +149,7 @@ class KVCache:
         if self.slot is not None:
             keys.index_copy_(2, self.slot, k)
             values.index_copy_(2, self.slot, v)
-            return keys, values
+            return keys.narrow(2, 0, self.length), values.narrow(2, 0, self.length)
         start, end = self.pos, self.pos + k.size(2)  # narrow, not [:, :, a:b]: one call, no index parsing
         keys.narrow(2, start, end - start).copy_(k)
         values.narrow(2, start, end - start).copy_(v)

@@ -365,6 +365,30 @@ def test_compiled_decode_is_one_graph_for_every_step_and_prompt_length(monkeypat
     assert len(graphs) == 1, f"{len(graphs)} graphs compiled"
 
 
+def test_static_decode_attends_to_under_twice_the_filled_slots(monkeypatch):
+    """The compiled path's step attends to the smallest of 256, 512, ... slots that holds the filled
+    ones, not to all max_len (which made it slower than eager at 32 rows), and decodes what the
+    eager step does across the bucket boundary. The step runs uncompiled here, so a spy can see
+    the keys' length; decode_steps takes it for the compiled path (a step_fn other than the model)."""
+    import generate
+    import model as model_module
+    model = random_model(48, block_size=1024)
+    prompt, config = [list(range(1, 17))], GenerationConfig(temperature=0.0, max_new_tokens=300)
+    eager = generate_ids(model, prompt, config)
+    attended = []
+    real_attention = model_module.attention
+    monkeypatch.setattr(model_module, 'attention', lambda q, k, v, *a, **kw: (attended.append(k.size(2)),
+                                                                                real_attention(q, k, v, *a, **kw))[1])
+    static = generate_ids(model, prompt, config, step_fn=lambda *args: generate.static_decode_step(model, *args))
+    assert torch.equal(static.tokens, eager.tokens)
+    per_step = attended[2:]  # the prefill's two layers first; then each decode step's two layers
+    assert len(per_step) == 2 * 299
+    for step, length in enumerate(per_step[::2]):
+        filled = 16 + step + 1  # the prompt, the tokens so far and this step's
+        assert filled <= length < 2 * max(filled, 256) and length <= 512, (step, length)  # max_len: 316 -> 512
+    assert {per_step[0], per_step[-1]} == {256, 512}
+
+
 def test_identical_prompts_are_prefilled_once_and_decode_as_alone(monkeypatch):
     """num_samples copies of a prompt (or GRPO's groups) run through the prefill once; each copy
     then decodes exactly as the prompt would alone."""
