@@ -463,7 +463,6 @@ def test_ddp_two_ranks_draw_the_epoch_rows_one_process_does(short_docs, tmp_path
 def sharded_docs(short_docs, tmp_path_factory):
     """short_docs in prepare.py's sharded layout: train in shards of 1,000 tokens (cut anywhere,
     documents running on into the next shard, the last shorter), val in two."""
-    import numpy as np
     meta = json.load(open(os.path.join(*short_docs, 'meta.json')))
     folder = tmp_path_factory.mktemp('sharded') / 'sharded'
     folder.mkdir()
