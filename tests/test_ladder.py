@@ -72,6 +72,14 @@ def test_one_two_and_eight_ranks_and_fsdp_give_the_same_losses(case, stage_args,
                 assert runs[ranks][4][key] == pytest.approx(one[4][key], rel=1e-4), (ranks, key)
 
 
+def same_rl_stat(a, b, key):
+    """An RL statistic of a distributed run equals one process's, to float summation order. The
+    policy loss is a mean of whitened advantages (unit std) times ratios: O(1) terms that cancel to
+    ~0.03, so its error is on the terms' scale, 1e-5, not 1e-4 of the mean (on an AVX-512 CPU the
+    1-process and 2-rank runs' sums differ by 2.6e-6 at iteration 6)."""
+    return b == pytest.approx(a, rel=1e-4, abs=1e-5 if key == 'loss/policy_avg' else 1e-6)
+
+
 def train_rows(out_dir):
     with open(os.path.join(out_dir, 'history.jsonl')) as f:
         return {row['iter']: row for row in map(json.loads, f) if row['kind'] == 'train'}
@@ -102,7 +110,7 @@ def test_rl_on_one_two_and_eight_ranks_and_fsdp_samples_and_learns_the_same(algo
         other = train_rows(runs[ranks])
         for it in (1, 3):
             for key in keys:
-                assert other[it][key] == pytest.approx(one[it][key], rel=1e-4, abs=1e-6), (ranks, it, key)
+                assert same_rl_stat(one[it][key], other[it][key], key), (ranks, it, key, one[it][key], other[it][key])
 
 
 @pytest.mark.parametrize('stage', ['pretrain', 'sft'])
@@ -151,7 +159,7 @@ def test_ppo_checkpoints_move_between_fsdp_and_ddp(stage_args, tmp_path):
     a, b = train_rows(straight), train_rows(out)
     for it in (3, 6):
         for key in ('objective/kl', 'loss/policy_avg', 'loss/value_avg', 'policy/approxkl_avg'):
-            assert b[it][key] == pytest.approx(a[it][key], rel=1e-4, abs=1e-6), (it, key)
+            assert same_rl_stat(a[it][key], b[it][key], key), (it, key, a[it][key], b[it][key])
 
 
 def test_fsdp_evaluates_by_generation_as_one_process_on_a_fresh_task_suite(tiny_checkpoint, tmp_path):
