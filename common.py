@@ -22,6 +22,7 @@ its `parent`: the checkpoint file its run started from (DPO's and PPO's referenc
 
 import ctypes
 import datetime
+import inspect
 import json
 import math
 import os
@@ -612,10 +613,15 @@ def wrap(ctx, model, compile_model):
             print("compiling the model (the first step takes a while)...")
         model = torch.compile(model)
     if ctx.ddp and not ctx.fsdp:
-        # broadcast_buffers=False: the only buffers are the RoPE tables, the same on every rank; the
-        # broadcast would cost a collective per forward and hang an eval where some rank has no batch
-        model = DDP(model, device_ids=[ctx.local_rank] if ctx.device_type == 'cuda' else None, broadcast_buffers=False)
+        model = DDP(model, device_ids=[ctx.local_rank] if ctx.device_type == 'cuda' else None, **NO_BUFFER_SYNC)
     return model
+
+
+# No buffer sync in the forward: the only buffers (the RoPE tables, RMSNorm's eps) are the same on
+# every rank, and the sync would cost a collective per forward and hang an eval where some rank has
+# no batch. torch 2.13 renamed the argument (the old name warns on every rank); older torch has only that.
+NO_BUFFER_SYNC = ({'forward_sync_buffers': False} if 'forward_sync_buffers' in inspect.signature(DDP).parameters
+                  else {'broadcast_buffers': False})
 
 
 def eval_module(ctx, model, raw_model):

@@ -216,6 +216,7 @@ def test_ddp_eval_with_fewer_eval_batches_than_ranks_does_not_hang(tiny_data_dir
         os.killpg(proc.pid, signal.SIGKILL)  # the ranks too, not only torchrun
         raise AssertionError("2 ranks with eval_iters=1 hung (a collective that rank 1 never joins)")
     assert proc.returncode == 0 and 'step 4: val/loss' in output, output[-3000:]
+    assert 'deprecated' not in output, output[-3000:]  # DDP's old broadcast_buffers argument warned on each rank
 
 
 @pytest.mark.slow
