@@ -146,18 +146,25 @@ def cpu_peak_dtype(dtype):
     return 'bfloat16' if dtype == 'bfloat16' and cpu_has_native_bf16() else 'float32'
 
 
-def measure_peak_flops(device_type, dtype, n=2048, seconds=0.3):
+def measure_peak_flops(device_type, dtype, sizes=(512, 1024, 2048), seconds=0.3):
     """Matmul FLOP/s this machine reaches in `dtype`: the denominator of MFU. On GPUs we take the
     datasheet's dense figure for the dtype (bf16/fp16, else tf32) when the device's exact name is
-    in GPU_PEAK_FLOPS, else 0 (MFU unknown): measuring would need a warm, idle GPU. On a CPU without
-    bf16 instructions bf16 is emulated in fp32 units: the fp32 peak is the hardware's (and one
-    emulated 2048^3 bf16 matmul took ~60 s there)."""
+    in GPU_PEAK_FLOPS, else 0 (MFU unknown): measuring would need a warm, idle GPU. On a CPU, the
+    best rate of square matmuls of a few sizes, `seconds` in all: where the cache holds a 512^2
+    problem but not a 2048^2 one, the largest alone reads low (a 2-core Zen 4 VM, fp32: 166-168
+    against 133-160 GFLOP/s) and MFU read over 100%. Without bf16 instructions bf16 is emulated
+    in fp32 units: the fp32 peak is the hardware's (one emulated 2048^3 bf16 matmul took ~60 s)."""
     if device_type == 'cuda':
         half, tf32 = GPU_PEAK_FLOPS.get(torch.cuda.get_device_name().strip(), (0.0, 0.0))
         return half if dtype in ('bfloat16', 'float16') else tf32
     ptdtype = getattr(torch, cpu_peak_dtype(dtype))
+    return max(matmul_rate(n, ptdtype, seconds / len(sizes)) for n in sizes)
+
+
+def matmul_rate(n, dtype, seconds):
+    """FLOP/s of an n x n by n x n matmul in `dtype` on the CPU, timed over ~`seconds`."""
     g = torch.Generator().manual_seed(0)  # not the global stream: a resumed run's dropout must not shift
-    a, b = torch.randn(n, n, dtype=ptdtype, generator=g), torch.randn(n, n, dtype=ptdtype, generator=g)
+    a, b = torch.randn(n, n, dtype=dtype, generator=g), torch.randn(n, n, dtype=dtype, generator=g)
     a @ b  # warm up
     t0, count = time.perf_counter(), 0
     while time.perf_counter() - t0 < seconds:
