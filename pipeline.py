@@ -5,7 +5,7 @@ The whole chain on tiny configs, offline, each stage starting from the previous 
 run_dir/report.md, with per-stage times, metrics (before -> after for the alignment stages),
 sample completions and curves.
 
-    python pipeline.py                  # ~11-12 minutes on 2 CPU cores with native bf16 (AVX-512 bf16, AMX)
+    python pipeline.py                  # ~11-12 minutes on 2 CPU cores with AMX; ~16 with AVX-512 bf16 alone (Zen 4)
     python pipeline.py --dtype=float32  # ~23 minutes: what a CPU without native bf16 runs
     python pipeline.py --quick=True     # a few minutes: tiny everything (what CI runs)
 
