@@ -211,6 +211,31 @@ def test_moe_model_compiles_and_matches_eager():
     assert all(p.grad is not None for p in model.parameters())
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize('pos', ['rope', 'learned'])
+def test_compiled_backward_on_the_cpu_gives_the_same_gradients_every_time(pos):
+    """The same batch through one compiled model four times gives bitwise the same gradients, on 2
+    threads: inductor's own embedding backward adds the rows of repeated tokens (and, packed,
+    positions) from parallel threads with atomics, in no fixed order (model.embed)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the race needs two threads (pytest -n gives each worker one)
+    try:
+        torch.manual_seed(0)
+        model = GPT(tiny_config(pos=pos, n_layer=1))
+        x, y = torch.randint(0, 4, (64, 32)), torch.randint(0, 64, (64, 32))  # 4 tokens: many repeats
+        positions = torch.arange(32).remainder(8).expand(64, 32)  # packed rows of 8-token documents
+        compiled = torch.compile(model)
+        grads = []
+        for _ in range(4):
+            model.zero_grad()
+            compiled(x, y, positions=positions)[1].backward()
+            grads.append([p.grad.clone() for p in model.parameters()])
+    finally:
+        torch.set_num_threads(threads)
+    for later in grads[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(grads[0], later))
+
+
 @pytest.mark.parametrize('k,renormalize', [(1, True), (2, False), (2, True)])
 def test_the_router_learns_from_the_lm_loss(k, renormalize):
     """Top-1 (Switch): the gate is the raw router probability. Renormalised over one expert it
