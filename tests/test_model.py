@@ -219,6 +219,7 @@ def test_compiled_backward_on_the_cpu_gives_the_same_gradients_every_time(pos):
     positions) from parallel threads with atomics, in no fixed order (model.embed)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # the race needs two threads (pytest -n gives each worker one)
+    torch._dynamo.reset()  # a fresh compile: past dynamo's recompile limit, earlier tests' graphs would leave it eager
     try:
         torch.manual_seed(0)
         model = GPT(tiny_config(pos=pos, n_layer=1))
