@@ -182,6 +182,19 @@ def test_compiled_training_matches_eager(tiny_data_dir, tmp_path):
     assert 'Recompiling' not in proc.stderr, proc.stderr[-2000:]
 
 
+@pytest.mark.slow
+def test_compiled_training_on_two_threads_is_reproducible(tiny_data_dir, tmp_path):
+    """Two compiled runs of one command give the same checkpoint bit for bit (model.embed: inductor's
+    own embedding backward added rows from two threads in no fixed order, and runs drifted apart)."""
+    runs = [str(tmp_path / name) for name in ('first', 'second')]
+    for out in runs:
+        train(tiny_data_dir, out, '--max_iters=6', '--eval_interval=6', '--lr_decay_iters=6', '--batch_size=16',
+              '--compile_model=True', env={'OMP_NUM_THREADS': '2'})
+    first, second = (torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)['model'] for out in runs)
+    different = [k for k in first if not torch.equal(first[k], second[k])]
+    assert not different, different
+
+
 def test_wandb_without_api_key_logs_offline_and_keeps_the_metrics(tiny_data_dir, tmp_path):
     """wandb is installed (requirements.txt); with no key a run logs offline, and the offline run
     directory holds its metrics (`wandb sync` uploads them later)."""
