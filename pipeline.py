@@ -352,7 +352,7 @@ def alignment_table(evals):
 # and 1337, learning_rate 2e-3, weight_decay 0.1) got 34.5-42.4% (arithmetic 84.5-87.6%): the skill
 # arrives late there, and from 8% the alignment stages have little to work with.
 # Those runs were on an Intel CPU with AMX. The ranges also hold three runs on a 2-core Zen 5 VM
-# (AVX-512 bf16, no AMX; 2026-12-07 evening, the same three commands; 484-492 s), made after
+# (AVX-512 bf16, no AMX; 2026-12-07 evening, the same three commands; 484-500 s), made after
 # model.embed made compiled training reproducible (two runs of seed 1337 gave the same report to the
 # last digit): there SFT identity came out 92.5-97.5% (the AMX runs 96.7-100%), multiplication
 # 33.8-69.2% and code_loss up to 5.55. The numbers move with the machine's arithmetic as with the
