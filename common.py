@@ -612,6 +612,13 @@ def gathered(ctx):
         ctx.sharded.reshard()
 
 
+# No buffer sync in the forward: the only buffers (the RoPE tables, RMSNorm's eps) are the same on
+# every rank, and the sync would cost a collective per forward and hang an eval where some rank has
+# no batch. torch 2.13 renamed the argument (the old name warns on every rank); older torch has only that.
+NO_BUFFER_SYNC = ({'forward_sync_buffers': False} if 'forward_sync_buffers' in inspect.signature(DDP).parameters
+                  else {'broadcast_buffers': False})
+
+
 def wrap(ctx, model, compile_model):
     """torch.compile (optional), then DDP under torchrun (FSDP: shard() did it). Keep the
     unwrapped model for saving."""
@@ -622,13 +629,6 @@ def wrap(ctx, model, compile_model):
     if ctx.ddp and not ctx.fsdp:
         model = DDP(model, device_ids=[ctx.local_rank] if ctx.device_type == 'cuda' else None, **NO_BUFFER_SYNC)
     return model
-
-
-# No buffer sync in the forward: the only buffers (the RoPE tables, RMSNorm's eps) are the same on
-# every rank, and the sync would cost a collective per forward and hang an eval where some rank has
-# no batch. torch 2.13 renamed the argument (the old name warns on every rank); older torch has only that.
-NO_BUFFER_SYNC = ({'forward_sync_buffers': False} if 'forward_sync_buffers' in inspect.signature(DDP).parameters
-                  else {'broadcast_buffers': False})
 
 
 def eval_module(ctx, model, raw_model):
