@@ -238,10 +238,9 @@ def prefill(model, idx, positions, prefill_mask, max_len):
 
 
 def static_decode_step(model, token, positions, key_mask, cache):
-    """One decode step over the first cache.length slots of the static cache (see KVCache), the
-    token going in cache slot cache.slot: the shapes are the same at every step of one length.
-    token (B, 1); positions (max_len,) or (B, max_len); key_mask None or (B, 1, 1, max_len).
-    Returns logits (B, 1, V)."""
+    """One decode step on the static cache (see KVCache): the token goes in cache slot cache.slot
+    and attends to the first cache.length slots. token (B, 1); positions (max_len,) or (B, max_len);
+    key_mask None or (B, 1, 1, max_len). Returns logits (B, 1, V)."""
     length = cache.length
     visible = torch.arange(length, device=token.device) <= cache.slot  # filled slots and this one
     mask = visible.view(1, 1, 1, -1) if key_mask is None else key_mask[..., :length] & visible
@@ -249,28 +248,18 @@ def static_decode_step(model, token, positions, key_mask, cache):
     return model(token, positions=position, attn_mask=mask, kv_cache=cache, last_only=True)[0]
 
 
-def static_length(filled, max_len):
-    """The cache slots a compiled step attends when `filled` are in use (this step's included): the
-    smallest of 256, 512, 1024, ... that holds them, at most max_len. A graph per length, a few per
-    call, each attending to under twice the filled slots: attending to all max_len slots made the
-    compiled step slower than the eager one from ~32 rows up (3,274 vs 4,605 tok/s at 32 rows, 512
-    new tokens on a 768-slot cache: 2.8x the attention's work; bench_generate.py)."""
-    length = 256
-    while length < filled:
-        length *= 2
-    return min(length, max_len)
-
-
 def compile_decode_step(model):
-    """static_decode_step compiled for `model`: one graph per batch size, max_len and attended
-    length (static_length: a few per generation), every step of one length replaying it. It
-    attends to slots not yet filled, masked, which costs little next to the per-op overhead it
-    removes. On a GPU the static shapes also let CUDA graphs (mode='reduce-overhead') replay the
-    step; we have not measured it."""
-    # dynamo falls back to eager after recompile_limit graphs of one function (8 by default): a
-    # run that decodes at a few batch sizes and prompt lengths needs more than that here
+    """static_decode_step compiled for `model`, with dynamic shapes: the attended length (the
+    filled slots), the cache's length and the batch size are symbols in one graph, so every step of
+    every call replays it (two graphs: dynamo keeps a size of 1 fixed, so one batch row gets its
+    own). Fixed shapes, one graph per attended length of 256, 512, 1024, ..., read ~1.5x the filled
+    slots on average, and at 32 rows the compiled step was slower than the eager one (0.83-1.00x;
+    dynamic: 1.13-1.16x); the first calls compiled 42 s for batches of 1, 8 and 32 from a cold
+    inductor cache, against 23 s (bench_generate.py; Zen 5). On a GPU, CUDA graphs
+    (mode='reduce-overhead') would record one graph per length; we have not measured it."""
+    # dynamo falls back to eager after recompile_limit graphs of one function (8 by default)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    return torch.compile(lambda *args: static_decode_step(model, *args), dynamic=False)
+    return torch.compile(lambda *args: static_decode_step(model, *args), dynamic=True)
 
 
 @torch.inference_mode()
@@ -289,8 +278,6 @@ def decode_steps(model, prompts, config, pad_id=0, tokenizer=None, step_fn=None,
     B, T = idx.shape
     check_fits(model, T, cfg.max_new_tokens)
     max_len = T + cfg.max_new_tokens
-    if step_fn is not model:  # compiled: a few cache lengths, so a few graphs, serve every call
-        max_len = min(256 * -(-max_len // 256), model.config.block_size)
     positions, prefill_mask, key_mask = ragged_inputs(pad, T, max_len)
     generator = torch.Generator(device).manual_seed(cfg.seed) if cfg.seed is not None else None
     stop_ids = list(cfg.stop_token_ids or ())
@@ -338,9 +325,9 @@ def decode_steps(model, prompts, config, pad_id=0, tokenizer=None, step_fn=None,
         if step_fn is model:
             logits, _ = model(token[:, None], positions=positions[..., i:i + 1],
                               attn_mask=None if key_mask is None else key_mask[..., :i + 1], kv_cache=cache)
-        else:  # the compiled step: the same shapes every step of one attended length
+        else:  # the compiled step: one graph, the attended length a symbol in it
             cache.slot.fill_(i)
-            cache.length = static_length(i + 1, max_len)
+            cache.length = i + 1
             logits = step_fn(token[:, None], positions, key_mask, cache)
 
 

@@ -144,9 +144,9 @@ class KVCache:
     `pos` is how many positions are filled; GPT.forward writes at [pos, pos+T) and advances it.
 
     Static mode (`slot` set, a (1,) tensor): one token is written at cache slot `slot` and attention
-    reads the first `length` slots (max_len unless the caller says fewer), its mask hiding the
-    unfilled ones. Steps of one length have the same shapes, so one compiled graph serves them all;
-    the caller moves `slot` and, now and then, `length`. (A tensor per layer, not one for all: a
+    reads the first `length` slots (max_len unless the caller says fewer), its mask hiding any
+    unfilled ones. The slot is a tensor and the length a size, so one graph compiled with dynamic
+    shapes serves every step (generate.compile_decode_step). (A tensor per layer, not one for all: a
     compiled graph that writes into a slice of an input copies the whole input, 1.6 ms a step
     here, where writing into a whole input is done in place.)"""
 
