@@ -439,6 +439,32 @@ def test_moe_eval_is_dropless_without_padding_every_expert_to_all_tokens():
     assert seen.largest < padded // 4, (seen.largest, padded)
 
 
+@pytest.mark.parametrize('T,calls', [(128, 1), (256, 2), (257, 2), (512, 2), (1024, 1)])
+def test_causal_attention_on_the_cpu_runs_in_halves_up_to_512_keys(monkeypatch, T, calls):
+    """Causal self-attention of 129-512 tokens on the CPU is two SDPA calls (the first half of the
+    queries against the first half of the keys alone): the same output and gradients as one
+    causal call, GQA included; one call outside that range, where halving does not pay."""
+    import torch.nn.functional as F
+    import model
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, T, 16), torch.randn(2, 2, T, 16), torch.randn(2, 2, T, 16)
+    grad_out = torch.randn(2, 4, T, 16)
+
+    def output_and_grads(attend):
+        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+        y = attend(*inputs)
+        y.backward(grad_out)
+        return [y.detach()] + [t.grad for t in inputs]
+
+    want = output_and_grads(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
+    sdpa, seen = F.scaled_dot_product_attention, []
+    monkeypatch.setattr(F, 'scaled_dot_product_attention', lambda *a, **kw: (seen.append(1), sdpa(*a, **kw))[1])
+    got = output_and_grads(lambda q, k, v: model.attention(q, k, v, None, is_causal=True, dropout=0.0, cached=False))
+    assert len(seen) == calls
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize('n_kv_head', [4, 2, 1])
 def test_single_query_attention_matches_sdpa(n_kv_head):
     """The fp32 decode kernel (one query per row against the cache) equals SDPA's, with GQA, with
