@@ -239,27 +239,37 @@ def prefill(model, idx, positions, prefill_mask, max_len):
 
 def static_decode_step(model, token, positions, key_mask, cache):
     """One decode step on the static cache (see KVCache): the token goes in cache slot cache.slot
-    and attends to the first cache.length slots. token (B, 1); positions (max_len,) or (B, max_len);
-    key_mask None or (B, 1, 1, max_len). Returns logits (B, 1, V)."""
-    length = cache.length
-    visible = torch.arange(length, device=token.device) <= cache.slot  # filled slots and this one
-    mask = visible.view(1, 1, 1, -1) if key_mask is None else key_mask[..., :length] & visible
+    and attends to the first cache.length slots, which the caller keeps to the filled ones (this
+    step's included). token (B, 1); positions (max_len,) or (B, max_len); key_mask None or
+    (B, 1, 1, max_len), hiding pads. Returns logits (B, 1, V)."""
+    mask = None if key_mask is None else key_mask[..., :cache.length]
     position = positions.index_select(-1, cache.slot)  # (1,) or (B, 1)
     return model(token, positions=position, attn_mask=mask, kv_cache=cache, last_only=True)[0]
 
 
 def compile_decode_step(model):
-    """static_decode_step compiled for `model`, with dynamic shapes: the attended length (the
-    filled slots), the cache's length and the batch size are symbols in one graph, so every step of
-    every call replays it (two graphs: dynamo keeps a size of 1 fixed, so one batch row gets its
-    own). Fixed shapes, one graph per attended length of 256, 512, 1024, ..., read ~1.5x the filled
-    slots on average, and at 32 rows the compiled step was slower than the eager one (0.83-1.00x;
-    dynamic: 1.13-1.16x); the first calls compiled 42 s for batches of 1, 8 and 32 from a cold
-    inductor cache, against 23 s (bench_generate.py; Zen 5). On a GPU, CUDA graphs
-    (mode='reduce-overhead') would record one graph per length; we have not measured it."""
-    # dynamo falls back to eager after recompile_limit graphs of one function (8 by default)
+    """static_decode_step compiled for `model` with dynamic shapes: the attended length, the
+    cache's length and the batch size are symbols, so one graph replays for every step and call of
+    a kind. The kinds: one row (dynamo keeps sizes of 1 fixed), 2-7 rows and 8 or more (in fp32 on
+    the CPU model.attention switches kernels at 8 rows), each with padded prompts or not. With fixed
+    shapes, one graph per attended length of 256, 512, 1024, ..., a step read ~1.5x the filled slots
+    on average and at 32 rows was slower than the eager one (0.83-1.00x; now 1.11-1.16x), and the
+    first calls for batches of 1, 8 and 32 compiled in 42 s from a cold inductor cache, now 25 s
+    (bench_generate.py, Zen 5). On a GPU, CUDA graphs (mode='reduce-overhead') would record one
+    graph per length; we have not measured it."""
+    # dynamo falls back to eager after recompile_limit graphs of one function (8 by default): every
+    # model compiled here shares the lambda's code, and each needs a graph per kind above
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     return torch.compile(lambda *args: static_decode_step(model, *args), dynamic=True)
+
+
+def fix_head_sizes(cache):
+    """Mark the cache's head count and head size static for the compiled step. Dynamic shapes give
+    equal sizes one symbol: a first batch of 2 rows with 2 kv heads tied the batch to the head
+    count, and the next batch size compiled a new graph."""
+    for t in cache.k + cache.v:  # (B, n_kv_head, max_len, head_dim)
+        torch._dynamo.mark_static(t, 1)
+        torch._dynamo.mark_static(t, 3)
 
 
 @torch.inference_mode()
@@ -290,6 +300,7 @@ def decode_steps(model, prompts, config, pad_id=0, tokenizer=None, step_fn=None,
     logits, cache = prefill(model, idx, positions, prefill_mask, max_len)
     if step_fn is not model:  # the compiled decode steps write at cache slot `slot` (static mode)
         cache.slot = torch.zeros(1, dtype=torch.long, device=device)
+        fix_head_sizes(cache)
     if cfg.has_penalties:
         seen, counts = penalty_state(idx, pad, logits.size(-1))
     done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -507,7 +518,7 @@ class TextGenerator:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.special_ids = set(tokenizer.special_tokens.values())  # not text: left out of what we return
-        # compile the decode step only: its shapes are fixed (prefill's change with every prompt)
+        # compile the decode step only: a prefill runs once per call, and its shapes change with every prompt
         self.step_fn = compile_decode_step(model) if compile else None
 
     def config(self, config=None, **overrides):

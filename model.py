@@ -144,9 +144,9 @@ class KVCache:
     `pos` is how many positions are filled; GPT.forward writes at [pos, pos+T) and advances it.
 
     Static mode (`slot` set, a (1,) tensor): one token is written at cache slot `slot` and attention
-    reads the first `length` slots (max_len unless the caller says fewer), its mask hiding any
-    unfilled ones. The slot is a tensor and the length a size, so one graph compiled with dynamic
-    shapes serves every step (generate.compile_decode_step). (A tensor per layer, not one for all: a
+    reads the first `length` slots, which the caller keeps to the filled ones. The slot is a tensor
+    and the length a size, so one graph compiled with dynamic shapes serves every step
+    (generate.compile_decode_step). (A tensor per layer, not one for all: a
     compiled graph that writes into a slice of an input copies the whole input, 1.6 ms a step
     here, where writing into a whole input is done in place.)"""
 
@@ -180,10 +180,11 @@ class KVCache:
 
 def attention(q, k, v, attn_mask, is_causal, dropout, cached):
     """Scaled dot-product attention, q (B, nh, T, hs), k/v (B, nkv, S, hs), with the kernel that is
-    fastest for the device, dtype and shape. One exception to SDPA's own choice: on the CPU, bf16
-    with heads of <= 32 dims runs in fp32, whose flash kernel is 1.35x faster there, backward
+    fastest for the device, dtype and shape. Where that differs from SDPA's own choice, on the CPU:
+    bf16 with heads of <= 32 dims runs in fp32, whose flash kernel is 1.35x faster there, backward
     included (measured on AVX-512 bf16 at T=256: 13.5 vs 18.1 ms for B=8, 8 heads, 4 kv heads; at
-    64 dims bf16 wins, 27 vs 37 ms). Decoding against a cache stays in the cache's dtype, and one
+    64 dims bf16 wins, 27 vs 37 ms); causal self-attention of 129-512 tokens is two calls
+    (causal_attention_in_halves); decoding against a cache stays in the cache's dtype, and one
     fp32 query per row against it, for 8 rows or more, is two matmuls and a softmax (below)."""
     # the checks cheapest first: a decode step pays for each (q.device.type alone builds an object)
     if cached and q.dtype == torch.float32 and q.is_cpu and q.size(2) == 1 and q.size(0) >= 8:
@@ -197,7 +198,7 @@ def attention(q, k, v, attn_mask, is_causal, dropout, cached):
     # for a PPO micro-batch (32 rows of 67 tokens, 4 heads of 32).
     gqa = q.size(1) != k.size(1)  # SDPA's GQA: no repeat_interleave copies of k and v
     with torch.autocast(q.device.type, enabled=False) if upcast else nullcontext():
-        if is_causal and q.is_cpu and 128 < q.size(2) <= 512 and k.size(2) == q.size(2):
+        if is_causal and attn_mask is None and q.is_cpu and 128 < q.size(2) <= 512 and k.size(2) == q.size(2):
             y = causal_attention_in_halves(q, k, v, dropout, gqa)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout,
@@ -660,8 +661,7 @@ class GPT(nn.Module):
         kv_cache:  a KVCache; this call's keys/values are appended to it."""
         B, T = idx.size()
         static = kv_cache is not None and kv_cache.slot is not None
-        assert not static or (positions is not None and attn_mask is not None), \
-            "a static cache step needs positions and a mask"
+        assert not static or positions is not None, "a static cache step needs positions"
         start = kv_cache.pos if kv_cache is not None and not static else 0
         if positions is None:
             positions = torch.arange(start, start + T, device=idx.device)

@@ -333,8 +333,8 @@ def test_max_new_tokens_zero_gives_empty_responses(num_beams):
 # ----------------------------------------------------------------------------- the compiled static decode step
 
 def test_compiled_static_decode_matches_eager():
-    """The compiled step over the whole static cache (masked unfilled slots) decodes the same tokens
-    and log-probs as the eager step over the filled slots: ragged prompts, sampling with a seed."""
+    """The compiled step over the static cache decodes the same tokens and log-probs as the eager
+    step: ragged prompts, sampling with a seed."""
     from generate import compile_decode_step
     model = random_model(48)
     step = compile_decode_step(model)
@@ -348,8 +348,10 @@ def test_compiled_static_decode_matches_eager():
 
 def test_compiled_decode_is_one_graph_for_every_step_prompt_length_and_batch_size(monkeypatch):
     """Dynamic shapes: every decode step of a call, and calls whose prompts and batches differ in
-    size, reuse one graph; one batch row gets a second (dynamo keeps sizes of 1 fixed). Counted
-    with a backend that records each compile."""
+    size, reuse one graph per kind: 2-7 rows, 8 or more (fp32 attention switches kernels at 8),
+    one row (dynamo keeps sizes of 1 fixed). The first batch has as many rows as the model has kv
+    heads: without fix_head_sizes the two sizes shared a symbol and the next batch recompiled.
+    Counted with a backend that records each compile."""
     import generate
     graphs = []
 
@@ -357,17 +359,22 @@ def test_compiled_decode_is_one_graph_for_every_step_prompt_length_and_batch_siz
         graphs.append(gm)
         return gm.forward
 
+    torch._dynamo.reset()  # graphs another test compiled for this code would be reused uncounted
     real_compile = torch.compile
     monkeypatch.setattr(torch, 'compile', lambda fn, **kw: real_compile(fn, **kw, backend=counting_backend))
     model = random_model(48)
+    assert model.config.n_kv_head == 2
     step = generate.compile_decode_step(model)
     for rows in (2, 3, 5):
         for prompt_len in (3, 5, 9):
             generate_ids(model, [list(range(1, prompt_len + 1))] * rows, GREEDY, step_fn=step)
     assert len(graphs) == 1, f"{len(graphs)} graphs compiled"
+    for rows in (8, 9, 16):
+        generate_ids(model, [[1, 2, 3]] * rows, GREEDY, step_fn=step)
+    assert len(graphs) == 2, f"{len(graphs)} graphs compiled"
     generate_ids(model, [[1, 2, 3]], GREEDY, step_fn=step)
     generate_ids(model, [[1, 2, 3, 4]], GREEDY, step_fn=step)
-    assert len(graphs) == 2, f"{len(graphs)} graphs compiled"
+    assert len(graphs) == 3, f"{len(graphs)} graphs compiled"
 
 
 def test_static_decode_attends_to_the_filled_slots_only(monkeypatch):

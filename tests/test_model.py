@@ -439,7 +439,7 @@ def test_moe_eval_is_dropless_without_padding_every_expert_to_all_tokens():
     assert seen.largest < padded // 4, (seen.largest, padded)
 
 
-@pytest.mark.parametrize('T,calls', [(128, 1), (256, 2), (257, 2), (512, 2), (1024, 1)])
+@pytest.mark.parametrize('T,calls', [(128, 1), (129, 2), (256, 2), (257, 2), (512, 2), (513, 1), (1024, 1)])
 def test_causal_attention_on_the_cpu_runs_in_halves_up_to_512_keys(monkeypatch, T, calls):
     """Causal self-attention of 129-512 tokens on the CPU is two SDPA calls (the first half of the
     queries against the first half of the keys alone): the same output and gradients as one
