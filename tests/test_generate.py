@@ -334,16 +334,19 @@ def test_max_new_tokens_zero_gives_empty_responses(num_beams):
 
 def test_compiled_static_decode_matches_eager():
     """The compiled step over the static cache decodes the same tokens and log-probs as the eager
-    step: ragged prompts, sampling with a seed."""
+    step: ragged prompts, and 8 unpadded ones (no key mask; fp32 attention's kernel for 8 rows or
+    more), greedy and sampling with a seed."""
     from generate import compile_decode_step
     model = random_model(48)
     step = compile_decode_step(model)
-    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [7]]
-    for config in (GREEDY, GenerationConfig(temperature=1.0, top_k=20, max_new_tokens=24, seed=3)):
-        eager = generate_ids(model, prompts, config)
-        compiled = generate_ids(model, prompts, config, step_fn=step)
-        assert torch.equal(compiled.tokens, eager.tokens)
-        torch.testing.assert_close(compiled.logprobs, eager.logprobs, atol=1e-5, rtol=1e-5)
+    ragged = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [7]]
+    unpadded = [[b, b + 1, b + 2, b + 3] for b in range(1, 9)]
+    for prompts in (ragged, unpadded):
+        for config in (GREEDY, GenerationConfig(temperature=1.0, top_k=20, max_new_tokens=24, seed=3)):
+            eager = generate_ids(model, prompts, config)
+            compiled = generate_ids(model, prompts, config, step_fn=step)
+            assert torch.equal(compiled.tokens, eager.tokens)
+            torch.testing.assert_close(compiled.logprobs, eager.logprobs, atol=1e-5, rtol=1e-5)
 
 
 def test_compiled_decode_is_one_graph_for_every_step_prompt_length_and_batch_size(monkeypatch):
