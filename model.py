@@ -178,17 +178,36 @@ class KVCache:
 
 # ----------------------------------------------------------------------------- attention
 
+# A causal self-attention in bf16 on the CPU is written out (softmax_attention) when its scores
+# number at most this many: they are kept for backward, 2 bytes each (32 MB a call); beyond, SDPA
+SOFTMAX_ATTENTION_MAX_SCORES = 2 ** 24
+
+
 def attention(q, k, v, attn_mask, is_causal, dropout, cached):
     """Scaled dot-product attention, q (B, nh, T, hs), k/v (B, nkv, S, hs), with the kernel that is
     fastest for the device, dtype and shape. Where that differs from SDPA's own choice, on the CPU:
-    bf16 with heads of <= 32 dims runs in fp32, whose flash kernel is 1.35x faster there, backward
-    included (measured on AVX-512 bf16 at T=256: 13.5 vs 18.1 ms for B=8, 8 heads, 4 kv heads; at
-    64 dims bf16 wins, 27 vs 37 ms); causal self-attention of 129-512 tokens is two calls
-    (causal_attention_in_halves); decoding against a cache stays in the cache's dtype, and one
-    fp32 query per row against it, for 8 rows or more, is two matmuls and a softmax (below)."""
+    - causal self-attention in bf16 of up to 512 tokens is written out (softmax_attention), in
+      halves above 128 (causal_attention_in_halves): SDPA's bf16 flash kernel is 1.4-3x slower
+      there, fwd+bwd (B 8, 8 heads of 64, T 256: 29.2 vs 9.6 ms; B 16, 4 heads of 32, T 256:
+      11.8 vs 7.8 ms against the fp32 upcast below; AVX-512 bf16, Zen 5);
+    - other bf16 attention with heads of <= 32 dims runs in fp32, whose flash kernel is 1.35x
+      faster, backward included (AVX-512 bf16, T=256: 13.5 vs 18.1 ms for B=8, 8 heads, 4 kv
+      heads; at 64 dims bf16 wins, 27 vs 37 ms); fp32 causal self-attention of 129-512 tokens is
+      SDPA in halves;
+    - decoding against a cache stays in the cache's dtype, and one fp32 query per row against it,
+      for 8 rows or more, is written out too (B=8, S=272: 37 vs 51 us a layer; B=128: 0.59 vs
+      1.0 ms; not at 1 row, 15 vs 6 us, nor in bf16, where SDPA's kernel is the fast one)."""
     # the checks cheapest first: a decode step pays for each (q.device.type alone builds an object)
     if cached and q.dtype == torch.float32 and q.is_cpu and q.size(2) == 1 and q.size(0) >= 8:
-        return single_query_attention(q, k, v, attn_mask)
+        return softmax_attention(q, k, v, attn_mask)
+    T = q.size(2)
+    causal_cpu = is_causal and attn_mask is None and q.is_cpu and k.size(2) == T
+    if (causal_cpu and q.dtype == torch.bfloat16 and T <= 512
+            and q.numel() // q.size(-1) * T <= SOFTMAX_ATTENTION_MAX_SCORES):
+        def attend(q, k, v, mask):
+            mask = causal_mask(q.size(2), k.size(2), q.device) if mask is None else mask
+            return softmax_attention(q, k, v, mask, dropout)
+        return causal_attention_in_halves(q, k, v, attend) if T > 128 else attend(q, k, v, None)
     out_dtype = q.dtype
     upcast = out_dtype == torch.bfloat16 and not cached and q.is_cpu and q.size(-1) <= 32
     if upcast:
@@ -197,41 +216,50 @@ def attention(q, k, v, attn_mask, is_causal, dropout, cached):
     # list): off around the call. With it on, the bf16 backward took 17.5 ms against 3 ms in fp32
     # for a PPO micro-batch (32 rows of 67 tokens, 4 heads of 32).
     gqa = q.size(1) != k.size(1)  # SDPA's GQA: no repeat_interleave copies of k and v
+
+    def sdpa(q, k, v, mask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and is_causal,
+                                              dropout_p=dropout, enable_gqa=gqa)
     with torch.autocast(q.device.type, enabled=False) if upcast else nullcontext():
-        if is_causal and attn_mask is None and q.is_cpu and 128 < q.size(2) <= 512 and k.size(2) == q.size(2):
-            y = causal_attention_in_halves(q, k, v, dropout, gqa)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout,
-                                               enable_gqa=gqa)
+        y = causal_attention_in_halves(q, k, v, sdpa) if causal_cpu and 128 < T <= 512 else sdpa(q, k, v, attn_mask)
     return y if y.dtype == out_dtype else y.to(out_dtype)
 
 
-def causal_attention_in_halves(q, k, v, dropout, gqa):
-    """Causal SDPA over T queries and keys as two calls: the first half of the queries against the
-    first half of the keys, the second half against all keys under a causal mask. On the CPU, up to
-    512 keys, SDPA's flash kernel takes the keys as one block and computes the whole T x T square
-    for causal attention (it costs what unmasked attention does: measured), so this skips the top
-    right quarter. Forward + backward, causal, GQA: B 8, 8 heads of 32, T 256, fp32: 12.1 -> 10.3-10.7
-    ms; B 4, 8 heads of 64, T 512, bf16: 36.7 -> 28.9 ms. At 1,024 the kernel skips blocks itself."""
+def causal_mask(n_queries, n_keys, device):
+    """(n_queries, n_keys) bool, True = may attend, for the last n_queries of n_keys positions:
+    query i sees keys <= n_keys - n_queries + i."""
+    return torch.ones(n_queries, n_keys, dtype=torch.bool, device=device).tril(diagonal=n_keys - n_queries)
+
+
+def causal_attention_in_halves(q, k, v, attend):
+    """Causal self-attention over T queries and keys as two calls of attend(q, k, v, mask) (mask
+    None: a causal square; else bool, True = may attend): the first half of the queries against the
+    first half of the keys alone, the second half against all keys. This skips the top right
+    quarter of the T x T scores, which SDPA's CPU flash kernel does not do below 1,024 keys: it
+    takes up to 512 as one block and computes the whole square for causal attention (it costs
+    what unmasked attention does; measured). SDPA, fwd+bwd, GQA: B 8, 8 heads of 32, T 256, fp32:
+    12.1 -> 10.3-10.7 ms; B 4, 8 heads of 64, T 512, bf16: 36.7 -> 28.9 ms. In quarters, the
+    backward's extra calls cost more than they save."""
     T, half = q.size(2), q.size(2) // 2
-    top = F.scaled_dot_product_attention(q[:, :, :half], k[:, :, :half], v[:, :, :half], is_causal=True,
-                                         dropout_p=dropout, enable_gqa=gqa)
-    mask = torch.ones(T - half, T, dtype=torch.bool, device=q.device).tril(diagonal=half)  # query half + i sees keys <= half + i
-    bottom = F.scaled_dot_product_attention(q[:, :, half:], k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=gqa)
+    top = attend(q[:, :, :half], k[:, :, :half], v[:, :, :half], None)
+    bottom = attend(q[:, :, half:], k, v, causal_mask(T - half, T, q.device))
     return torch.cat([top, bottom], dim=2)
 
 
-def single_query_attention(q, k, v, attn_mask):
-    """softmax(q k^T / sqrt(hs)) v for one query per row, q (B, nh, 1, hs) against k/v (B, nkv, S, hs):
-    each kv head's query heads are the rows of one matmul (GQA without copies). In fp32 on the CPU
-    it beats SDPA's flash kernel from 8 rows up (B=8, S=272: 37 vs 51 us a layer; B=128: 0.59 vs
-    1.0 ms), not at 1 row (15 vs 6 us) nor in bf16, where SDPA's kernel is the fast one."""
-    B, nh, _, hs = q.shape
-    nkv = k.size(1)
-    scores = (q.reshape(B, nkv, nh // nkv, hs) * hs ** -0.5) @ k.transpose(-1, -2)  # (B, nkv, nh / nkv, S)
-    if attn_mask is not None:  # bool, True = may attend: (B or 1, 1, 1, S) broadcasts over the heads
-        scores = scores.masked_fill(~attn_mask, float('-inf'))
-    return (scores.softmax(-1) @ v).view(B, nh, 1, hs)
+def softmax_attention(q, k, v, mask, dropout_p=0.0):
+    """softmax(q k^T / sqrt(hs)) v written out, q (B, nh, T, hs) against k/v (B, nkv, S, hs); mask
+    None or bool, True = may attend, (T, S) or (B or 1, 1, T, S). Each kv head's query heads are the
+    rows of one matmul (GQA without copies). All in the inputs' dtype: in bf16 the probabilities
+    are rounded to bf16 before the second matmul, as transformers' eager attention does (the
+    softmax itself accumulates in fp32), and kept for backward in bf16."""
+    B, nh, T, hs = q.shape
+    nkv, S = k.size(1), k.size(2)
+    group = nh // nkv
+    scores = ((q.reshape(B, nkv, group * T, hs) * hs ** -0.5) @ k.transpose(-1, -2)).view(B, nkv, group, T, S)
+    if mask is not None:
+        scores = scores.masked_fill(~(mask if mask.dim() == 2 else mask[:, None]), float('-inf'))
+    probs = F.dropout(scores.softmax(-1), dropout_p) if dropout_p > 0 else scores.softmax(-1)
+    return (probs.view(B, nkv, group * T, S) @ v).view(B, nh, T, hs)
 
 
 class Attention(nn.Module):

@@ -293,17 +293,20 @@ class AttentionDtypes(TorchDispatchMode):
 
 @pytest.mark.parametrize('head_dim,expected', [(8, torch.float32), (64, torch.bfloat16)])
 def test_cpu_bf16_autocast_runs_small_heads_attention_in_fp32(head_dim, expected):
-    """model.attention computes heads of <= 32 dims in fp32 on the CPU (faster there, backward
-    included). Under bf16 autocast, which casts SDPA's inputs to bf16, it did not: the kernels ran
-    in bf16 while the code said fp32."""
+    """model.attention computes masked attention with heads of <= 32 dims in fp32 on the CPU
+    (faster there, backward included). Under bf16 autocast, which casts SDPA's inputs to bf16, it
+    did not: the kernels ran in bf16 while the code said fp32. (Packed rows: a mask. Causal
+    attention with no mask runs no SDPA kernel in bf16 on the CPU: softmax_attention.)"""
     torch.manual_seed(0)
     model = GPT(tiny_config(n_embd=4 * head_dim))
     x = torch.randint(0, 64, (2, 16))
-    with AttentionDtypes() as seen:
-        with torch.autocast('cpu', dtype=torch.bfloat16):
-            _, loss = model(x, x)
-        loss.backward()
-    assert seen.dtypes == {expected}
+    positions, mask = common.packed_attention(torch.arange(16).repeat(2, 1) // 5)  # documents of 5 tokens
+    for kw, dtypes in (({'positions': positions, 'attn_mask': mask}, {expected}), ({}, set())):
+        with AttentionDtypes() as seen:
+            with torch.autocast('cpu', dtype=torch.bfloat16):
+                _, loss = model(x, x, **kw)
+            loss.backward()
+        assert seen.dtypes == dtypes
 
 
 # ----------------------------------------------------------------------------- the chunked loss
@@ -439,45 +442,106 @@ def test_moe_eval_is_dropless_without_padding_every_expert_to_all_tokens():
     assert seen.largest < padded // 4, (seen.largest, padded)
 
 
-@pytest.mark.parametrize('T,calls', [(128, 1), (129, 2), (256, 2), (257, 2), (512, 2), (513, 1), (1024, 1)])
-def test_causal_attention_on_the_cpu_runs_in_halves_up_to_512_keys(monkeypatch, T, calls):
-    """Causal self-attention of 129-512 tokens on the CPU is two SDPA calls (the first half of the
-    queries against the first half of the keys alone): the same output and gradients as one
-    causal call, GQA included; one call outside that range, where halving does not pay."""
+def attention_output_and_grads(attend, q, k, v, grad_out):
+    """attend(q, k, v)'s output and the gradients of (output * grad_out).sum() for q, k and v."""
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    y = attend(*inputs)
+    y.backward(grad_out)
+    return [y.detach()] + [t.grad for t in inputs]
+
+
+def count_sdpa_calls(monkeypatch):
     import torch.nn.functional as F
-    import model
-    torch.manual_seed(0)
-    q, k, v = torch.randn(2, 4, T, 16), torch.randn(2, 2, T, 16), torch.randn(2, 2, T, 16)
-    grad_out = torch.randn(2, 4, T, 16)
-
-    def output_and_grads(attend):
-        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
-        y = attend(*inputs)
-        y.backward(grad_out)
-        return [y.detach()] + [t.grad for t in inputs]
-
-    want = output_and_grads(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
     sdpa, seen = F.scaled_dot_product_attention, []
     monkeypatch.setattr(F, 'scaled_dot_product_attention', lambda *a, **kw: (seen.append(1), sdpa(*a, **kw))[1])
-    got = output_and_grads(lambda q, k, v: model.attention(q, k, v, None, is_causal=True, dropout=0.0, cached=False))
+    return seen
+
+
+def model_attention(q, k, v):
+    import model
+    return model.attention(q, k, v, None, is_causal=True, dropout=0.0, cached=False)
+
+
+@pytest.mark.parametrize('T,calls', [(128, 1), (129, 2), (256, 2), (257, 2), (512, 2), (513, 1), (1024, 1)])
+def test_causal_attention_on_the_cpu_runs_in_halves_up_to_512_keys(monkeypatch, T, calls):
+    """fp32 causal self-attention of 129-512 tokens on the CPU is two SDPA calls (the first half of
+    the queries against the first half of the keys alone): the same output and gradients as one
+    causal call, GQA included; one call outside that range, where halving does not pay."""
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    qkv = torch.randn(2, 4, T, 16), torch.randn(2, 2, T, 16), torch.randn(2, 2, T, 16)
+    grad_out = torch.randn(2, 4, T, 16)
+    want = attention_output_and_grads(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                                                     enable_gqa=True), *qkv, grad_out)
+    seen = count_sdpa_calls(monkeypatch)
+    got = attention_output_and_grads(model_attention, *qkv, grad_out)
     assert len(seen) == calls
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize('n_kv_head', [4, 2, 1])
-def test_single_query_attention_matches_sdpa(n_kv_head):
-    """The fp32 decode kernel (one query per row against the cache) equals SDPA's, with GQA, with
-    no mask and with a key mask that hides some slots of each row (padding)."""
+@pytest.mark.parametrize('T,calls', [(64, 0), (256, 0), (257, 0), (512, 0), (513, 1)])
+def test_bf16_causal_attention_on_the_cpu_is_written_out_up_to_512_tokens(monkeypatch, T, calls):
+    """bf16 causal self-attention of up to 512 tokens on the CPU runs no SDPA kernel (softmax_attention,
+    in halves above 128): output and gradients as close to fp64 SDPA's as bf16 SDPA's own, within
+    the rounding of the probabilities to bf16 (2-3x SDPA's error here, as transformers' eager
+    attention has); SDPA past 512."""
     import torch.nn.functional as F
-    from model import single_query_attention
     torch.manual_seed(0)
+    qkv = torch.randn(2, 4, T, 16), torch.randn(2, 2, T, 16), torch.randn(2, 2, T, 16)
+    grad_out = torch.randn(2, 4, T, 16)
+
+    def sdpa(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    exact = attention_output_and_grads(sdpa, *(t.double() for t in qkv), grad_out.double())
+    bf16 = [t.bfloat16() for t in qkv]
+    sdpa_errors = [(g.double() - e).abs().max() for g, e in zip(attention_output_and_grads(sdpa, *bf16, grad_out.bfloat16()), exact)]
+    seen = count_sdpa_calls(monkeypatch)
+    got = attention_output_and_grads(model_attention, *bf16, grad_out.bfloat16())
+    assert len(seen) == calls
+    for g, e, sdpa_error in zip(got, exact, sdpa_errors):
+        assert g.dtype == torch.bfloat16
+        assert (g.double() - e).abs().max() <= 4 * sdpa_error + 1e-3
+
+
+def test_bf16_attention_beyond_the_score_budget_is_sdpa(monkeypatch):
+    """The written-out attention keeps its scores for backward: past SOFTMAX_ATTENTION_MAX_SCORES
+    a call goes to SDPA (in halves: two calls), whose kernel keeps none."""
+    import model
+    q, k, v = torch.randn(2, 4, 256, 16).bfloat16(), torch.randn(2, 2, 256, 16).bfloat16(), torch.randn(2, 2, 256, 16).bfloat16()
+    seen = count_sdpa_calls(monkeypatch)
+    model_attention(q, k, v)
+    assert len(seen) == 0  # 2 x 4 x 256 x 256 scores: within the budget
+    monkeypatch.setattr(model, 'SOFTMAX_ATTENTION_MAX_SCORES', 2 * 4 * 256 * 256 - 1)
+    model_attention(q, k, v)
+    assert len(seen) == 2
+
+
+@pytest.mark.parametrize('n_kv_head', [4, 2, 1])
+def test_softmax_attention_matches_sdpa(n_kv_head):
+    """The written-out attention equals SDPA's, with GQA: one query per row against a cache (the
+    fp32 decode kernel from 8 rows up) with no mask and with a key mask hiding some slots of each
+    row (padding); 37 queries under a causal (T, S) mask and under a packed (B, 1, T, S) one,
+    gradients included."""
+    import torch.nn.functional as F
+    from common import packed_attention
+    from model import causal_mask, softmax_attention
+    torch.manual_seed(0)
+    gqa = n_kv_head != 4
     q, k, v = torch.randn(8, 4, 1, 16), torch.randn(8, n_kv_head, 37, 16), torch.randn(8, n_kv_head, 37, 16)
     mask = torch.rand(8, 1, 1, 37) > 0.3
     mask[..., -1] = True  # the step's own slot is always visible
     for m in (None, mask):
-        want = F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=n_kv_head != 4)
-        torch.testing.assert_close(single_query_attention(q, k, v, m), want, atol=1e-5, rtol=1e-5)
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=gqa)
+        torch.testing.assert_close(softmax_attention(q, k, v, m), want, atol=1e-5, rtol=1e-5)
+    qkv = torch.randn(8, 4, 37, 16), k, v
+    packed = packed_attention(torch.randint(0, 3, (8, 37)).sort(dim=1).values)[1]  # (8, 1, 37, 37)
+    for m in (causal_mask(37, 37, 'cpu'), packed):
+        want = attention_output_and_grads(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=gqa),
+                                          *qkv, torch.ones(8, 4, 37, 16))
+        got = attention_output_and_grads(lambda q, k, v: softmax_attention(q, k, v, m), *qkv, torch.ones(8, 4, 37, 16))
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize('width', [128, 96])
