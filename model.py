@@ -178,18 +178,19 @@ class KVCache:
 
 # ----------------------------------------------------------------------------- attention
 
-# A causal self-attention in bf16 on the CPU is written out (softmax_attention) when its scores
-# number at most this many: they are kept for backward, 2 bytes each (32 MB a call); beyond, SDPA
+# Self-attention in bf16 on the CPU is written out (softmax_attention) when its scores number at
+# most this many: they are kept for backward, 2 bytes each (32 MB a call); beyond, SDPA
 SOFTMAX_ATTENTION_MAX_SCORES = 2 ** 24
 
 
 def attention(q, k, v, attn_mask, is_causal, dropout, cached):
     """Scaled dot-product attention, q (B, nh, T, hs), k/v (B, nkv, S, hs), with the kernel that is
     fastest for the device, dtype and shape. Where that differs from SDPA's own choice, on the CPU:
-    - causal self-attention in bf16 of up to 512 tokens is written out (softmax_attention), in
+    - self-attention in bf16 of up to 512 tokens is written out (softmax_attention), causal in
       halves above 128 (causal_attention_in_halves): SDPA's bf16 flash kernel is 1.4-3x slower
       there, fwd+bwd (B 8, 8 heads of 64, T 256: 29.2 vs 9.6 ms; B 16, 4 heads of 32, T 256:
-      11.8 vs 7.8 ms against the fp32 upcast below; AVX-512 bf16, Zen 5);
+      11.8 vs 7.8 ms against the fp32 upcast below; packed rows, B 16, 4 heads of 32, T 192:
+      7.2 vs 5.4 ms; AVX-512 bf16, Zen 5);
     - other bf16 attention with heads of <= 32 dims runs in fp32, whose flash kernel is 1.35x
       faster, backward included (AVX-512 bf16, T=256: 13.5 vs 18.1 ms for B=8, 8 heads, 4 kv
       heads; at 64 dims bf16 wins, 27 vs 37 ms); fp32 causal self-attention of 129-512 tokens is
@@ -201,9 +202,13 @@ def attention(q, k, v, attn_mask, is_causal, dropout, cached):
     if cached and q.dtype == torch.float32 and q.is_cpu and q.size(2) == 1 and q.size(0) >= 8:
         return softmax_attention(q, k, v, attn_mask)
     T = q.size(2)
-    causal_cpu = is_causal and attn_mask is None and q.is_cpu and k.size(2) == T
-    if (causal_cpu and q.dtype == torch.bfloat16 and T <= 512
+    self_attention_cpu = q.is_cpu and k.size(2) == T  # not a decode step against a cache
+    causal = is_causal and attn_mask is None
+    if (self_attention_cpu and q.dtype == torch.bfloat16 and T <= 512
             and q.numel() // q.size(-1) * T <= SOFTMAX_ATTENTION_MAX_SCORES):
+        if not causal:
+            return softmax_attention(q, k, v, attn_mask, dropout)  # packed or padded rows: their own mask
+
         def attend(q, k, v, mask):
             mask = causal_mask(q.size(2), k.size(2), q.device) if mask is None else mask
             return softmax_attention(q, k, v, mask, dropout)
@@ -221,7 +226,7 @@ def attention(q, k, v, attn_mask, is_causal, dropout, cached):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and is_causal,
                                               dropout_p=dropout, enable_gqa=gqa)
     with torch.autocast(q.device.type, enabled=False) if upcast else nullcontext():
-        y = causal_attention_in_halves(q, k, v, sdpa) if causal_cpu and 128 < T <= 512 else sdpa(q, k, v, attn_mask)
+        y = causal_attention_in_halves(q, k, v, sdpa) if causal and self_attention_cpu and 128 < T <= 512 else sdpa(q, k, v, attn_mask)
     return y if y.dtype == out_dtype else y.to(out_dtype)
 
 

@@ -292,21 +292,24 @@ class AttentionDtypes(TorchDispatchMode):
 
 
 @pytest.mark.parametrize('head_dim,expected', [(8, torch.float32), (64, torch.bfloat16)])
-def test_cpu_bf16_autocast_runs_small_heads_attention_in_fp32(head_dim, expected):
-    """model.attention computes masked attention with heads of <= 32 dims in fp32 on the CPU
-    (faster there, backward included). Under bf16 autocast, which casts SDPA's inputs to bf16, it
-    did not: the kernels ran in bf16 while the code said fp32. (Packed rows: a mask. Causal
-    attention with no mask runs no SDPA kernel in bf16 on the CPU: softmax_attention.)"""
+def test_cpu_bf16_autocast_runs_small_heads_attention_in_fp32(monkeypatch, head_dim, expected):
+    """Where bf16 attention goes to SDPA on the CPU (past softmax_attention's score budget, set to 0
+    here), model.attention computes heads of <= 32 dims in fp32 (faster there, backward included).
+    Under bf16 autocast, which casts SDPA's inputs to bf16, it did not: the kernels ran in bf16
+    while the code said fp32. Within the budget no SDPA kernel runs, causal or packed."""
+    import model as model_module
     torch.manual_seed(0)
     model = GPT(tiny_config(n_embd=4 * head_dim))
     x = torch.randint(0, 64, (2, 16))
     positions, mask = common.packed_attention(torch.arange(16).repeat(2, 1) // 5)  # documents of 5 tokens
-    for kw, dtypes in (({'positions': positions, 'attn_mask': mask}, {expected}), ({}, set())):
-        with AttentionDtypes() as seen:
-            with torch.autocast('cpu', dtype=torch.bfloat16):
-                _, loss = model(x, x, **kw)
-            loss.backward()
-        assert seen.dtypes == dtypes
+    for budget, dtypes in ((0, {expected}), (model_module.SOFTMAX_ATTENTION_MAX_SCORES, set())):
+        monkeypatch.setattr(model_module, 'SOFTMAX_ATTENTION_MAX_SCORES', budget)
+        for kw in ({}, {'positions': positions, 'attn_mask': mask}):
+            with AttentionDtypes() as seen:
+                with torch.autocast('cpu', dtype=torch.bfloat16):
+                    _, loss = model(x, x, **kw)
+                loss.backward()
+            assert seen.dtypes == dtypes, (budget, kw.keys())
 
 
 # ----------------------------------------------------------------------------- the chunked loss
@@ -515,6 +518,32 @@ def test_bf16_attention_beyond_the_score_budget_is_sdpa(monkeypatch):
     monkeypatch.setattr(model, 'SOFTMAX_ATTENTION_MAX_SCORES', 2 * 4 * 256 * 256 - 1)
     model_attention(q, k, v)
     assert len(seen) == 2
+
+
+def test_bf16_packed_attention_on_the_cpu_is_written_out(monkeypatch):
+    """bf16 self-attention with a mask (packed documents) runs no SDPA kernel on the CPU either:
+    softmax_attention under that mask, output and gradients as close to fp64 SDPA's as the causal
+    case (test above) allows."""
+    import torch.nn.functional as F
+    import model
+    from common import packed_attention
+    torch.manual_seed(0)
+    qkv = torch.randn(2, 4, 96, 16), torch.randn(2, 2, 96, 16), torch.randn(2, 2, 96, 16)
+    grad_out = torch.randn(2, 4, 96, 16)
+    mask = packed_attention(torch.randint(0, 4, (2, 96)).sort(dim=1).values)[1]
+
+    def sdpa(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    exact = attention_output_and_grads(sdpa, *(t.double() for t in qkv), grad_out.double())
+    bf16 = [t.bfloat16() for t in qkv]
+    sdpa_errors = [(g.double() - e).abs().max() for g, e in zip(attention_output_and_grads(sdpa, *bf16, grad_out.bfloat16()), exact)]
+    seen = count_sdpa_calls(monkeypatch)
+    got = attention_output_and_grads(lambda q, k, v: model.attention(q, k, v, mask, is_causal=False, dropout=0.0, cached=False),
+                                     *bf16, grad_out.bfloat16())
+    assert len(seen) == 0
+    for g, e, sdpa_error in zip(got, exact, sdpa_errors):
+        assert g.dtype == torch.bfloat16
+        assert (g.double() - e).abs().max() <= 4 * sdpa_error + 1e-3
 
 
 @pytest.mark.parametrize('n_kv_head', [4, 2, 1])
