@@ -225,8 +225,9 @@ def attention(q, k, v, attn_mask, is_causal, dropout, cached):
     def sdpa(q, k, v, mask):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and is_causal,
                                               dropout_p=dropout, enable_gqa=gqa)
+    in_halves = causal and self_attention_cpu and 128 < T <= 512
     with torch.autocast(q.device.type, enabled=False) if upcast else nullcontext():
-        y = causal_attention_in_halves(q, k, v, sdpa) if causal and self_attention_cpu and 128 < T <= 512 else sdpa(q, k, v, attn_mask)
+        y = causal_attention_in_halves(q, k, v, sdpa) if in_halves else sdpa(q, k, v, attn_mask)
     return y if y.dtype == out_dtype else y.to(out_dtype)
 
 

@@ -498,7 +498,8 @@ def test_bf16_causal_attention_on_the_cpu_is_written_out_up_to_512_tokens(monkey
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     exact = attention_output_and_grads(sdpa, *(t.double() for t in qkv), grad_out.double())
     bf16 = [t.bfloat16() for t in qkv]
-    sdpa_errors = [(g.double() - e).abs().max() for g, e in zip(attention_output_and_grads(sdpa, *bf16, grad_out.bfloat16()), exact)]
+    sdpa_bf16 = attention_output_and_grads(sdpa, *bf16, grad_out.bfloat16())
+    sdpa_errors = [(g.double() - e).abs().max() for g, e in zip(sdpa_bf16, exact)]
     seen = count_sdpa_calls(monkeypatch)
     got = attention_output_and_grads(model_attention, *bf16, grad_out.bfloat16())
     assert len(seen) == calls
@@ -511,7 +512,7 @@ def test_bf16_attention_beyond_the_score_budget_is_sdpa(monkeypatch):
     """The written-out attention keeps its scores for backward: past SOFTMAX_ATTENTION_MAX_SCORES
     a call goes to SDPA (in halves: two calls), whose kernel keeps none."""
     import model
-    q, k, v = torch.randn(2, 4, 256, 16).bfloat16(), torch.randn(2, 2, 256, 16).bfloat16(), torch.randn(2, 2, 256, 16).bfloat16()
+    q, k, v = (torch.randn(2, heads, 256, 16).bfloat16() for heads in (4, 2, 2))
     seen = count_sdpa_calls(monkeypatch)
     model_attention(q, k, v)
     assert len(seen) == 0  # 2 x 4 x 256 x 256 scores: within the budget
@@ -536,9 +537,10 @@ def test_bf16_packed_attention_on_the_cpu_is_written_out(monkeypatch):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     exact = attention_output_and_grads(sdpa, *(t.double() for t in qkv), grad_out.double())
     bf16 = [t.bfloat16() for t in qkv]
-    sdpa_errors = [(g.double() - e).abs().max() for g, e in zip(attention_output_and_grads(sdpa, *bf16, grad_out.bfloat16()), exact)]
+    sdpa_bf16 = attention_output_and_grads(sdpa, *bf16, grad_out.bfloat16())
+    sdpa_errors = [(g.double() - e).abs().max() for g, e in zip(sdpa_bf16, exact)]
     seen = count_sdpa_calls(monkeypatch)
-    got = attention_output_and_grads(lambda q, k, v: model.attention(q, k, v, mask, is_causal=False, dropout=0.0, cached=False),
+    got = attention_output_and_grads(lambda q, k, v: model.attention(q, k, v, mask, False, dropout=0.0, cached=False),
                                      *bf16, grad_out.bfloat16())
     assert len(seen) == 0
     for g, e, sdpa_error in zip(got, exact, sdpa_errors):
