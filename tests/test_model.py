@@ -492,17 +492,20 @@ def test_bf16_causal_attention_on_the_cpu_is_written_out_up_to_512_tokens(monkey
     import torch.nn.functional as F
     torch.manual_seed(0)
     qkv = torch.randn(2, 4, T, 16), torch.randn(2, 2, T, 16), torch.randn(2, 2, T, 16)
-    grad_out = torch.randn(2, 4, T, 16)
+    check_bf16_attention(monkeypatch, model_attention, qkv, torch.randn(2, 4, T, 16), calls,
+                         lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
 
-    def sdpa(q, k, v):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    exact = attention_output_and_grads(sdpa, *(t.double() for t in qkv), grad_out.double())
+
+def check_bf16_attention(monkeypatch, attend, qkv, grad_out, sdpa_calls, reference):
+    """attend(q, k, v) in bf16 runs sdpa_calls SDPA kernels, and its output and gradients are bf16 and
+    within 4x bf16 SDPA's own error (+1e-3) of the reference SDPA call in fp64."""
+    exact = attention_output_and_grads(reference, *(t.double() for t in qkv), grad_out.double())
     bf16 = [t.bfloat16() for t in qkv]
-    sdpa_bf16 = attention_output_and_grads(sdpa, *bf16, grad_out.bfloat16())
+    sdpa_bf16 = attention_output_and_grads(reference, *bf16, grad_out.bfloat16())
     sdpa_errors = [(g.double() - e).abs().max() for g, e in zip(sdpa_bf16, exact)]
     seen = count_sdpa_calls(monkeypatch)
-    got = attention_output_and_grads(model_attention, *bf16, grad_out.bfloat16())
-    assert len(seen) == calls
+    got = attention_output_and_grads(attend, *bf16, grad_out.bfloat16())
+    assert len(seen) == sdpa_calls
     for g, e, sdpa_error in zip(got, exact, sdpa_errors):
         assert g.dtype == torch.bfloat16
         assert (g.double() - e).abs().max() <= 4 * sdpa_error + 1e-3
@@ -530,22 +533,10 @@ def test_bf16_packed_attention_on_the_cpu_is_written_out(monkeypatch):
     from common import packed_attention
     torch.manual_seed(0)
     qkv = torch.randn(2, 4, 96, 16), torch.randn(2, 2, 96, 16), torch.randn(2, 2, 96, 16)
-    grad_out = torch.randn(2, 4, 96, 16)
     mask = packed_attention(torch.randint(0, 4, (2, 96)).sort(dim=1).values)[1]
-
-    def sdpa(q, k, v):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-    exact = attention_output_and_grads(sdpa, *(t.double() for t in qkv), grad_out.double())
-    bf16 = [t.bfloat16() for t in qkv]
-    sdpa_bf16 = attention_output_and_grads(sdpa, *bf16, grad_out.bfloat16())
-    sdpa_errors = [(g.double() - e).abs().max() for g, e in zip(sdpa_bf16, exact)]
-    seen = count_sdpa_calls(monkeypatch)
-    got = attention_output_and_grads(lambda q, k, v: model.attention(q, k, v, mask, False, dropout=0.0, cached=False),
-                                     *bf16, grad_out.bfloat16())
-    assert len(seen) == 0
-    for g, e, sdpa_error in zip(got, exact, sdpa_errors):
-        assert g.dtype == torch.bfloat16
-        assert (g.double() - e).abs().max() <= 4 * sdpa_error + 1e-3
+    check_bf16_attention(monkeypatch, lambda q, k, v: model.attention(q, k, v, mask, False, dropout=0.0, cached=False),
+                         qkv, torch.randn(2, 4, 96, 16), 0,
+                         lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True))
 
 
 @pytest.mark.parametrize('n_kv_head', [4, 2, 1])
