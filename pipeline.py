@@ -5,7 +5,7 @@ The whole chain on tiny configs, offline, each stage starting from the previous 
 run_dir/report.md, with per-stage times, metrics (before -> after for the alignment stages),
 sample completions and curves.
 
-    python pipeline.py                  # on 2 CPU cores: ~8 minutes on a Zen 5, 11-12 with AMX, ~16 on a Zen 4
+    python pipeline.py                  # on 2 CPU cores: ~7-8 minutes on a Zen 5, 11-12 with AMX, ~16 on a Zen 4
     python pipeline.py --dtype=float32  # ~23 minutes: what a CPU without native bf16 runs
     python pipeline.py --quick=True     # a few minutes: tiny everything (what CI runs)
 
