@@ -702,8 +702,7 @@ class GPT(nn.Module):
         if attn_mask is None and kv_cache is not None and start > 0 and T > 1:
             # a chunk after a cached prefix: the query in cache slot start+i sees slots 0..start+i.
             # By slot, not by position: (B, T) positions (left-padded rows) are not slots.
-            slots = torch.arange(start + T, device=idx.device)
-            attn_mask = slots[None, :] <= slots[start:, None]  # (T, S), the same for every row
+            attn_mask = causal_mask(T, start + T, idx.device)  # (T, S), the same for every row
         assert start + T <= self.config.block_size, f"sequence of length {start + T} exceeds block_size {self.config.block_size}"
 
         x = embed(self.transformer.wte, idx)  # (B, T, C)
