@@ -5,6 +5,7 @@ so each peak is its own.
 
     pip install transformers   # for this benchmark only
     python bench/bench_memory.py
+    python bench/bench_memory.py --dtype=bfloat16   # bf16 autocast, as the scripts train on a CPU with native bf16
 """
 
 import json
@@ -24,8 +25,11 @@ from configurator import configure  # noqa: E402
 shape = (6, 256, 8, 4, 512, 8)  # (n_layer, n_embd, n_head, n_kv_head, block_size, batch_size)
 vocab_size = 4096
 steps = 3
+dtype = 'float32'  # 'float32' | 'bfloat16' (autocast, both models)
 variant = ''  # internal: the variant a child process measures
 config = configure(globals())  # overrides from --key=value arguments
+if dtype not in ('float32', 'bfloat16'):
+    raise SystemExit(f"dtype={dtype!r}: use float32 or bfloat16")
 # -----------------------------------------------------------------------------
 
 VARIANTS = ['ours', 'ours+checkpointing', 'hf', 'hf+checkpointing']
@@ -49,11 +53,13 @@ def measure(name):
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randint(0, vocab_size, (batch_size, block_size))
+    autocast = torch.autocast('cpu', dtype=torch.bfloat16, enabled=dtype == 'bfloat16')
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
-        loss = model(x, x)[1] if is_ours else model(input_ids=x, labels=x).loss
+        with autocast:
+            loss = model(x, x)[1] if is_ours else model(input_ids=x, labels=x).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -63,10 +69,11 @@ def measure(name):
 
 
 def main():
-    print(f"shape (L,C,H,KV,T,B) = {shape}, vocab {vocab_size}, fp32, {torch.get_num_threads()} threads")
+    print(f"shape (L,C,H,KV,T,B) = {shape}, vocab {vocab_size}, {dtype}, {torch.get_num_threads()} threads")
     results = {}
     for name in VARIANTS:
-        proc = subprocess.run([sys.executable, __file__, f'--variant={name}', f'--shape={shape}'],
+        proc = subprocess.run([sys.executable, __file__, f'--variant={name}', f'--shape={shape}',
+                               f'--dtype={dtype}'],
                               capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=os.path.dirname(__file__)))
         line = [l for l in proc.stdout.splitlines() if l.startswith('{')]
         if not line:
