@@ -47,7 +47,7 @@ config = configure(globals())  # overrides from config files and --key=value arg
 # fp32, with SFT identity 82.5% and arithmetic 86.6% (fp32 on the same suite: 70% and 87.2%); with
 # it 1,145 s, 891 s since attention's small heads run in fp32 under autocast, and 869 s (781 s with
 # inductor's cache warm) with RL's and DPO's log-probs computed chunk by chunk and freed memory kept
-# for the next tensor (docs/results.md).
+# for the next tensor (docs/history/results.md).
 # An earlier bf16 run's low identity (67.5%) was on the older, leaky task suite. On a CPU without
 # native bf16 it would be slower than fp32, so 'auto' stays fp32 there.
 # compile_model=auto turns it on with bf16. SFT gains either way (84 against 125 ms a step, 2,000 steps,
