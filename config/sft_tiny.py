@@ -12,10 +12,11 @@ max_seq_len = 192
 packing = True
 batch_size = 16
 max_iters = 2000  # arithmetic is 29% at 1000 iterations and 81% at 2000: the skill arrives late
-# Longer (lr_decay_iters with it), from one pretrained model (Zen 5, bf16): 2500 steps ended at 85.7%
-# (2000: 84.0-86.0%); 3000 ended at 93.6% (multiplication 86%), but its val loss was lowest at step
-# 2000 (0.4044; 0.4129 at the end, code_loss 5.50 -> 5.80), and best.pt, which the next stages and
-# eval.py take, is that step's model: arithmetic 87.6%, multiplication 71%.
+# Longer (lr_decay_iters with it; weight decay 0), from one pretrained model (Zen 5, bf16): 2500
+# steps ended at 85.7% (2000: 84.0-86.0%); 3000 ended at 93.6% (multiplication 86%), but its val
+# loss was lowest at step 2000 (0.4044; 0.4129 at the end, code_loss 5.50 -> 5.80), and best.pt,
+# which the next stages and eval.py take, is that step's model: arithmetic 87.6%, multiplication
+# 71%.
 learning_rate = 1e-3
 # AdamW's weight decay on the weight matrices (sft.py's default is 0). The default pipeline with 0.1
 # against 0, seeds 1337, 1 and 2 (Zen 5, bf16; eval.py, McNemar on the same 3 x 1,000 held-out
