@@ -257,13 +257,19 @@ def softmax_attention(q, k, v, mask, dropout_p=0.0):
     None or bool, True = may attend, (T, S) or (B or 1, 1, T, S). Each kv head's query heads are the
     rows of one matmul (GQA without copies). All in the inputs' dtype: in bf16 the probabilities
     are rounded to bf16 before the second matmul, as transformers' eager attention does (the
-    softmax itself accumulates in fp32), and kept for backward in bf16."""
+    softmax itself accumulates in fp32), and kept for backward in bf16. The mask is added as 0 or
+    -inf rather than written with masked_fill: the same values, but backward passes the scores'
+    gradient through where masked_fill's backward fills it again (the softmax's backward already
+    gives 0 at masked keys); causal fwd+bwd in halves, bf16: B 4, 8 heads of 64, T 512: 22 -> 15-20
+    ms; B 8, 8 heads of 32, T 256: 9.4-10.2 -> 7.6-8.2 ms (Zen 5)."""
     B, nh, T, hs = q.shape
     nkv, S = k.size(1), k.size(2)
     group = nh // nkv
     scores = ((q.reshape(B, nkv, group * T, hs) * hs ** -0.5) @ k.transpose(-1, -2)).view(B, nkv, group, T, S)
     if mask is not None:
-        scores = scores.masked_fill(~(mask if mask.dim() == 2 else mask[:, None]), float('-inf'))
+        blocked = ~(mask if mask.dim() == 2 else mask[:, None])  # (T, S) or (B or 1, 1, 1, T, S)
+        scores = scores + torch.zeros(blocked.shape, dtype=scores.dtype, device=scores.device).masked_fill_(
+            blocked, float('-inf'))
     probs = F.dropout(scores.softmax(-1), dropout_p) if dropout_p > 0 else scores.softmax(-1)
     return (probs.view(B, nkv, group * T, S) @ v).view(B, nh, T, hs)
 
