@@ -486,9 +486,9 @@ def test_causal_attention_on_the_cpu_runs_in_halves_up_to_512_keys(monkeypatch, 
 @pytest.mark.parametrize('T,calls', [(64, 0), (256, 0), (257, 0), (512, 0), (513, 1)])
 def test_bf16_causal_attention_on_the_cpu_is_written_out_up_to_512_tokens(monkeypatch, T, calls):
     """bf16 causal self-attention of up to 512 tokens on the CPU runs no SDPA kernel (softmax_attention,
-    in blocks of 128 queries above 128): output and gradients as close to fp64 SDPA's as bf16 SDPA's own, within
-    the rounding of the probabilities to bf16 (2-3x SDPA's error here, as transformers' eager
-    attention has); SDPA past 512."""
+    in blocks of 128 queries above 128; 257 tokens: three uneven blocks): output and gradients as
+    close to fp64 SDPA's as bf16 SDPA's own, within the rounding of the probabilities to bf16 (2-3x
+    SDPA's error here, as transformers' eager attention has); SDPA past 512."""
     import torch.nn.functional as F
     torch.manual_seed(0)
     qkv = torch.randn(2, 4, T, 16), torch.randn(2, 2, T, 16), torch.randn(2, 2, T, 16)
