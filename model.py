@@ -266,8 +266,8 @@ def softmax_attention(q, k, v, mask, dropout_p=0.0):
     softmax itself accumulates in fp32), and kept for backward in bf16. The mask is added as 0 or
     -inf rather than written with masked_fill: the same values, but backward passes the scores'
     gradient through where masked_fill's backward fills it again (the softmax's backward already
-    gives 0 at masked keys); causal fwd+bwd in halves, bf16: B 4, 8 heads of 64, T 512: 22 -> 15-20
-    ms; B 8, 8 heads of 32, T 256: 9.4-10.2 -> 7.6-8.2 ms (Zen 5)."""
+    gives 0 at masked keys). A bf16 training step at (6, 256, 8, 4, 256, 8), alternating in one
+    process, six rounds: eager 195 -> 187 ms, compiled 159 -> 150 ms (median; Zen 5)."""
     B, nh, T, hs = q.shape
     nkv, S = k.size(1), k.size(2)
     group = nh // nkv
