@@ -246,10 +246,7 @@ def causal_attention_in_parts(q, k, v, attend, n_parts):
       B 8, 8 heads of 32, T 256, fp32: 12.1 -> 10.3-10.7 ms; B 4, 8 heads of 64, T 512, bf16: 36.7
       -> 28.9 ms. In quarters, the backward's extra calls cost more than they save.
     - The written-out softmax_attention in blocks of 128 queries: at T 512 a sixth less is
-      computed than in halves, and a block's scores are smaller. A bf16 training step at (8, 512,
-      8, 2, 512, 4), alternating in one process, six rounds: eager 590 vs 598 ms, compiled 521 vs
-      538 ms (median; quarters faster in 11 of 12 pairs; Zen 5). Eighths: the attention alone,
-      fwd+bwd, 13.4-13.9 ms against 11.1-11.6 in quarters."""
+      computed than in halves (a step 1-3% faster; eighths were slower: docs/history/performance.md)."""
     T = q.size(2)
     bounds = [T * i // n_parts for i in range(n_parts + 1)]
     outs = [attend(q[:, :, :bounds[1]], k[:, :, :bounds[1]], v[:, :, :bounds[1]], None)]  # a causal square
@@ -264,18 +261,15 @@ def softmax_attention(q, k, v, mask, dropout_p=0.0):
     rows of one matmul (GQA without copies). All in the inputs' dtype: in bf16 the probabilities
     are rounded to bf16 before the second matmul, as transformers' eager attention does (the
     softmax itself accumulates in fp32), and kept for backward in bf16. The mask is added as 0 or
-    -inf rather than written with masked_fill: the same values, but backward passes the scores'
-    gradient through where masked_fill's backward fills it again (the softmax's backward already
-    gives 0 at masked keys). A bf16 training step at (6, 256, 8, 4, 256, 8), alternating in one
-    process, six rounds: eager 195 -> 187 ms, compiled 159 -> 150 ms (median; Zen 5)."""
+    -inf, not written with masked_fill: the same values, but backward passes the gradient through
+    where masked_fill's fills it again (a step 4-6% faster: docs/history/performance.md)."""
     B, nh, T, hs = q.shape
     nkv, S = k.size(1), k.size(2)
     group = nh // nkv
     scores = ((q.reshape(B, nkv, group * T, hs) * hs ** -0.5) @ k.transpose(-1, -2)).view(B, nkv, group, T, S)
     if mask is not None:
         blocked = ~(mask if mask.dim() == 2 else mask[:, None])  # (T, S) or (B or 1, 1, 1, T, S)
-        scores = scores + torch.zeros(blocked.shape, dtype=scores.dtype, device=scores.device).masked_fill_(
-            blocked, float('-inf'))
+        scores = scores + scores.new_zeros(blocked.shape).masked_fill_(blocked, float('-inf'))
     probs = F.dropout(scores.softmax(-1), dropout_p) if dropout_p > 0 else scores.softmax(-1)
     return (probs.view(B, nkv, group * T, S) @ v).view(B, nh, T, hs)
 
